@@ -131,6 +131,10 @@ class GenericNeuralNet:
         """Minimise the objective from ``theta0``; default: L-BFGS, then Newton-CG polish."""
         return self.minimize_lbfgs(theta0)
 
+    def _retrain(self, theta0: np.ndarray) -> np.ndarray:
+        """Re-fit after the training set changed (LOO); default: same as :meth:`_train`."""
+        return self._train(theta0)
+
     # ------------------------------------------------------------------ configuration
     def get_config(self) -> dict[str, Any]:
         """Constructor arguments, read back from the attributes of the same names."""
@@ -252,7 +256,7 @@ class GenericNeuralNet:
         try:
             self.set_training_data(X[keep], y[keep])
             self.set_theta(theta)
-            return self._train(theta.copy())
+            return self._retrain(theta.copy())
         finally:
             self.set_training_data(X, y)
             self.set_theta(theta)
@@ -474,10 +478,7 @@ class GenericNeuralNet:
 
     def hessian(self) -> np.ndarray:
         """Explicit (p, p) Hessian of the objective, built from batched HVPs (cached per theta)."""
-        self._require_fit()
-        if self.n_params > self.max_hessian_params:
-            raise ValueError(f"explicit Hessian refused for p = {self.n_params} > max_hessian_params = "
-                             f"{self.max_hessian_params}; use the 'cg' or 'lissa' solver")
+        self._check_hessian_size()
         key = hash_arrays(self.theta_)
         if self._hessian_cache is not None and self._hessian_cache[0] == key:
             return self._hessian_cache[1]
@@ -491,6 +492,12 @@ class GenericNeuralNet:
         H = 0.5 * (H + H.T)
         self._hessian_cache = (key, H)
         return H
+
+    def _check_hessian_size(self):
+        self._require_fit()
+        if self.n_params > self.max_hessian_params:
+            raise ValueError(f"explicit Hessian refused for p = {self.n_params} > max_hessian_params = "
+                             f"{self.max_hessian_params}; use the 'cg' or 'lissa' solver")
 
     def hessian_eigenvalue_bounds(self, tol: float = 1e-4, maxiter: int | None = None) -> tuple[float, float]:
         """(smallest, largest) eigenvalue of H by Lanczos (ARPACK) on HVPs.
@@ -536,23 +543,29 @@ class GenericNeuralNet:
             theta = self.newton_polish(theta, tol=tol)
         return theta
 
-    def newton_polish(self, theta: np.ndarray, tol: float = 1e-8, max_steps: int = 10) -> np.ndarray:
-        """Newton steps ``theta -= H^-1 grad`` (inner CG) until ``||grad|| <= tol * 1e-2``."""
+    def newton_polish(self, theta: np.ndarray, tol: float = 1e-8, max_steps: int = 5,
+                      inner_tol: float = 1e-3) -> np.ndarray:
+        """Inexact Newton steps ``theta -= H^-1 grad`` (inner CG to ``inner_tol``).
+
+        Stops once ``||grad|| <= tol * 1e-2``, or when a step does not decrease the
+        objective (e.g. a non-convex region).
+        """
         from .solvers import conjugate_gradient
 
         saved = self.theta_
         try:
+            f, g = self.objective_and_gradient(theta)
             for _ in range(max_steps):
-                self.theta_ = np.asarray(theta, dtype=self.dtype)
-                g = self.gradient()
                 gn = np.linalg.norm(g)
                 if gn <= tol * 1e-2 or not np.isfinite(gn):
                     break
-                step, _, _ = conjugate_gradient(self.hvp, g, tol=1e-10, maxiter=max(50, min(self.n_params, 500)))
+                self.theta_ = np.asarray(theta, dtype=self.dtype)
+                step, _, _ = conjugate_gradient(self.hvp, g, tol=inner_tol, maxiter=max(50, min(self.n_params, 500)))
                 new = theta - step
-                if self.objective(new) > self.objective(theta) + 1e-12 * abs(self.objective(theta)):
-                    break  # not a descent step (non-convex region): keep what we have
-                theta = new
+                f_new, g_new = self.objective_and_gradient(new)
+                if not f_new <= f + 1e-12 * abs(f):
+                    break  # not a descent step: keep what we have
+                theta, f, g = new, f_new, g_new
         finally:
             self.theta_ = saved
         return theta

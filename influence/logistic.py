@@ -15,7 +15,31 @@ import tensorflow as tf
 from .generic_neural_net import GenericNeuralNet, ParamBlock
 
 
-class _Classifier(GenericNeuralNet):
+class ConvexClassifier(GenericNeuralNet):
+    """A convex linear model fitted by L-BFGS (+ Newton polish) to a tight tolerance.
+
+    ``tol`` is L-BFGS's max-abs-gradient stopping point; ``max_iter`` its iteration cap.
+    """
+
+    def __init__(self, weight_decay: float = 0.01, tol: float = 1e-8, max_iter: int = 5000,
+                 batch_size: int = 65536, **kwargs):
+        super().__init__(weight_decay=weight_decay, batch_size=batch_size, **kwargs)
+        self.tol = tol
+        self.max_iter = max_iter
+
+    def _flat_blocks(self, x_shape, shape):
+        if len(x_shape) != 1:
+            raise ValueError(f"{type(self).__name__} takes flat feature vectors, got example shape {x_shape}")
+        return [ParamBlock("W" if len(shape) == 2 else "w", shape, decay=True)]
+
+    def _train(self, theta0):
+        return self.minimize_lbfgs(theta0, tol=self.tol, maxiter=self.max_iter)
+
+    def _retrain(self, theta0):
+        # warm-started LOO re-fit: L-BFGS to max|grad| <= tol already changes the test
+        # loss by < 1e-6 relative to the Newton-polished optimum; skip the polish
+        return self.minimize_lbfgs(theta0, tol=self.tol, maxiter=self.max_iter, newton_polish=False)
+
     def predict_proba(self, X) -> np.ndarray:
         raise NotImplementedError
 
@@ -27,36 +51,28 @@ class _Classifier(GenericNeuralNet):
         return float(np.mean(self.predict(X) == np.asarray(y)))
 
 
-class LogisticRegression(_Classifier):
+class LogisticRegression(ConvexClassifier):
     """Multiclass logistic regression without bias; ``theta`` = W (d x n_classes).
 
     Objective ``mean CE + (wd/2)||W||^2`` (see :mod:`influence.generic_neural_net`).
     ``n_classes=None`` takes ``max(y) + 1`` at fit time.
     """
 
-    def __init__(self, n_classes: int | None = None, weight_decay: float = 0.01, tol: float = 1e-8,
-                 max_iter: int = 5000, **kwargs):
-        super().__init__(weight_decay=weight_decay, **kwargs)
+    def __init__(self, n_classes: int | None = None, **kwargs):
+        super().__init__(**kwargs)
         self.n_classes = n_classes
-        self.tol = tol
-        self.max_iter = max_iter
 
     def _param_blocks(self, x_shape, y):
-        if len(x_shape) != 1:
-            raise ValueError(f"LogisticRegression takes flat feature vectors, got example shape {x_shape}")
         if self.n_classes is None:
             self.n_classes = int(np.max(y)) + 1
-        return [ParamBlock("W", (x_shape[0], self.n_classes), decay=True)]
+        return self._flat_blocks(x_shape, (x_shape[0], self.n_classes))
 
     def _encode_targets(self, y):
         y = np.asarray(y)
-        if not np.issubdtype(y.dtype, np.integer):
-            if np.any(y != np.round(y)):
-                raise ValueError("class labels must be integers")
-            y = y.astype(np.int64)
-        k = self.n_classes if self.n_classes is not None else int(y.max(initial=0)) + 1
-        if len(y) and (y.min() < 0 or y.max() >= k):
-            raise ValueError(f"class labels must lie in [0, {k - 1}]")
+        if len(y) and np.any(y != np.round(y)):
+            raise ValueError("class labels must be integers")
+        if len(y) and (y.min() < 0 or y.max() >= self.n_classes):
+            raise ValueError(f"class labels must lie in [0, {self.n_classes - 1}]")
         return y.astype(np.int32)
 
     def _forward(self, params, x):
@@ -65,28 +81,17 @@ class LogisticRegression(_Classifier):
     def _loss(self, logits, y):
         return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
 
-    def _train(self, theta0):
-        return self.minimize_lbfgs(theta0, tol=self.tol, maxiter=self.max_iter)
-
     def predict_proba(self, X):
         z = self.outputs(X)
-        z = z - z.max(axis=1, keepdims=True)
-        e = np.exp(z)
+        e = np.exp(z - z.max(axis=1, keepdims=True))
         return e / e.sum(axis=1, keepdims=True)
 
 
-class BinaryLogisticRegression(_Classifier):
+class BinaryLogisticRegression(ConvexClassifier):
     """Binary logistic regression without bias, labels {0, 1}; ``theta = w`` in R^d."""
 
-    def __init__(self, weight_decay: float = 0.01, tol: float = 1e-8, max_iter: int = 5000, **kwargs):
-        super().__init__(weight_decay=weight_decay, **kwargs)
-        self.tol = tol
-        self.max_iter = max_iter
-
     def _param_blocks(self, x_shape, y):
-        if len(x_shape) != 1:
-            raise ValueError(f"BinaryLogisticRegression takes flat feature vectors, got example shape {x_shape}")
-        return [ParamBlock("w", (x_shape[0],), decay=True)]
+        return self._flat_blocks(x_shape, (x_shape[0],))
 
     def _encode_targets(self, y):
         y = np.asarray(y)
@@ -100,16 +105,13 @@ class BinaryLogisticRegression(_Classifier):
     def _loss(self, z, y):
         return tf.nn.sigmoid_cross_entropy_with_logits(labels=y, logits=z)
 
-    def _train(self, theta0):
-        return self.minimize_lbfgs(theta0, tol=self.tol, maxiter=self.max_iter)
-
     def predict_proba(self, X):
         p1 = 1.0 / (1.0 + np.exp(-self.outputs(X)))
         return np.stack([1 - p1, p1], axis=1)
 
     def hessian(self):
         """Closed form ``X^T diag(p(1-p)) X / n + wd I``."""
-        self._require_fit()
+        self._check_hessian_size()
         X = self.X_train_np_
         p = 1.0 / (1.0 + np.exp(-(X @ self.theta_)))
         return (X.T * (p * (1 - p))) @ X / self.n_train_ + self.weight_decay * np.diag(self.decay_mask_)

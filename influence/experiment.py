@@ -1,0 +1,119 @@
+"""The contract every experiment script follows.
+
+``scripts/<experiment>.py`` takes ``--data-dir``, ``--out`` (default
+``output/<experiment>/``), ``--seed`` and ``--quick`` (a reduced run of minutes; the full
+run is the default), and writes into ``--out``:
+
+- ``metrics.json``: ``metrics`` (name -> our value), ``paper`` (name -> the paper's value,
+  or null where the paper gives none), ``targets`` (name -> acceptance threshold),
+  ``config``, ``wall_time_s`` and software versions;
+- ``arrays.npz``: the raw arrays behind the figure;
+- ``<experiment>.png`` and ``.pdf``: the figure.
+
+Every file is written atomically. A missing dataset exits with status 2 and a message
+that says how to fetch it.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from .data import DataError
+from .utils import atomic_path, save_npz, write_json
+
+logger = logging.getLogger(__name__)
+
+EXIT_DATA_MISSING = 2
+
+
+def experiment_parser(name: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"scripts/{name}.py", description=description)
+    parser.add_argument("--data-dir", default=None,
+                        help="folder holding the datasets (default: $INFLUENCE_DATA_DIR or ./data)")
+    parser.add_argument("--out", default=f"output/{name}", help="output folder (default: output/%(prog)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for every random choice")
+    parser.add_argument("--quick", action="store_true", help="reduced run of a few minutes (used by CI)")
+    parser.add_argument("--log-level", default="INFO")
+    return parser
+
+
+def software_versions() -> dict[str, str]:
+    import numpy
+    import scipy
+    import tensorflow
+
+    out = {"python": platform.python_version(), "numpy": numpy.__version__, "scipy": scipy.__version__,
+           "tensorflow": tensorflow.__version__}
+    try:
+        import keras
+        out["keras"] = keras.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    return out
+
+
+class Experiment:
+    """Output folder, timing and writers for one experiment run."""
+
+    def __init__(self, name: str, args: argparse.Namespace):
+        self.name = name
+        self.args = args
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.t0 = time.perf_counter()
+
+    def save_arrays(self, **arrays) -> Path:
+        path = self.out / "arrays.npz"
+        save_npz(path, **arrays)
+        return path
+
+    def save_figure(self, fig, stem: str | None = None) -> list[Path]:
+        stem = stem or self.name
+        paths = []
+        for ext in ("png", "pdf"):
+            path = self.out / f"{stem}.{ext}"
+            with atomic_path(path, suffix=f".{ext}") as tmp:
+                fig.savefig(tmp, dpi=150, bbox_inches="tight", format=ext)
+            paths.append(path)
+        return paths
+
+    def write_metrics(self, metrics: dict[str, Any], paper: dict[str, Any], targets: dict[str, str] | None = None,
+                      config: dict[str, Any] | None = None, notes: str = "") -> Path:
+        path = self.out / "metrics.json"
+        write_json(path, {
+            "experiment": self.name,
+            "quick": bool(self.args.quick),
+            "seed": self.args.seed,
+            "metrics": metrics,
+            "paper": paper,
+            "targets": targets or {},
+            "config": config or {},
+            "notes": notes,
+            "wall_time_s": round(time.perf_counter() - self.t0, 2),
+            "versions": software_versions(),
+        })
+        logger.info("wrote %s", path)
+        return path
+
+
+def run(name: str, description: str, main: Callable[[Experiment], None],
+        add_arguments: Callable[[argparse.ArgumentParser], None] | None = None, argv=None) -> int:
+    """Parse the standard flags, set up logging and matplotlib, and run ``main``."""
+    parser = experiment_parser(name, description)
+    if add_arguments:
+        add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import matplotlib
+    matplotlib.use("Agg")
+    try:
+        main(Experiment(name, args))
+    except DataError as exc:
+        print(f"[{name}] data missing: {exc}", file=sys.stderr)
+        return EXIT_DATA_MISSING
+    return 0

@@ -1,0 +1,182 @@
+"""Influence quantities against finite differences, leave-one-out retraining and exact math."""
+import numpy as np
+import pytest
+import scipy.optimize
+import scipy.stats
+
+from influence import BinaryLogisticRegression, CGSolver, leave_one_out
+
+
+def upweighted_optimum(m, i, eps):
+    """argmin R(theta) + eps * (L(z_i, theta) + wd/2 ||theta||^2), solved tightly."""
+    xi, yi = m.X_train_np_[i:i + 1], m.y_train_np_[i:i + 1]
+
+    def fg(theta):
+        f, g = m.objective_and_gradient(theta)
+        fi = m.mean_loss(xi, yi, theta) + 0.5 * m.weight_decay * theta @ theta
+        gi = m.loss_gradient(xi, yi, theta) + m.weight_decay * theta
+        return f + eps * fi, g + eps * gi
+
+    def hessp(theta, v):
+        m.theta_ = theta
+        try:
+            Hv = m.hvp(v)
+            x = xi[0]
+            p = 1 / (1 + np.exp(-x @ theta))
+            return Hv + eps * (x * (p * (1 - p)) * (x @ v) + m.weight_decay * v)
+        finally:
+            m.theta_ = theta0
+
+    theta0 = m.theta_.copy()
+    res = scipy.optimize.minimize(fg, theta0, jac=True, hessp=hessp, method="trust-ncg",
+                                  options={"gtol": 1e-13, "maxiter": 200})
+    assert np.linalg.norm(fg(res.x)[1]) < 1e-10
+    return res.x
+
+
+def test_up_params_matches_finite_difference(binary_model):
+    m = binary_model
+    idx = [3, 40]
+    I = m.influence_up_params(idx, solver="exact")
+    eps = 1e-3
+    for row, i in zip(I, idx):
+        fd = (upweighted_optimum(m, i, eps) - upweighted_optimum(m, i, -eps)) / (2 * eps)
+        assert np.linalg.norm(row - fd) / np.linalg.norm(fd) < 1e-3
+
+
+def test_up_loss_is_test_gradient_times_up_params(binary_model, binary_digits):
+    m = binary_model
+    _, _, Xte, yte = binary_digits
+    idx = np.arange(0, 250, 25)
+    up_params = m.influence_up_params(idx, solver="exact")
+    g_test = m.test_gradient(Xte[0], yte[0])
+    up_loss = m.influence_up_loss(Xte[0], yte[0], idx, solver="exact")
+    np.testing.assert_allclose(up_loss, up_params @ g_test, rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(m.predicted_loss_diffs(Xte[0], yte[0], idx, solver="exact"), -up_loss / m.n_train_)
+
+
+def test_loo_prediction_correlates_with_retraining(binary_model, binary_digits):
+    m = binary_model
+    _, _, Xte, yte = binary_digits
+    pred = m.predicted_loss_diffs(Xte[5], yte[5], solver="cg")
+    idx = np.argsort(-np.abs(pred))[:30]
+    res = leave_one_out(m, Xte[5], yte[5], idx, pred[idx], n_jobs=1)
+    assert res.pearson >= 0.99
+    assert res.spearman >= 0.9
+    assert np.all(np.sign(res.actual[:5]) == np.sign(pred[idx[:5]]))  # the sign convention, not just the rank
+    # the model itself is untouched by the retraining
+    assert m.n_train_ == 250
+
+
+def test_loo_in_process_pool_equals_serial(binary_model, binary_digits):
+    m = binary_model
+    _, _, Xte, yte = binary_digits
+    idx = np.array([1, 2, 3])
+    serial = leave_one_out(m, Xte[:2], yte[:2], idx, n_jobs=1)
+    pooled = leave_one_out(m, Xte[:2], yte[:2], idx, n_jobs=2)
+    np.testing.assert_allclose(pooled.actual, serial.actual, rtol=1e-6, atol=1e-10)
+
+
+def test_pert_loss_matches_finite_difference_in_x(binary_model, binary_digits):
+    m = binary_model
+    _, _, Xte, yte = binary_digits
+    s = m.s_test(Xte[1], yte[1], solver="exact").x
+    idx = [7, 100]
+    grads = m.influence_pert_loss(Xte[1], yte[1], idx, solver="exact")
+    assert grads.shape == (2, m.n_params)
+
+    def up_loss_at(x, y):  # -s . g(z), theta and H fixed
+        return -(m.loss_gradient(x[None], np.array([y])) + m.weight_decay * m.theta_) @ s
+
+    h = 1e-5
+    for row, i in zip(grads, idx):
+        x, y = m.X_train_np_[i], m.y_train_np_[i]
+        fd = np.empty_like(x)
+        for j in range(len(x)):
+            e = np.zeros_like(x)
+            e[j] = h
+            fd[j] = (up_loss_at(x + e, y) - up_loss_at(x - e, y)) / (2 * h)
+        np.testing.assert_allclose(row, fd, rtol=1e-5, atol=1e-8)
+
+
+def test_self_influence_equals_quadratic_form(binary_model):
+    m = binary_model
+    idx = np.arange(20)
+    G = m.per_example_gradients(idx)
+    want = -np.einsum("ip,ip->i", G, np.linalg.solve(m.hessian(), G.T).T)
+    np.testing.assert_allclose(m.self_influence(idx), want, rtol=1e-8)
+    np.testing.assert_allclose(m.self_influence(idx, solver="cg"), want, rtol=1e-6)
+    assert np.all(want < 0)
+
+
+def test_s_test_cache_is_used_and_invalidated(tmp_path, binary_digits, monkeypatch):
+    Xtr, ytr, Xte, yte = binary_digits
+    m = BinaryLogisticRegression(weight_decay=0.01, cache_dir=str(tmp_path)).fit(Xtr, ytr)
+    calls = []
+    original = CGSolver._solve
+
+    def counting(self, model, v):
+        calls.append(1)
+        return original(self, model, v)
+
+    monkeypatch.setattr(CGSolver, "_solve", counting)
+    a = m.s_test(Xte[0], yte[0], solver="cg")
+    b = m.s_test(Xte[0], yte[0], solver="cg")
+    assert len(calls) == 1 and len(list(tmp_path.glob("s_test-*.npz"))) == 1
+    np.testing.assert_array_equal(a.x, b.x)
+    assert b.residual == a.residual and b.solver == "cg"
+    m.s_test(Xte[0], yte[0], solver="cg", tol=1e-6)  # other solver settings: new entry
+    assert len(calls) == 2
+    m.set_theta(m.theta_ * 1.01)  # parameters changed: the old entry must not be used
+    c = m.s_test(Xte[0], yte[0], solver="cg")
+    assert len(calls) == 3
+    assert not np.allclose(c.x, a.x)
+    m.set_training_data(Xtr[:-1], ytr[:-1])  # data changed
+    m.s_test(Xte[0], yte[0], solver="cg")
+    assert len(calls) == 4
+    # a corrupt cache file is ignored, not trusted
+    for f in tmp_path.glob("s_test-*.npz"):
+        f.write_bytes(b"garbage")
+    m.s_test(Xte[0], yte[0], solver="cg")
+    assert len(calls) == 5
+
+
+def test_bad_inputs_raise_clear_errors(binary_model, digits):
+    from influence import LogisticRegression
+
+    m = binary_model
+    with pytest.raises(ValueError, match="shape"):
+        BinaryLogisticRegression().fit(np.ones(10), np.ones(10))
+    with pytest.raises(ValueError, match="labels must have shape"):
+        BinaryLogisticRegression().fit(np.ones((10, 3)), np.ones(9))
+    X = np.ones((10, 3))
+    X[2, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        BinaryLogisticRegression().fit(X, np.zeros(10))
+    with pytest.raises(ValueError, match="0 or 1"):
+        BinaryLogisticRegression().fit(np.ones((3, 2)), np.array([0, 1, 2]))
+    with pytest.raises(ValueError, match="example shape"):
+        m.losses(np.ones((2, 5)), np.zeros(2))
+    with pytest.raises(IndexError):
+        m.per_example_gradients([10_000])
+    with pytest.raises(ValueError, match="theta must have"):
+        m.set_theta(np.ones(3))
+    with pytest.raises(RuntimeError, match="call fit"):
+        LogisticRegression().gradient()
+    Xd, yd = digits
+    with pytest.raises(ValueError, match=r"lie in \[0, 4\]"):
+        LogisticRegression(n_classes=5).fit(Xd[:50], yd[:50])
+    with pytest.raises(ValueError, match="explicit Hessian refused"):
+        big = BinaryLogisticRegression(max_hessian_params=10)
+        big.set_training_data(Xd[:20], (yd[:20] > 4).astype(int))
+        big.hessian()
+
+
+def test_pickle_roundtrip_keeps_state(binary_model):
+    import pickle
+
+    m2 = pickle.loads(pickle.dumps(binary_model))
+    np.testing.assert_array_equal(m2.theta_, binary_model.theta_)
+    assert m2.get_config() == binary_model.get_config()
+    v = np.arange(binary_model.n_params, dtype=float)
+    np.testing.assert_allclose(m2.hvp(v), binary_model.hvp(v), rtol=1e-14)
