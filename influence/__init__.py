@@ -8,7 +8,11 @@ Fit a model, then ask which training points a prediction depends on::
 
 See :mod:`influence.generic_neural_net` for the conventions (objective, signs, 1/n).
 """
-from .data import DataError
+import os as _os
+
+_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TF's C++ start-up chatter out of logs
+
+from .data import DataError  # noqa: E402
 from .generic_neural_net import GenericNeuralNet, ParamBlock
 from .logistic import BinaryLogisticRegression, LogisticRegression
 from .loo import LOOResult, leave_one_out

@@ -483,7 +483,7 @@ class GenericNeuralNet:
         if self._hessian_cache is not None and self._hessian_cache[0] == key:
             return self._hessian_cache[1]
         p = self.n_params
-        chunk = max(1, min(p, int(4e7 // max(p * min(self.batch_size, self.n_train_), 1)) or 1, 512))
+        chunk = min(p, 128)  # columns per batched HVP
         H = np.empty((p, p))
         for j in _progress(range(0, p, chunk), total=-(-p // chunk), desc="Hessian", enabled=self.progress):
             E = np.zeros((p, min(chunk, p - j)))
