@@ -94,3 +94,21 @@ def load_mnist(data_dir=None, flatten: bool = True, verify: bool = True, dtype=n
         validation=Split(prep(train_x[:N_VALIDATION]), train_y[:N_VALIDATION].astype(np.int64)),
         test=Split(prep(test_x), test_y.astype(np.int64)),
     )
+
+
+def binary_subset(split: Split, pos_class: int, neg_class: int, signed: bool) -> Split:
+    """The examples of two classes; label 1 (or +1) for ``pos_class``, 0 (or -1) for ``neg_class``."""
+    keep = (split.y == pos_class) | (split.y == neg_class)
+    y = (split.y[keep] == pos_class).astype(np.int64)
+    return Split(split.x[keep], 2 * y - 1 if signed else y)
+
+
+def load_binary_mnist(data_dir=None, pos_class: int = 1, neg_class: int = 7, signed: bool = False,
+                      **kwargs) -> DataSplits:
+    """MNIST restricted to two digits (default 1 vs 7, the paper's Fig 1 and Fig 3 task).
+
+    Labels are {0, 1} for logistic regression, or {-1, +1} with ``signed=True`` for the SVM;
+    ``pos_class`` gets label 1 / +1. Order within each split follows the paper's split.
+    """
+    d = load_mnist(data_dir, **kwargs)
+    return DataSplits(*(binary_subset(s, pos_class, neg_class, signed) for s in (d.train, d.validation, d.test)))
