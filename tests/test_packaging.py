@@ -1,0 +1,88 @@
+"""The Dockerfile, the experiment contract and the report writer."""
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = ["demo_digits", "fig1_components", "fig2_logreg_loo", "fig3_smooth_hinge", "sec53_hospital_readmission",
+           "fig6_spam_mislabel"]
+
+
+def test_dockerfile_copies_existing_files_and_runs_an_existing_command():
+    lines = [ln.strip() for ln in (REPO / "Dockerfile").read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    copies = [ln.split()[1:-1] for ln in lines if ln.startswith("COPY")]
+    assert copies
+    for sources in copies:
+        for src in sources:
+            assert (REPO / src).exists(), f"Dockerfile copies {src}, which does not exist"
+    cmd = [ln for ln in lines if ln.startswith("CMD")]
+    assert len(cmd) == 1
+    argv = json.loads(cmd[0][3:].strip())
+    assert argv[0] == "python" and (REPO / argv[1]).is_file()
+    assert lines[0].startswith("FROM python:3.11")
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (REPO / "README.md").read_text()
+    ci = (REPO / ".ci" / "run").read_text()
+    assert ".venv/bin/python -m pytest" in readme and ".venv/bin/python -m pytest" in ci
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_scripts_follow_the_contract(name):
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / f"{name}.py"), "--help"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for flag in ("--data-dir", "--out", "--seed", "--quick"):
+        assert flag in out.stdout
+
+
+def test_missing_data_exits_2_with_fetch_hint(tmp_path):
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "fig2_logreg_loo.py"), "--quick", "--data-dir",
+                          str(tmp_path / "none"), "--out", str(tmp_path / "o")], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 2
+    assert "python -m influence.data fetch mnist" in out.stderr
+    assert not (tmp_path / "o" / "metrics.json").exists()
+
+
+def test_reproduce_all_runs_demo_and_writes_report(tmp_path):
+    cmd = [sys.executable, str(REPO / "scripts" / "reproduce_all.py"), "--quick", "--out", str(tmp_path),
+           "--only", "demo_digits", "fig2_logreg_loo", "--data-dir", str(tmp_path / "no-data")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    report = (tmp_path / "REPORT.md").read_text()
+    assert "| demo_digits | ok |" in report and "skipped (data missing)" in report
+    assert "loo_pearson_cg" in report and "![demo_digits]" in report
+    metrics = json.loads((tmp_path / "demo_digits" / "metrics.json").read_text())
+    assert metrics["metrics"]["loo_pearson_cg"] >= 0.95
+    for f in ("arrays.npz", "demo_digits.png", "demo_digits.pdf"):
+        assert (tmp_path / "demo_digits" / f).is_file()
+    # a second run finds it up to date
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert "[demo_digits] up to date" in again.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SCRIPTS[1:])
+def test_experiment_quick_end_to_end(name, tmp_path):
+    from conftest import shared_data_dir
+
+    data = shared_data_dir()
+    if data is None:
+        pytest.skip("no data directory (set INFLUENCE_DATA_DIR)")
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / f"{name}.py"), "--quick", "--data-dir", str(data),
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=1800)
+    assert out.returncode == 0, out.stderr[-3000:]
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["quick"] is True and m["metrics"]
+    for metric, target in m["targets"].items():
+        if target:
+            op, ref = shlex.split(target)
+            val = float(m["metrics"][metric])
+            assert {">=": val >= float(ref), "<=": val <= float(ref), ">": val > float(ref),
+                    "==": val == float(ref)}[op], (metric, val, target)
