@@ -111,3 +111,16 @@ def test_check_orders_and_repeat(binary_digits):
     assert np.all(r["test_accuracy"][:, 0] == r["test_accuracy_noisy"])
     # flipped points have high loss: both informed strategies beat random at 20% checked
     assert r["fraction_fixed"][0, 1] > r["fraction_fixed"][2, 1] and r["fraction_fixed"][1, 1] > r["fraction_fixed"][2, 1]
+
+
+def test_sparse_fast_fit_matches_library_fit(binary_digits):
+    import scipy.sparse
+
+    from influence.logistic import fit_binary_logistic
+
+    Xtr, ytr, _, _ = binary_digits
+    m = BinaryLogisticRegression(weight_decay=0.01).fit(Xtr, ytr)
+    w = fit_binary_logistic(scipy.sparse.csr_matrix(Xtr), ytr, 0.01, tol=1e-10)
+    np.testing.assert_allclose(w, m.theta_, rtol=1e-5, atol=1e-6)
+    w_dense = fit_binary_logistic(Xtr, ytr, 0.01, theta0=m.theta_ * 0.5, tol=1e-10)
+    np.testing.assert_allclose(w_dense, m.theta_, rtol=1e-5, atol=1e-6)
