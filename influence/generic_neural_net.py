@@ -376,6 +376,8 @@ class GenericNeuralNet:
         if indices is None:
             return np.arange(self.n_train_)
         idx = np.atleast_1d(np.asarray(indices))
+        if idx.size == 0:
+            return np.zeros(0, dtype=np.int64)
         if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
             raise ValueError(f"training indices must be a 1-D integer array, got {idx.dtype} {idx.shape}")
         if len(idx) and (idx.min() < -self.n_train_ or idx.max() >= self.n_train_):
