@@ -95,11 +95,16 @@ class GenericNeuralNet:
         Largest ``p`` for which an explicit Hessian is formed.
     progress : bool
         Show tqdm progress bars on long loops.
+    strategy : tf.distribute.Strategy or None
+        When given, every sum over the training set (objective, gradient, HVP) and every
+        per-example pass (scores, per-example gradients) splits each batch across the
+        strategy's replicas (e.g. ``MirroredStrategy`` over several GPUs) and combines the
+        results; numbers equal the single-device ones up to summation order.
     """
 
     def __init__(self, weight_decay: float = 0.0, dtype: str = "float64", batch_size: int = 8192,
                  cache_dir: str | None = None, seed: int = 0, max_hessian_params: int = 10000,
-                 progress: bool = False):
+                 progress: bool = False, strategy=None):
         self.weight_decay = float(weight_decay)
         self.dtype = dtype
         self.batch_size = int(batch_size)
@@ -107,6 +112,7 @@ class GenericNeuralNet:
         self.seed = int(seed)
         self.max_hessian_params = int(max_hessian_params)
         self.progress = progress
+        self.strategy = strategy
         self._built = False
 
     # ------------------------------------------------------------------ subclass hooks
@@ -153,7 +159,7 @@ class GenericNeuralNet:
         return type(self)(**self.get_config())
 
     def __getstate__(self):
-        state = {"config": self.get_config()}
+        state = {"config": {**self.get_config(), "strategy": None}}  # a strategy does not cross processes
         if self._built:
             state.update(theta=self.theta_, X=self.X_train_np_, y=self.y_train_np_)
         return state
@@ -372,6 +378,49 @@ class GenericNeuralNet:
                 idx = tf.constant(indices[sl])
                 yield tf.gather(self.X_train_, idx), tf.gather(self.y_train_, idx)
 
+    def _map_train(self, kernel, theta, *extra, reduce: str = "sum", indices=None, batch_size=None,
+                   desc: str | None = None):
+        """Apply ``kernel(theta, x, y, *extra)`` to every training batch; sum or concatenate.
+
+        Under a distribution strategy each batch is split into one contiguous shard per
+        replica; sums add the replicas' results, concatenations keep the shards' order.
+        """
+        n = self.n_train_ if indices is None else len(indices)
+        batches = self._train_batches(indices, batch_size)
+        total, parts = None, []
+        for x, y in _progress(batches, total=len(self._slices(n, batch_size)), desc=desc,
+                              enabled=self.progress and desc is not None):
+            out = self._run_on_replicas(kernel, theta, x, y, extra, reduce)
+            if reduce == "sum":
+                total = out if total is None else tf.nest.map_structure(np.add, total, out)
+            else:
+                parts.append(out)
+        if reduce == "sum":
+            return total
+        return np.concatenate(parts) if parts else None
+
+    def _run_on_replicas(self, kernel, theta, x, y, extra, reduce):
+        strategy = self.strategy
+        replicas = 1 if strategy is None else strategy.num_replicas_in_sync
+        if replicas == 1 or int(x.shape[0]) < replicas:
+            return tf.nest.map_structure(lambda t: t.numpy(), kernel(theta, x, y, *extra))
+        bounds = np.linspace(0, int(x.shape[0]), replicas + 1).astype(int)
+
+        def shard(t):
+            return strategy.experimental_distribute_values_from_function(
+                lambda ctx: t[bounds[ctx.replica_id_in_sync_group]:bounds[ctx.replica_id_in_sync_group + 1]])
+
+        per_replica = strategy.run(kernel, args=(theta, shard(x), shard(y), *extra))
+        local = [tf.nest.map_structure(lambda t: t.numpy(), r)
+                 for r in zip(*[strategy.experimental_local_results(o) for o in tf.nest.flatten(per_replica)])]
+        local = [tf.nest.pack_sequence_as(per_replica, list(r)) for r in local]
+        if reduce == "sum":
+            out = local[0]
+            for r in local[1:]:
+                out = tf.nest.map_structure(np.add, out, r)
+            return out
+        return np.concatenate(local)
+
     def _check_indices(self, indices) -> np.ndarray:
         if indices is None:
             return np.arange(self.n_train_)
@@ -392,12 +441,8 @@ class GenericNeuralNet:
         """``R(theta)`` and its gradient over the whole training set."""
         self._require_fit()
         th_np = self.theta_ if theta is None else np.asarray(theta, dtype=self.dtype)
-        th = self._theta_tf(th_np)
-        total, grad = 0.0, np.zeros(self.n_params)
-        for x, y in self._train_batches():
-            f, g = self._tf_loss_sum_and_grad(th, x, y)
-            total += float(f)
-            grad += g.numpy()
+        total, grad = self._map_train(self._tf_loss_sum_and_grad, self._theta_tf(th_np))
+        total = float(total)
         n = self.n_train_
         return (total / n + self._reg_value(th_np),
                 grad / n + self.weight_decay * self.decay_mask_ * th_np)
@@ -450,8 +495,9 @@ class GenericNeuralNet:
         idx = self._check_indices(indices)
         th = self._theta_tf()
         bs = batch_size or max(1, min(self.batch_size, int(2e7 // max(self.n_params, 1))))
-        out = np.concatenate([self._tf_per_example_grads(th, x, y).numpy()
-                              for x, y in self._train_batches(idx, bs)]) if len(idx) else np.zeros((0, self.n_params))
+        if len(idx) == 0:
+            return np.zeros((0, self.n_params))
+        out = self._map_train(self._tf_per_example_grads, th, reduce="concat", indices=idx, batch_size=bs)
         if include_regularizer:
             out += self.weight_decay * self.decay_mask_ * self.theta_
         return out
@@ -471,10 +517,9 @@ class GenericNeuralNet:
         th = self._theta_tf()
         vt = tf.constant(v)
         kernel = self._tf_hvp_sum if v.ndim == 1 else self._tf_hvp_sum_many
-        out = np.zeros_like(v)
-        n = self.n_train_ if indices is None else len(indices)
-        for x, y in self._train_batches(None if indices is None else self._check_indices(indices)):
-            out += kernel(th, x, y, vt).numpy()
+        idx = None if indices is None else self._check_indices(indices)
+        n = self.n_train_ if idx is None else len(idx)
+        out = self._map_train(kernel, th, vt, indices=idx)
         mask = self.decay_mask_ if v.ndim == 1 else self.decay_mask_[:, None]
         return out / n + self.weight_decay * mask * v
 
@@ -601,7 +646,7 @@ class GenericNeuralNet:
         key = None
         if self.cache_dir is not None and use_cache:
             key = hash_arrays(type(self).__name__, {k: str(v_) for k, v_ in self.get_config().items()
-                                                    if k not in ("cache_dir", "progress")},
+                                                    if k not in ("cache_dir", "progress", "strategy")},
                               self.theta_, self.data_fingerprint_, np.asarray(X_test), np.asarray(y_test),
                               solver_obj.config())
             cached = _load_cached(Path(self.cache_dir) / f"s_test-{key}.npz", key)
@@ -620,11 +665,8 @@ class GenericNeuralNet:
         s = np.asarray(s, dtype=self.dtype).reshape(-1)
         if s.shape != (self.n_params,):
             raise ValueError(f"s must have {self.n_params} entries")
-        th, st = self._theta_tf(), tf.constant(s)
-        batches = self._train_batches(None if indices is None else idx)
-        out = np.concatenate([self._tf_jvp_losses(th, x, y, st).numpy() for x, y in
-                              _progress(batches, total=len(self._slices(len(idx))), desc="scores",
-                                        enabled=self.progress)])
+        out = self._map_train(self._tf_jvp_losses, self._theta_tf(), tf.constant(s), reduce="concat",
+                              indices=None if indices is None else idx, desc="scores")
         if include_regularizer:
             out = out + self.weight_decay * float(np.dot(self.decay_mask_ * self.theta_, s))
         return out
@@ -656,9 +698,8 @@ class GenericNeuralNet:
     def score_input_gradients(self, s, indices) -> np.ndarray:
         """``-d/dx_i (s . grad L(z_i))`` for the given training indices."""
         idx = self._check_indices(indices)
-        th, st = self._theta_tf(), tf.constant(np.asarray(s, dtype=self.dtype))
-        return -np.concatenate([self._tf_input_grad_of_score(th, x, y, st).numpy()
-                                for x, y in self._train_batches(idx)])
+        st = tf.constant(np.asarray(s, dtype=self.dtype))
+        return -self._map_train(self._tf_input_grad_of_score, self._theta_tf(), st, reduce="concat", indices=idx)
 
     def self_influence(self, indices=None, solver="exact", include_regularizer: bool = True,
                        **solver_options) -> np.ndarray:
