@@ -11,8 +11,9 @@ is a local process pool; a Dask cluster works the same way::
     from dask.distributed import Client
     result = leave_one_out(model, x_test, y_test, idx, predicted, executor=Client().get_executor())
 
-Work is sent in chunks of indices, so the model (with its training data) is shipped once
-per chunk, not once per point.
+With the default local pool the model (with its training data) is shipped once per
+worker process and each point is a task; with another executor it is shipped once per
+chunk of points.
 """
 from __future__ import annotations
 
@@ -69,6 +70,20 @@ def _retrain_chunk(model_bytes: bytes, indices: np.ndarray, X_test, y_test, thre
     return _retrain_serial(model, indices, X_test, y_test)
 
 
+_WORKER_MODEL = None
+
+
+def _init_worker(model_bytes: bytes, threads):
+    """Process-pool initializer: unpickle the model once per worker."""
+    global _WORKER_MODEL
+    _limit_threads(threads)
+    _WORKER_MODEL = pickle.loads(model_bytes)
+
+
+def _retrain_in_worker(indices, X_test, y_test):
+    return _retrain_serial(_WORKER_MODEL, indices, X_test, y_test)
+
+
 def _retrain_serial(model, indices, X_test, y_test):
     losses = np.empty(len(indices))
     for j, i in enumerate(indices):
@@ -108,14 +123,20 @@ def leave_one_out(model, X_test, y_test, indices, predicted=None, executor: Exec
     if executor is None and n_jobs == 1:
         losses = _retrain_serial(model, indices, X_test, y_test)
     else:
-        n_chunks = max(1, min(len(indices), 2 * n_jobs))
-        chunks = np.array_split(indices, n_chunks)
         blob = pickle.dumps(model, protocol=pickle.HIGHEST_PROTOCOL)
         own = executor is None
-        if own:
-            executor = ProcessPoolExecutor(max_workers=n_jobs, mp_context=multiprocessing.get_context("spawn"))
+        if own:  # the model travels once per worker; tasks are single points (fine-grained progress)
+            executor = ProcessPoolExecutor(max_workers=n_jobs, mp_context=multiprocessing.get_context("spawn"),
+                                           initializer=_init_worker, initargs=(blob, threads_per_worker))
+            chunks = np.array_split(indices, len(indices))
+        else:  # any Executor: the model travels with each chunk, so send few chunks
+            chunks = np.array_split(indices, max(1, min(len(indices), 2 * n_jobs)))
         try:
-            futures = [executor.submit(_retrain_chunk, blob, c, X_test, y_test, threads_per_worker) for c in chunks]
+            if own:
+                futures = [executor.submit(_retrain_in_worker, c, X_test, y_test) for c in chunks]
+            else:
+                futures = [executor.submit(_retrain_chunk, blob, c, X_test, y_test, threads_per_worker)
+                           for c in chunks]
             try:
                 from tqdm.auto import tqdm
                 bar = tqdm(total=len(indices), desc="LOO retrains", leave=False, disable=not model.progress)
