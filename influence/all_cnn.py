@@ -17,7 +17,7 @@ GPU do not fit a CPU budget: ``adam_steps`` minibatch Adam steps (learning rate
 for ``lbfgs_iter`` iterations, which takes the training objective to its plateau (a
 gradient norm orders of magnitude below Adam's). Leave-one-out re-training
 (:meth:`AllCNN._retrain`) restarts that same L-BFGS from the fitted parameters on the
-reduced set for the same number of iterations; a control re-training on the full set
+reduced set for ``retrain_iter`` iterations (default: ``lbfgs_iter``); a control re-training on the full set
 measures the optimiser's drift, which :func:`influence.loo.leave_one_out` subtracts.
 """
 from __future__ import annotations
@@ -51,8 +51,8 @@ class AllCNN(GenericNeuralNet):
     def __init__(self, n_classes: int = 10, channels: tuple = (8, 8, 8, 8, 8), strides: tuple = (1, 2, 1, 2, 1),
                  kernel_size: int = 3, weight_decay: float = 0.001, learning_rate: float = 1e-4,
                  adam_steps: int = 20000, train_batch_size: int = 500, decay_fractions: tuple = (0.5, 0.75),
-                 lbfgs_iter: int = 1000, lbfgs_tol: float = 1e-8, dtype: str = "float64", batch_size: int = 1000,
-                 **kwargs):
+                 lbfgs_iter: int = 1000, lbfgs_tol: float = 1e-8, retrain_iter: int | None = None,
+                 dtype: str = "float64", batch_size: int = 1000, **kwargs):
         super().__init__(weight_decay=weight_decay, dtype=dtype, batch_size=batch_size, **kwargs)
         self.n_classes = n_classes
         self.channels = tuple(channels)
@@ -64,6 +64,7 @@ class AllCNN(GenericNeuralNet):
         self.decay_fractions = tuple(decay_fractions)
         self.lbfgs_iter = lbfgs_iter
         self.lbfgs_tol = lbfgs_tol
+        self.retrain_iter = retrain_iter
 
     # ------------------------------------------------------------------ architecture
     def build_keras_model(self, input_shape):
@@ -165,12 +166,15 @@ class AllCNN(GenericNeuralNet):
     def _train(self, theta0):
         theta = self.adam(theta0, self.adam_steps) if self.adam_steps else theta0
         logger.info("after Adam: objective %.6g, gradient norm %.3g", *self._obj_and_gnorm(theta))
-        return self._retrain(theta)
+        return self._lbfgs(theta, self.lbfgs_iter)
 
     def _retrain(self, theta0):
-        if not self.lbfgs_iter:
+        return self._lbfgs(theta0, self.lbfgs_iter if self.retrain_iter is None else self.retrain_iter)
+
+    def _lbfgs(self, theta0, iters):
+        if not iters:
             return theta0
-        return self.minimize_lbfgs(theta0, tol=self.lbfgs_tol, maxiter=self.lbfgs_iter, newton_polish=False)
+        return self.minimize_lbfgs(theta0, tol=self.lbfgs_tol, maxiter=iters, newton_polish=False)
 
     def _obj_and_gnorm(self, theta):
         f, g = self.objective_and_gradient(theta)
