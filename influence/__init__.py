@@ -7,22 +7,35 @@ Fit a model, then ask which training points a prediction depends on::
     diffs = model.predicted_loss_diffs(X_test[:1], y_test[:1], solver="cg")
 
 See :mod:`influence.generic_neural_net` for the conventions (objective, signs, 1/n).
+Names are imported on first use, so ``python -m influence.data`` does not load TensorFlow.
 """
+import importlib
 import os as _os
 
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TF's C++ start-up chatter out of logs
 
-from .data import DataError  # noqa: E402
-from .generic_neural_net import GenericNeuralNet, ParamBlock
-from .logistic import BinaryLogisticRegression, LogisticRegression
-from .loo import LOOResult, leave_one_out
-from .solvers import (CGSolver, ExactSolver, InverseHVPSolver, LissaDivergenceError, LissaSolver,
-                      NotPositiveDefiniteError, SolveResult, get_solver)
-
 __version__ = "0.1.0"
 
-__all__ = [
-    "BinaryLogisticRegression", "CGSolver", "DataError", "ExactSolver", "GenericNeuralNet",
-    "InverseHVPSolver", "LOOResult", "LissaDivergenceError", "LissaSolver", "LogisticRegression",
-    "NotPositiveDefiniteError", "ParamBlock", "SolveResult", "get_solver", "leave_one_out",
-]
+_EXPORTS = {
+    "DataError": "data",
+    "GenericNeuralNet": "generic_neural_net", "ParamBlock": "generic_neural_net",
+    "LogisticRegression": "logistic", "BinaryLogisticRegression": "logistic",
+    "SmoothHingeSVM": "smooth_hinge", "AllCNN": "all_cnn",
+    "LOOResult": "loo", "leave_one_out": "loo",
+    "CGSolver": "solvers", "ExactSolver": "solvers", "InverseHVPSolver": "solvers", "LissaSolver": "solvers",
+    "LissaDivergenceError": "solvers", "NotPositiveDefiniteError": "solvers", "SolveResult": "solvers",
+    "get_solver": "solvers",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'influence' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -83,6 +83,23 @@ MANIFEST: dict[str, Dataset] = {
 }
 
 
+MANIFEST["spam"] = Dataset(
+    name="spam", folder="spam", description="Enron1 spam corpus (Metsis et al. 2006), enron1.tar.gz",
+    files=(DataFile("enron1.tar.gz",
+                    ("http://nlp.cs.aueb.gr/software_and_datasets/Enron-Spam/preprocessed/enron1.tar.gz",),
+                    "fc85a8d3fa5e9845a7ee572de3e92ae057f7c2be06171818539ef0983da89ad8"),),
+    notes="The public archive may be packed differently from the verified copy; the loader reads the emails.",
+)
+MANIFEST["hospital"] = Dataset(
+    name="hospital", folder="hospital",
+    description="UCI Diabetes 130-US hospitals 1999-2008 (dataset_diabetes.zip)",
+    files=(DataFile("dataset_diabetes.zip",
+                    ("https://archive.ics.uci.edu/static/public/296/diabetes+130-us+hospitals+for+years+1999-2008.zip",),
+                    "2cc570fc34b09ba1169d94b68c27ce3802dce7dc4ab6082bed833a6c195507a5"),),
+    notes="The UCI download may be packaged differently; the CSV inside is what the loader reads.",
+)
+
+
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
     """The data directory: the argument, else ``$INFLUENCE_DATA_DIR``, else ``data/``."""
     if data_dir is None:

@@ -23,16 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .data import DataError, MANIFEST, DataFile, Dataset, fetch_hint, resolve_data_dir
-
-MANIFEST["hospital"] = Dataset(
-    name="hospital", folder="hospital",
-    description="UCI Diabetes 130-US hospitals 1999-2008 (dataset_diabetes.zip)",
-    files=(DataFile("dataset_diabetes.zip",
-                    ("https://archive.ics.uci.edu/static/public/296/diabetes+130-us+hospitals+for+years+1999-2008.zip",),
-                    "2cc570fc34b09ba1169d94b68c27ce3802dce7dc4ab6082bed833a6c195507a5"),),
-    notes="The UCI download may be packaged differently; the CSV inside is what the loader reads.",
-)
+from .data import DataError, fetch_hint, resolve_data_dir
 
 NUMERIC = ["time_in_hospital", "num_lab_procedures", "num_procedures", "num_medications", "number_outpatient",
            "number_emergency", "number_inpatient", "number_diagnoses"]

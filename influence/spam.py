@@ -25,18 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import MANIFEST, DataError, DataFile, Dataset, fetch_hint, resolve_data_dir
+from .data import DataError, fetch_hint, resolve_data_dir
 from .utils import hash_arrays, save_npz, sha256_file
 
 logger = logging.getLogger(__name__)
-
-MANIFEST["spam"] = Dataset(
-    name="spam", folder="spam", description="Enron1 spam corpus (Metsis et al. 2006), enron1.tar.gz",
-    files=(DataFile("enron1.tar.gz",
-                    ("http://nlp.cs.aueb.gr/software_and_datasets/Enron-Spam/preprocessed/enron1.tar.gz",),
-                    "fc85a8d3fa5e9845a7ee572de3e92ae057f7c2be06171818539ef0983da89ad8"),),
-    notes="The public archive may be packed differently from the verified copy; the loader reads the emails.",
-)
 
 N_TRAIN = 4137
 

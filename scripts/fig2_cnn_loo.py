@@ -40,9 +40,9 @@ def add_arguments(parser):
     parser.add_argument("--learning-rate", type=float, default=None,
                         help="Adam learning rate (default 1e-3 for the short CPU schedule; 1e-4 with --paper-schedule)")
     parser.add_argument("--adam-steps", type=int, default=None, help="default 10000 (--quick: 1000)")
-    parser.add_argument("--lbfgs-iter", type=int, default=None, help="default 1000 (--quick: 100)")
+    parser.add_argument("--lbfgs-iter", type=int, default=None, help="default 500 (--quick: 100)")
     parser.add_argument("--retrain-iter", type=int, default=None, help="L-BFGS iterations per LOO re-training "
-                        "(default 150, --quick: 30)")
+                        "(default 100, --quick: 30)")
     parser.add_argument("--paper-schedule", action="store_true", help="500k Adam steps as the original (GPU)")
     parser.add_argument("--dtype", default="float64", choices=["float32", "float64"])
     parser.add_argument("--jobs", type=int, default=None)
@@ -61,8 +61,8 @@ def main(exp):
         adam_steps, decay = 500_000, (0.22, 0.44)  # the original decayed at epochs 1e4 and 2e4 of 11 steps each
     else:
         adam_steps, decay = (args.adam_steps or (1000 if args.quick else 10000)), (0.5, 0.75)
-    lbfgs_iter = args.lbfgs_iter or (100 if args.quick else 1000)
-    retrain_iter = args.retrain_iter or (30 if args.quick else 150)
+    lbfgs_iter = args.lbfgs_iter or (100 if args.quick else 500)
+    retrain_iter = args.retrain_iter or (30 if args.quick else 100)
     num_remove = args.num_remove or (10 if args.quick else 100)
 
     lr = args.learning_rate or (1e-4 if args.paper_schedule else 1e-3)
