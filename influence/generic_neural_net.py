@@ -33,16 +33,15 @@ from __future__ import annotations
 
 import inspect
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import scipy.optimize
 import tensorflow as tf
 
-from .utils import atomic_path, hash_arrays, write_json
+from .utils import atomic_path, hash_arrays
 
 logger = logging.getLogger(__name__)
 

@@ -50,7 +50,6 @@ def add_arguments(parser):
 
 def main(exp):
     import matplotlib.pyplot as plt
-    import scipy.stats as st
 
     args = exp.args
     data = load_mnist(args.data_dir, flatten=False)
