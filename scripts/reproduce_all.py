@@ -25,6 +25,7 @@ EXPERIMENTS = [
     ("demo_digits", [], "Demo: influence vs LOO on scikit-learn's digits (always runs)"),
     ("fig1_components", ["mnist"], "Fig 1: components of influence (binary logistic regression, MNIST 1 vs 7)"),
     ("fig2_logreg_loo", ["mnist"], "Fig 2 (left, middle): logistic regression on MNIST, influence vs LOO"),
+    ("fig2_cnn_loo", ["mnist"], "Fig 2 (right): all-convolutional CNN on 5.5k MNIST, influence vs LOO"),
     ("fig3_smooth_hinge", ["mnist"], "Fig 3: smooth-hinge SVM on MNIST 1 vs 7, influence vs LOO"),
     ("sec53_hospital_readmission", ["hospital"], "Sec 5.3: debugging a domain mismatch (hospital readmission)"),
     ("fig6_spam_mislabel", ["spam"], "Fig 6: fixing mislabeled training data (Enron1 spam)"),

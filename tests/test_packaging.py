@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = ["demo_digits", "fig1_components", "fig2_logreg_loo", "fig3_smooth_hinge", "sec53_hospital_readmission",
-           "fig6_spam_mislabel"]
+SCRIPTS = ["demo_digits", "fig1_components", "fig2_logreg_loo", "fig2_cnn_loo", "fig3_smooth_hinge",
+           "sec53_hospital_readmission", "fig6_spam_mislabel"]
 
 
 def test_dockerfile_copies_existing_files_and_runs_an_existing_command():
