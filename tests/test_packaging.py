@@ -35,7 +35,7 @@ def test_ci_runs_the_readme_test_command():
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_scripts_follow_the_contract(name):
     out = subprocess.run([sys.executable, str(REPO / "scripts" / f"{name}.py"), "--help"], capture_output=True,
-                         text=True, timeout=120)
+                         text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     for flag in ("--data-dir", "--out", "--seed", "--quick"):
         assert flag in out.stdout
