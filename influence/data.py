@@ -98,6 +98,24 @@ MANIFEST["hospital"] = Dataset(
                     "2cc570fc34b09ba1169d94b68c27ce3802dce7dc4ab6082bed833a6c195507a5"),),
     notes="The UCI download may be packaged differently; the CSV inside is what the loader reads.",
 )
+MANIFEST["dogfish"] = Dataset(
+    name="dogfish", folder="dogfish",
+    description="ImageNet tench (fish) and English springer (dog) photos from Imagenette (fast.ai), one tar",
+    files=(DataFile("imagenette_tench_springer.tar", (), "73ad71fd2fa9749bdb27bcb0bfd67951341fd6e3fe339556979f9f01a7401d1b"),
+           DataFile("MANIFEST.sha256", (), "40f5389354a5db92440c9017992e73cba297f2753556d2301f13b96fccba770a")),
+    notes="A repack of two classes of https://s3.amazonaws.com/fast-ai-imageclas/imagenette2.tgz "
+          "(train/ and val/ of n01440764 and n02102040); build it from that archive, see data/README.md.",
+)
+MANIFEST["inception"] = Dataset(
+    name="inception", folder="inception",
+    description="Inception v3 ImageNet weights without the top layer (Google's 2015-12-05 release) as npz",
+    files=(DataFile("inception_v3_2015_12_05_notop_keras_order.npz", (),
+                    "94d71dbe83c043bea91a6cb9112ecc205c8ffc665ab03e840b6fcb5764925345"),
+           DataFile("inception_v3_2015_12_05_notop_keras_order.json", (),
+                    "5b8085655f1e3c011420ae173c240f59f7101036f80e348312aee802d4c6ab25")),
+    notes="Converted from a public release (see the .json); users with internet can instead use Keras's "
+          "stock weights: --inception-weights imagenet.",
+)
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
@@ -200,6 +218,8 @@ def fetch(dataset: str, data_dir: str | os.PathLike | None = None, force: bool =
                 if tmp_path.exists():
                     tmp_path.unlink()
         else:
+            if not f.urls:
+                raise DataError(f"{f.name} has no direct download: {spec.notes}")
             raise DataError(f"could not fetch {f.name}:\n  " + "\n  ".join(errors))
     return out
 
@@ -221,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "list":
             print(f"{name}: {spec.description}")
             for f in spec.files:
-                print(f"  {spec.folder}/{f.name}  sha256({f.checksum_of}) {f.sha256}  {f.urls[0]}")
+                print(f"  {spec.folder}/{f.name}  sha256({f.checksum_of}) {f.sha256}  {f.urls[0] if f.urls else spec.notes}")
             continue
         try:
             paths = fetch(name, args.data_dir, args.force) if args.command == "fetch" else verify(name, args.data_dir)

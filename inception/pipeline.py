@@ -1,0 +1,40 @@
+"""Shared set-up of the dog-vs-fish experiments (Figs 4 and 5): images, network, features."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from influence.data import resolve_data_dir
+from influence.dogfish import DogFishData, load_dogfish
+
+from .features import cached_features
+from .model import DEFAULT_WEIGHTS, load_inception, weights_fingerprint
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DogFishFeatures:
+    data: DogFishData
+    feature_model: object  # Keras model, pixels -> 2048 features
+    preprocessing: object  # inception.model.Preprocessing
+    F_train: np.ndarray  # (n_train, 2048) float64
+    F_test: np.ndarray
+    weights: str
+
+
+def prepare_dogfish(data_dir=None, cache_dir=None, n_train: int = 900, n_test: int = 300, seed: int = 0,
+                    weights=None, progress: bool = True) -> DogFishFeatures:
+    """Images (uint8, cached), the Inception network with its weights, and cached features."""
+    data = load_dogfish(data_dir, n_train=n_train, n_test=n_test, seed=seed, cache_dir=cache_dir, progress=progress)
+    model, pre = load_inception(weights, data_dir=data_dir)
+    wpath = Path(weights) if weights not in (None, "imagenet") else resolve_data_dir(data_dir) / DEFAULT_WEIGHTS
+    wkey = weights_fingerprint(wpath) if wpath.is_file() else str(weights)
+    logger.info("dog-fish: %d train, %d test images; Inception features (cache %s)", len(data.y_train),
+                len(data.y_test), cache_dir)
+    F_train = cached_features(model, pre, data.X_train, wkey, cache_dir, progress=progress).astype(np.float64)
+    F_test = cached_features(model, pre, data.X_test, wkey, cache_dir, progress=progress).astype(np.float64)
+    return DogFishFeatures(data, model, pre, F_train, F_test, str(weights or wpath))

@@ -1,0 +1,128 @@
+"""Dog-vs-fish ImageNet photos (paper Sec. 5.1-5.2, Figs 4 and 5).
+
+Reads ``dogfish/imagenette_tench_springer.tar`` straight from the archive: real ImageNet
+JPEGs of one fish class (``n01440764``, tench) and one dog class (``n02102040``, English
+springer) under ``train/`` and ``val/``: a stand-in for the paper's "dog" and "fish"
+synsets (see data/README.md). Per class the files of train and val are pooled, sorted by
+name and ``n_train + n_test`` of them are drawn with ``seed``; the first ``n_train`` go to
+the training set. Images are converted to RGB (a few are grayscale) and resized to
+``side x side`` (bilinear, aspect ratio not kept, as the original). Labels: 0 = dog,
+1 = fish, as the paper.
+
+Pixels are kept as uint8 (2,400 images at 299x299x3 are 643 MB; float32 would be 2.6 GB)
+and cached as ``.npy`` files in ``cache_dir``, keyed by the archive's checksum and the
+settings; scale them with the model's preprocessing on use.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .data import DataError, fetch_hint, resolve_data_dir
+from .utils import atomic_path, hash_arrays, sha256_file, write_json
+
+logger = logging.getLogger(__name__)
+
+ARCHIVE = "imagenette_tench_springer.tar"
+CLASSES = {"n02102040": 0, "n01440764": 1}  # English springer = dog = 0, tench = fish = 1
+CLASS_NAMES = ("dog", "fish")
+
+
+@dataclass
+class DogFishData:
+    X_train: np.ndarray  # (n, side, side, 3) uint8
+    y_train: np.ndarray  # (n,) int, 0 = dog, 1 = fish
+    X_test: np.ndarray
+    y_test: np.ndarray
+    names_train: list
+    names_test: list
+    key: str  # cache key: archive checksum + settings
+
+
+def _progress(items, desc, enabled):
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+    return tqdm(items, desc=desc, leave=False)
+
+
+def archive_path(data_dir=None) -> Path:
+    root = resolve_data_dir(data_dir)
+    path = root / "dogfish" / ARCHIVE
+    if not path.is_file():
+        raise DataError(f"missing data file {path}. " + fetch_hint("dogfish", root))
+    return path
+
+
+def list_images(tar: tarfile.TarFile) -> dict[int, list[tarfile.TarInfo]]:
+    """JPEG members per label, sorted by path."""
+    out: dict[int, list] = {0: [], 1: []}
+    for m in tar.getmembers():
+        parts = m.name.split("/")
+        if m.isfile() and len(parts) >= 2 and parts[-2] in CLASSES and parts[-1].lower().endswith((".jpeg", ".jpg")):
+            out[CLASSES[parts[-2]]].append(m)
+    for v in out.values():
+        v.sort(key=lambda m: m.name)
+    return out
+
+
+def decode_image(data: bytes, side: int) -> np.ndarray:
+    """JPEG bytes -> (side, side, 3) uint8 RGB, bilinear resize."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB").resize((side, side), Image.BILINEAR), dtype=np.uint8)
+
+
+def load_dogfish(data_dir=None, n_train: int = 900, n_test: int = 300, seed: int = 0, side: int = 299,
+                 cache_dir: str | Path | None = None, progress: bool = False) -> DogFishData:
+    """Balanced dog/fish train and test images (uint8) with labels 0 = dog, 1 = fish."""
+    path = archive_path(data_dir)
+    key = hash_arrays(sha256_file(path), {"n_train": n_train, "n_test": n_test, "seed": seed, "side": side})[:20]
+    if cache_dir is not None:
+        folder = Path(cache_dir) / f"dogfish-{key}"
+        if (folder / "meta.json").is_file():
+            try:
+                import json
+                meta = json.loads((folder / "meta.json").read_text())
+                arrays = {k: np.load(folder / f"{k}.npy") for k in ("X_train", "y_train", "X_test", "y_test")}
+                return DogFishData(**arrays, names_train=meta["names_train"], names_test=meta["names_test"], key=key)
+            except Exception as exc:
+                logger.warning("ignoring unreadable cache %s (%s)", folder, exc)
+    rng = np.random.default_rng(seed)
+    sel = {"train": [], "test": []}
+    try:
+        with tarfile.open(path, "r:") as tar:
+            members = list_images(tar)
+            for label, ms in members.items():
+                if len(ms) < n_train + n_test:
+                    raise DataError(f"{path} holds {len(ms)} {CLASS_NAMES[label]} images, fewer than the "
+                                    f"{n_train + n_test} requested")
+                pick = rng.choice(len(ms), n_train + n_test, replace=False)
+                sel["train"] += [(ms[i], label) for i in pick[:n_train]]
+                sel["test"] += [(ms[i], label) for i in pick[n_train:]]
+            out = {}
+            for split, items in sel.items():
+                X = np.empty((len(items), side, side, 3), dtype=np.uint8)
+                for j, (m, _) in enumerate(_progress(items, f"decode {split}", progress)):
+                    X[j] = decode_image(tar.extractfile(m).read(), side)
+                out[split] = (X, np.array([lab for _, lab in items]), [m.name for m, _ in items])
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise DataError(f"{path} is corrupt or truncated ({exc}). " + fetch_hint("dogfish", path.parent.parent)) \
+            from exc
+    data = DogFishData(out["train"][0], out["train"][1], out["test"][0], out["test"][1], out["train"][2],
+                       out["test"][2], key)
+    if cache_dir is not None:
+        folder = Path(cache_dir) / f"dogfish-{key}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for k in ("X_train", "y_train", "X_test", "y_test"):
+            with atomic_path(folder / f"{k}.npy") as tmp:
+                with open(tmp, "wb") as f:
+                    np.save(f, getattr(data, k))
+        write_json(folder / "meta.json", {"names_train": data.names_train, "names_test": data.names_test})
+    return data
