@@ -34,14 +34,19 @@ class BinaryInceptionModel(BinaryLogisticRegression):
         self._tf_input_terms = None
         return self
 
+    @property
+    def input_dtype(self) -> str:
+        """dtype of the feature network's input (float32 for Inception)."""
+        self._require_features()
+        return str(getattr(self.feature_model_.inputs[0], "dtype", "float32")).replace("tf.", "")
+
     def _require_features(self):
         if self.feature_model_ is None:
             raise RuntimeError("no feature network attached: call attach(model, preprocessing) first")
 
     def features(self, inputs, batch_size: int = 32) -> np.ndarray:
         """Features (float64) of preprocessed inputs (n, 299, 299, 3)."""
-        self._require_features()
-        inputs = np.asarray(inputs, dtype=np.float32)
+        inputs = np.asarray(inputs, dtype=self.input_dtype)
         out = [self.feature_model_(inputs[s:s + batch_size], training=False).numpy()
                for s in range(0, len(inputs), batch_size)]
         return np.concatenate(out).astype(np.float64)
@@ -74,8 +79,7 @@ class BinaryInceptionModel(BinaryLogisticRegression):
         pass over a batch gives every image's gradient.
         """
         self._require_fit()
-        self._require_features()
-        inputs = np.asarray(inputs, dtype=np.float32)
+        inputs = np.asarray(inputs, dtype=self.input_dtype)
         y = np.asarray(y, dtype=self.dtype).reshape(-1)
         if len(inputs) != len(y):
             raise ValueError(f"{len(inputs)} images but {len(y)} labels")

@@ -13,12 +13,18 @@ gradients, HVPs and per-example gradients come from :class:`GenericNeuralNet`.
 Training (:meth:`AllCNN._train`), documented because the paper's 500k Adam steps on a
 GPU do not fit a CPU budget: ``adam_steps`` minibatch Adam steps (learning rate
 ``learning_rate``, batch ``train_batch_size``, the rate divided by 10 after
-``decay_fractions`` of the steps, as the original's step decay), then full-batch L-BFGS
-for ``lbfgs_iter`` iterations, which takes the training objective to its plateau (a
-gradient norm orders of magnitude below Adam's). Leave-one-out re-training
-(:meth:`AllCNN._retrain`) restarts that same L-BFGS from the fitted parameters on the
-reduced set for ``retrain_iter`` iterations (default: ``lbfgs_iter``); a control re-training on the full set
-measures the optimiser's drift, which :func:`influence.loo.leave_one_out` subtracts.
+``decay_fractions`` of the steps, as the original's step decay), optionally followed by
+``lbfgs_iter`` full-batch L-BFGS iterations (default 0). The final Adam moments, step
+count and learning rate are kept (``adam_state_``, ``final_learning_rate_``).
+
+Leave-one-out re-training (:meth:`AllCNN.retrain_without`), as the paper: Adam continues
+from the fitted parameters with that optimiser state and learning rate for
+``retrain_steps`` steps. The minibatch sequence is fixed by ``retrain_seed`` and the
+left-out point only gets weight 0 inside its batches, so a control re-training on the full
+set (``retrain_without([])``) sees exactly the same batches: subtracting it cancels the
+optimiser's drift and the minibatch noise, leaving the effect of the removed point.
+``retrain="lbfgs"`` instead restarts L-BFGS on the reduced set for ``retrain_iter``
+iterations.
 """
 from __future__ import annotations
 
@@ -51,7 +57,9 @@ class AllCNN(GenericNeuralNet):
     def __init__(self, n_classes: int = 10, channels: tuple = (8, 8, 8, 8, 8), strides: tuple = (1, 2, 1, 2, 1),
                  kernel_size: int = 3, weight_decay: float = 0.001, learning_rate: float = 1e-4,
                  adam_steps: int = 20000, train_batch_size: int = 500, decay_fractions: tuple = (0.5, 0.75),
-                 lbfgs_iter: int = 1000, lbfgs_tol: float = 1e-8, retrain_iter: int | None = None,
+                 lbfgs_iter: int = 0, lbfgs_tol: float = 1e-8, retrain_iter: int | None = None,
+                 retrain: str = "adam", retrain_steps: int = 2000, retrain_seed: int = 17,
+                 retrain_learning_rate: float | None = None,
                  dtype: str = "float64", batch_size: int = 1000, **kwargs):
         super().__init__(weight_decay=weight_decay, dtype=dtype, batch_size=batch_size, **kwargs)
         self.n_classes = n_classes
@@ -65,6 +73,14 @@ class AllCNN(GenericNeuralNet):
         self.lbfgs_iter = lbfgs_iter
         self.lbfgs_tol = lbfgs_tol
         self.retrain_iter = retrain_iter
+        if retrain not in ("adam", "lbfgs"):
+            raise ValueError("retrain must be 'adam' or 'lbfgs'")
+        self.retrain = retrain
+        self.retrain_steps = retrain_steps
+        self.retrain_seed = retrain_seed
+        self.retrain_learning_rate = retrain_learning_rate
+        self.adam_state_ = None
+        self.final_learning_rate_ = None
 
     # ------------------------------------------------------------------ architecture
     def build_keras_model(self, input_shape):
@@ -121,35 +137,59 @@ class AllCNN(GenericNeuralNet):
         return float(np.mean(self.predict(X) == np.asarray(y)))
 
     # ------------------------------------------------------------------ training
-    def adam(self, theta0: np.ndarray, steps: int, seed: int | None = None, chunk: int = 500) -> np.ndarray:
-        """Minibatch Adam on the objective; epochs reshuffled with a seeded generator."""
+    def _lr_schedule(self, steps: int) -> np.ndarray:
+        step = np.arange(steps)
+        return self.learning_rate * np.where(step < self.decay_fractions[0] * steps, 1.0,
+                                             np.where(step < self.decay_fractions[1] * steps, 0.1, 0.01))
+
+    def adam(self, theta0: np.ndarray, steps: int, seed: int | None = None, chunk: int = 500,
+             state: tuple | None = None, learning_rates: np.ndarray | None = None,
+             example_weights: np.ndarray | None = None, desc: str | None = "Adam") -> tuple[np.ndarray, tuple]:
+        """Minibatch Adam on the objective; returns ``(theta, (m, v, t))``.
+
+        Batches: epochs of a permutation of all n training indices drawn with ``seed``.
+        ``example_weights`` (n,) re-weights the examples inside each batch, the batch
+        gradient being ``sum_j w_j grad L_j / sum_j w_j`` (+ weight decay): a weight of 0
+        removes a point while every other point keeps its place in the batch sequence,
+        which couples a leave-one-out run to a control run step by step. ``state``
+        continues from a previous run's moments and step count; ``learning_rates``
+        (steps,) overrides the step-decay schedule.
+        """
         dt = self.tf_dtype
+        n, b = self.n_train_, min(self.train_batch_size, self.n_train_)
+        p = self.n_params
         theta = tf.Variable(theta0, dtype=dt)
-        m = tf.Variable(tf.zeros_like(theta))
-        v = tf.Variable(tf.zeros_like(theta))
-        t = tf.Variable(0, dtype=tf.int64)
+        m = tf.Variable(np.zeros(p) if state is None else state[0], dtype=dt)
+        v = tf.Variable(np.zeros(p) if state is None else state[1], dtype=dt)
+        t = tf.Variable(0 if state is None else int(state[2]), dtype=tf.int64)
+        weights = tf.constant(np.ones(n) if example_weights is None else np.asarray(example_weights, float), dt)
         mask = tf.constant(self.decay_mask_, dt)
         wd = tf.constant(self.weight_decay, dt)
-        n, b = self.n_train_, min(self.train_batch_size, self.n_train_)
         b1, b2, eps = 0.9, 0.999, 1e-8
+        losses = self._tf_losses_fn
 
         @tf.function(reduce_retracing=True)
         def run(batches, lrs):
             for j in tf.range(tf.shape(batches)[0]):
                 idx = batches[j]
-                _, g = self._tf_loss_sum_and_grad(theta, tf.gather(self.X_train_, idx), tf.gather(self.y_train_, idx))
-                g = g / tf.cast(b, dt) + wd * mask * theta
+                w = tf.gather(weights, idx)
+                with tf.GradientTape() as tape:
+                    tape.watch(theta)
+                    total = tf.reduce_sum(w * losses(theta, tf.gather(self.X_train_, idx), tf.gather(self.y_train_, idx)))
+                g = tape.gradient(total, theta) / tf.maximum(tf.reduce_sum(w), 1e-12) + wd * mask * theta
                 t.assign_add(1)
                 m.assign(b1 * m + (1 - b1) * g)
                 v.assign(b2 * v + (1 - b2) * g * g)
                 tf_t = tf.cast(t, dt)
-                mhat = m / (1 - b1 ** tf_t)
-                vhat = v / (1 - b2 ** tf_t)
-                theta.assign_sub(lrs[j] * mhat / (tf.sqrt(vhat) + eps))
+                theta.assign_sub(lrs[j] * (m / (1 - b1 ** tf_t)) / (tf.sqrt(v / (1 - b2 ** tf_t)) + eps))
 
+        lrs_all = self._lr_schedule(steps) if learning_rates is None else np.asarray(learning_rates, float)
+        if len(lrs_all) != steps:
+            raise ValueError(f"learning_rates must have {steps} entries")
         rng = np.random.default_rng(self.seed if seed is None else seed)
         order, pos = rng.permutation(n), 0
-        for start in _progress(range(0, steps, chunk), total=-(-steps // chunk), desc="Adam", enabled=self.progress):
+        for start in _progress(range(0, steps, chunk), total=-(-steps // chunk), desc=desc,
+                               enabled=self.progress and desc is not None):
             k = min(chunk, steps - start)
             batches = np.empty((k, b), dtype=np.int32)
             for j in range(k):
@@ -157,19 +197,60 @@ class AllCNN(GenericNeuralNet):
                     order, pos = rng.permutation(n), 0
                 batches[j] = order[pos:pos + b]
                 pos += b
-            step = np.arange(start, start + k)
-            lrs = self.learning_rate * np.where(step < self.decay_fractions[0] * steps, 1.0,
-                                                np.where(step < self.decay_fractions[1] * steps, 0.1, 0.01))
-            run(tf.constant(batches), tf.constant(lrs, dt))
-        return theta.numpy()
+            run(tf.constant(batches), tf.constant(lrs_all[start:start + k], dt))
+        return theta.numpy(), (m.numpy(), v.numpy(), int(t.numpy()))
+
+    @property
+    def _tf_losses_fn(self):
+        def losses(theta, x, y):
+            return self._loss(self._forward(self.unflatten(theta), x), y)
+        return losses
 
     def _train(self, theta0):
-        theta = self.adam(theta0, self.adam_steps) if self.adam_steps else theta0
+        theta = theta0
+        if self.adam_steps:
+            theta, self.adam_state_ = self.adam(theta0, self.adam_steps)
+            self.final_learning_rate_ = float(self._lr_schedule(self.adam_steps)[-1])
         logger.info("after Adam: objective %.6g, gradient norm %.3g", *self._obj_and_gnorm(theta))
-        return self._lbfgs(theta, self.lbfgs_iter)
+        if self.lbfgs_iter:
+            theta = self._lbfgs(theta, self.lbfgs_iter)
+            logger.info("after L-BFGS: objective %.6g, gradient norm %.3g", *self._obj_and_gnorm(theta))
+        return theta
 
     def _retrain(self, theta0):
         return self._lbfgs(theta0, self.lbfgs_iter if self.retrain_iter is None else self.retrain_iter)
+
+    def retrain_without(self, indices) -> np.ndarray:
+        """Leave-out re-training from the fitted parameters (see the module docstring).
+
+        ``retrain="adam"``: ``retrain_steps`` Adam steps continuing the training run's
+        moments at its final learning rate, on the batch sequence of ``retrain_seed`` with
+        the left-out points' weights set to 0 (an empty ``indices`` is the control run,
+        which sees exactly the same batches). ``retrain="lbfgs"``: L-BFGS on the reduced set.
+        """
+        if self.retrain != "adam":
+            return super().retrain_without(indices)
+        self._require_fit()
+        if getattr(self, "adam_state_", None) is None:
+            raise RuntimeError("retrain='adam' needs the Adam state of training (fit with adam_steps > 0)")
+        w = np.ones(self.n_train_)
+        w[self._check_indices(indices)] = 0.0
+        lrs = np.full(self.retrain_steps, self.final_learning_rate_ if self.retrain_learning_rate is None
+                      else self.retrain_learning_rate)
+        theta, _ = self.adam(self.theta_.copy(), self.retrain_steps, seed=self.retrain_seed, state=self.adam_state_,
+                             learning_rates=lrs, example_weights=w, desc=None)
+        return theta
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["adam_state"] = getattr(self, "adam_state_", None)
+        state["final_learning_rate"] = getattr(self, "final_learning_rate_", None)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.adam_state_ = state.get("adam_state")
+        self.final_learning_rate_ = state.get("final_learning_rate")
 
     def _lbfgs(self, theta0, iters):
         if not iters:

@@ -113,12 +113,14 @@ def main(exp):
     def summary(P, tag):
         same = ytr == yte[t]
         top = np.argsort(-P[:, t])
-        per_test = [spearman(np.abs(P[:, j]), dist[:, j]) for j in both]
+        # test points whose influence is identically zero (a smooth-hinge margin far above 1) have no ranking
+        per_test = [spearman(np.abs(P[:, j]), dist[:, j]) for j in both if np.ptp(np.abs(P[:, j])) > 0]
         same_frac = [np.mean(ytr[np.argsort(-P[:, j])[:20]] == yte[j]) for j in both]
         return {f"spearman_absinf_vs_distance_{tag}": spearman(np.abs(P[:, t]), dist[:, t]),
                 f"same_label_frac_top20_helpful_{tag}": float(np.mean(same[top[:20]])),
                 f"median_spearman_absinf_vs_distance_{tag}_all_tests": float(np.median(per_test)),
                 f"mean_same_label_frac_top20_{tag}_all_tests": float(np.mean(same_frac)),
+                f"n_tests_with_nonzero_influence_{tag}": len(per_test),
                 f"first_other_label_rank_{tag}": int(np.flatnonzero(~same[top])[0]) + 1 if (~same).any() else None}, top
 
     m_rbf, top_rbf = summary(P_rbf, "rbf")

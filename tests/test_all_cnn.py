@@ -68,3 +68,41 @@ def test_damped_cg_matches_explicit_damped_solve(tiny_cnn):
     res = m.inverse_hvp(v, "cg", damping=damping, tol=1e-12, maxiter=2000)
     np.testing.assert_allclose(res.x, want, rtol=1e-6, atol=1e-9)
     assert res.residual < 1e-8
+
+
+def test_coupled_adam_retraining():
+    """Weight 0 removes exactly one point from the same batch sequence; the control repeats it."""
+    import pickle
+
+    rng = np.random.default_rng(0)
+    X = rng.uniform(0, 1, (24, 8, 8, 1))
+    y = rng.integers(0, 3, 24)
+    m = AllCNN(n_classes=3, channels=(2, 2), strides=(1, 2), weight_decay=0.01, adam_steps=40, learning_rate=0.01,
+               train_batch_size=8, retrain="adam", retrain_steps=15, retrain_seed=5, seed=1).fit(X, y)
+    assert m.adam_state_ is not None and m.adam_state_[2] == 40
+    assert m.final_learning_rate_ == pytest.approx(0.01 * 0.01)
+    m.retrain_learning_rate = 0.01  # visible moves
+    control = m.retrain_without([])
+    assert not np.allclose(control, m.theta_)
+    np.testing.assert_array_equal(control, m.retrain_without([]))  # deterministic
+    loo = m.retrain_without([3])
+    assert not np.allclose(loo, control)
+    # reference: the same Adam steps by hand, batch gradients over the batch minus point 3
+    th, (mm, vv, t) = m.theta_.copy(), (m.adam_state_[0].copy(), m.adam_state_[1].copy(), m.adam_state_[2])
+    order_rng = np.random.default_rng(5)
+    order, pos = order_rng.permutation(24), 0
+    for _ in range(15):
+        if pos + 8 > 24:
+            order, pos = order_rng.permutation(24), 0
+        batch = [i for i in order[pos:pos + 8] if i != 3]
+        pos += 8
+        ref = AllCNN(**m.get_config())
+        ref.set_training_data(X[batch], y[batch])
+        _, g = ref.objective_and_gradient(th)
+        t += 1
+        mm = 0.9 * mm + 0.1 * g
+        vv = 0.999 * vv + 0.001 * g * g
+        th = th - 0.01 * (mm / (1 - 0.9 ** t)) / (np.sqrt(vv / (1 - 0.999 ** t)) + 1e-8)
+    np.testing.assert_allclose(loo, th, rtol=1e-9, atol=1e-12)
+    clone = pickle.loads(pickle.dumps(m))  # worker processes get the optimiser state too
+    np.testing.assert_allclose(clone.retrain_without([3]), loo, rtol=1e-12, atol=1e-14)
