@@ -158,31 +158,12 @@ class AllCNN(GenericNeuralNet):
         dt = self.tf_dtype
         n, b = self.n_train_, min(self.train_batch_size, self.n_train_)
         p = self.n_params
-        theta = tf.Variable(theta0, dtype=dt)
-        m = tf.Variable(np.zeros(p) if state is None else state[0], dtype=dt)
-        v = tf.Variable(np.zeros(p) if state is None else state[1], dtype=dt)
-        t = tf.Variable(0 if state is None else int(state[2]), dtype=tf.int64)
-        weights = tf.constant(np.ones(n) if example_weights is None else np.asarray(example_weights, float), dt)
-        mask = tf.constant(self.decay_mask_, dt)
-        wd = tf.constant(self.weight_decay, dt)
-        b1, b2, eps = 0.9, 0.999, 1e-8
-        losses = self._tf_losses_fn
-
-        @tf.function(reduce_retracing=True)
-        def run(batches, lrs):
-            for j in tf.range(tf.shape(batches)[0]):
-                idx = batches[j]
-                w = tf.gather(weights, idx)
-                with tf.GradientTape() as tape:
-                    tape.watch(theta)
-                    total = tf.reduce_sum(w * losses(theta, tf.gather(self.X_train_, idx), tf.gather(self.y_train_, idx)))
-                g = tape.gradient(total, theta) / tf.maximum(tf.reduce_sum(w), 1e-12) + wd * mask * theta
-                t.assign_add(1)
-                m.assign(b1 * m + (1 - b1) * g)
-                v.assign(b2 * v + (1 - b2) * g * g)
-                tf_t = tf.cast(t, dt)
-                theta.assign_sub(lrs[j] * (m / (1 - b1 ** tf_t)) / (tf.sqrt(v / (1 - b2 ** tf_t)) + eps))
-
+        run, (theta, m, v, t, weights) = self._adam_kernel()
+        theta.assign(np.asarray(theta0, dtype=self.dtype))
+        m.assign(np.zeros(p) if state is None else state[0])
+        v.assign(np.zeros(p) if state is None else state[1])
+        t.assign(0 if state is None else int(state[2]))
+        weights.assign(np.ones(n) if example_weights is None else np.asarray(example_weights, float))
         lrs_all = self._lr_schedule(steps) if learning_rates is None else np.asarray(learning_rates, float)
         if len(lrs_all) != steps:
             raise ValueError(f"learning_rates must have {steps} entries")
@@ -197,14 +178,46 @@ class AllCNN(GenericNeuralNet):
                     order, pos = rng.permutation(n), 0
                 batches[j] = order[pos:pos + b]
                 pos += b
-            run(tf.constant(batches), tf.constant(lrs_all[start:start + k], dt))
+            run(self.X_train_, self.y_train_, tf.constant(batches), tf.constant(lrs_all[start:start + k], dt))
         return theta.numpy(), (m.numpy(), v.numpy(), int(t.numpy()))
 
-    @property
-    def _tf_losses_fn(self):
-        def losses(theta, x, y):
-            return self._loss(self._forward(self.unflatten(theta), x), y)
-        return losses
+    def _adam_kernel(self):
+        """One compiled Adam loop per model and training-set size (variables re-assigned per call)."""
+        key = (self.n_train_, self.n_params, self.dtype)
+        cached = getattr(self, "_adam_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1], cached[2]
+        dt = self.tf_dtype
+        p, n = self.n_params, self.n_train_
+        theta = tf.Variable(tf.zeros(p, dt))
+        m = tf.Variable(tf.zeros(p, dt))
+        v = tf.Variable(tf.zeros(p, dt))
+        t = tf.Variable(0, dtype=tf.int64)
+        weights = tf.Variable(tf.ones(n, dt))
+        mask = tf.constant(self.decay_mask_, dt)
+        wd = tf.constant(self.weight_decay, dt)
+        b1, b2, eps = 0.9, 0.999, 1e-8
+
+        def losses(th, x, y):
+            return self._loss(self._forward(self.unflatten(th), x), y)
+
+        @tf.function(reduce_retracing=True)
+        def run(X, Y, batches, lrs):
+            for j in tf.range(tf.shape(batches)[0]):
+                idx = batches[j]
+                w = tf.gather(weights, idx)
+                with tf.GradientTape() as tape:
+                    tape.watch(theta)
+                    total = tf.reduce_sum(w * losses(theta, tf.gather(X, idx), tf.gather(Y, idx)))
+                g = tape.gradient(total, theta) / tf.maximum(tf.reduce_sum(w), 1e-12) + wd * mask * theta
+                t.assign_add(1)
+                m.assign(b1 * m + (1 - b1) * g)
+                v.assign(b2 * v + (1 - b2) * g * g)
+                tf_t = tf.cast(t, dt)
+                theta.assign_sub(lrs[j] * (m / (1 - b1 ** tf_t)) / (tf.sqrt(v / (1 - b2 ** tf_t)) + eps))
+
+        self._adam_cache = (key, run, (theta, m, v, t, weights))
+        return run, (theta, m, v, t, weights)
 
     def _train(self, theta0):
         theta = theta0
