@@ -8,6 +8,11 @@ settings) it times s_test, then the scoring of all training points,
 compared with the original code's approach, one gradient per training point in a Python
 loop (timed on a subset and scaled to n), and with vectorised per-example gradients.
 All numbers come from this one run; ratios are printed, not asserted.
+
+A second table (``--models``) times the same stages for each experiment's model whose data
+is present: training, s_test by each solver that applies (iterations, residual), scoring
+all training points, and one leave-one-out re-training. The CNN row (``cnn``) trains the
+Fig 2 CNN with a short schedule (minutes); the Inception row uses cached features.
 """
 from __future__ import annotations
 
@@ -41,6 +46,8 @@ def main(argv=None):
     parser.add_argument("--loop-subset", type=int, default=1000, help="points timed in the loop baseline")
     parser.add_argument("--skip-exact", action="store_true", help="skip the explicit 7,840 x 7,840 Hessian")
     parser.add_argument("--out", default="output/BENCHMARK.md", help="where the timing table is written")
+    parser.add_argument("--models", nargs="*", default=["binary_lr", "smooth_hinge", "hospital", "spam", "inception"],
+                        help="experiment models for the per-model table (add 'cnn' for the CNN; none: skip)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
@@ -123,10 +130,91 @@ def main(argv=None):
     lines += [f"| {label.strip()} | {t:.3f} | {note} |" for label, t, note in rows]
     lines += ["", f"Forward-mode scoring vs the per-example loop: {t_loop / t_jvp:.0f}x; vs vectorised "
                   f"per-example gradients: {t_vec / t_jvp:.1f}x.", ""]
+    model_rows = per_model_table(args)
+    if model_rows:
+        lines += ["## Cost of each stage per experiment model", "",
+                  "| model | n | p | stage | seconds | notes |", "|---|---|---|---|---|---|"]
+        lines += [f"| {m} | {n_} | {p_} | {st} | {t:.3f} | {note} |" for m, n_, p_, st, t, note in model_rows]
+        lines.append("")
     with atomic_path(args.out) as tmp:
         tmp.write_text("\n".join(lines))
     print(f"wrote {args.out}")
     return 0
+
+
+def stage_costs(label, model, fit_args, x_test, y_test, solvers, loo_index=None):
+    """Rows (model, n, p, stage, seconds, notes): fit, s_test per solver, scoring, one LOO re-fit."""
+    _, t_fit = timed(model.fit, *fit_args)
+    n, p = model.n_train_, model.n_params
+    rows = [(label, n, p, "train", t_fit, f"gradient norm {model.grad_norm_:.1e}")]
+    s_x = None
+    for name, opts in solvers:
+        res, t_s = timed(model.s_test, x_test, y_test, solver=name, use_cache=False, **opts)
+        rows.append((label, n, p, f"s_test by {name}", t_s, f"iterations {res.iterations}, residual {res.residual:.1e}"))
+        s_x = res.x if s_x is None else s_x
+    model.influence_scores(s_x)
+    scores, t_score = timed(model.influence_scores, s_x)
+    rows.append((label, n, p, f"score all {n} training points", t_score, "forward-mode JVP"))
+    idx = int(np.argmax(np.abs(scores))) if loo_index is None else loo_index
+    _, t_loo = timed(model.retrain_without, [idx])
+    rows.append((label, n, p, "LOO re-training, one point", t_loo, ""))
+    return rows
+
+
+def per_model_table(args):
+    """Stage costs for each experiment's model whose data is present (see the module docstring)."""
+    from influence import BinaryLogisticRegression
+    from influence.data import DataError
+    from influence.smooth_hinge import SmoothHingeSVM
+
+    rows = []
+    cg = ("cg", {"tol": 1e-10})
+    for name in args.models or []:
+        try:
+            if name == "binary_lr":
+                from influence.mnist import load_binary_mnist
+                d = load_binary_mnist(args.data_dir)
+                rows += stage_costs("binary LR, MNIST 1 vs 7 (Fig 1)", BinaryLogisticRegression(weight_decay=0.01),
+                                    (d.train.x, d.train.y), d.test.x[30:31], d.test.y[30:31], [("exact", {}), cg])
+            elif name == "smooth_hinge":
+                from influence.mnist import load_binary_mnist
+                d = load_binary_mnist(args.data_dir, signed=True)
+                rows += stage_costs("smooth-hinge SVM t=0.001 (Fig 3)", SmoothHingeSVM(temp=0.001, weight_decay=0.01),
+                                    (d.train.x, d.train.y), d.test.x[1597:1598], d.test.y[1597:1598],
+                                    [("exact", {}), cg])
+            elif name == "hospital":
+                from influence.hospital import load_hospital
+                d = load_hospital(args.data_dir)
+                rows += stage_costs("binary LR, hospital 127 features (Sec 5.3)",
+                                    BinaryLogisticRegression(weight_decay=1e-4), (d.X_train, d.y_train),
+                                    d.X_test[:1], d.y_test[:1], [("exact", {}), ("cg", {"tol": 1e-10, "maxiter": 5000})])
+            elif name == "spam":
+                from influence.spam import load_spam
+                d = load_spam(args.data_dir, cache_dir=Path(args.out).parent / "cache")
+                rows += stage_costs("binary LR, Enron1 bag of words (Fig 6)", BinaryLogisticRegression(weight_decay=1e-4),
+                                    (d.X_train, d.y_train), d.X_test[:1], d.y_test[:1], [("exact", {}), cg])
+            elif name == "inception":
+                from inception import BinaryInceptionModel, prepare_dogfish
+                prep = prepare_dogfish(args.data_dir, Path(args.out).parent / "cache", progress=False)
+                rows += stage_costs("Inception head, dog vs fish (Figs 4-5)", BinaryInceptionModel(weight_decay=0.001),
+                                    (prep.F_train, prep.data.y_train), prep.F_test[:1], prep.data.y_test[:1],
+                                    [("exact", {}), cg])
+            elif name == "cnn":
+                from influence.all_cnn import AllCNN
+                from influence.mnist import load_mnist
+                d = load_mnist(args.data_dir, flatten=False)
+                small = np.sort(np.random.default_rng(0).choice(len(d.train), len(d.train) // 10, replace=False))
+                rows += stage_costs("all-conv CNN, 5.5k MNIST (Fig 2 right; 2k Adam steps)",
+                                    AllCNN(adam_steps=2000, learning_rate=1e-3, retrain_steps=1000),
+                                    (d.train.x[small], d.train.y[small]), d.test.x[6558:6559], d.test.y[6558:6559],
+                                    [("cg", {"damping": 0.01, "tol": 1e-8})])
+            else:
+                print(f"unknown model {name!r}", file=sys.stderr)
+        except DataError as exc:
+            print(f"[{name}] skipped: {exc}", file=sys.stderr)
+    for r in rows:
+        print(f"{r[0][:45]:45s} {r[3]:38s} {r[4]:9.3f}  {r[5]}")
+    return rows
 
 
 if __name__ == "__main__":

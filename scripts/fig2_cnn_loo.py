@@ -3,9 +3,9 @@
 
 Model: the all-convolutional AllCNN (2,616 parameters, tanh, weight decay 0.001) on the
 paper's small MNIST, a seeded random 10% (5,500 images) of the 55,000 training images.
-Training (see influence.all_cnn): minibatch Adam (batch 500, learning rate divided by 10
-after 50% and 75% of the steps; 1e-3 for the 10k-step CPU schedule, the paper's 1e-4
-with --paper-schedule). Influence: CG on H + 0.01 I (the paper's damping) for one test
+Training (see influence.all_cnn): minibatch Adam (batch 500; the 10k-step CPU schedule
+runs at 1e-3, then 1e-4 from half way; --paper-schedule: the paper's 1e-4 with its
+step decay). Influence: CG on H + 0.01 I (the paper's damping) for one test
 point (default 6558). The 100 training points of largest |predicted change| are each
 removed and the model re-trained as the paper does: Adam continues from the fitted
 parameters with the optimiser state and learning rate training ended with
@@ -15,6 +15,8 @@ weight is 0 in the LOO run, the batch sequence is otherwise identical), so optim
 drift and minibatch noise cancel. --retrain lbfgs restores the earlier protocol
 (L-BFGS restarted on the reduced set).
 
+Default re-training: 1000 Adam steps at 1e-4 (a 12-point pilot on a 5k-step model gave
+Pearson 0.92 at 1e-4 and 0.72 at 1e-5 for 1000 steps, so training ends at 1e-4).
 --quick: 1000 Adam steps, 300-step re-training, 10 removals (no correlation threshold).
 --paper-schedule: the original's 500k Adam steps and 30k re-training steps (a GPU job).
 """
@@ -49,7 +51,7 @@ def add_arguments(parser):
                              "continues)")
     parser.add_argument("--retrain", default="adam", choices=["adam", "lbfgs"])
     parser.add_argument("--retrain-steps", type=int, default=None, help="Adam steps per LOO re-training "
-                        "(default 2000, --quick: 300, --paper-schedule: 30000)")
+                        "(default 1000, --quick: 300, --paper-schedule: 30000)")
     parser.add_argument("--retrain-lr", type=float, default=None,
                         help="re-training learning rate (default: the one training ended with)")
     parser.add_argument("--retrain-iter", type=int, default=100, help="L-BFGS iterations per LOO re-training "
@@ -70,10 +72,11 @@ def main(exp):
     if args.paper_schedule:
         adam_steps, decay = 500_000, (0.22, 0.44)  # the original decayed at epochs 1e4 and 2e4 of 11 steps each
     else:
-        adam_steps, decay = (args.adam_steps or (1000 if args.quick else 10000)), (0.5, 0.75)
+        # one decay, to 1e-4 at half way: re-training continues at the rate training ended with
+        adam_steps, decay = (args.adam_steps or (1000 if args.quick else 10000)), (0.5, 1.0)
     lbfgs_iter = args.lbfgs_iter
     retrain_iter = args.retrain_iter
-    retrain_steps = args.retrain_steps or (30000 if args.paper_schedule else 300 if args.quick else 2000)
+    retrain_steps = args.retrain_steps or (30000 if args.paper_schedule else 300 if args.quick else 1000)
     num_remove = args.num_remove or (10 if args.quick else 100)
 
     lr = args.learning_rate or (1e-4 if args.paper_schedule else 1e-3)
