@@ -154,7 +154,7 @@ def main(exp):
     for ax in axes:
         ax.axis("off")
     fig.suptitle(f"Training-set attack: {f1:.0%} of {n_targets} targets flipped with 1 image, {f2:.0%} with 2")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.88))
     exp.save_figure(fig)
     exp.write_metrics(
         metrics, paper={"flip_rate_1": 0.57, "flip_rate_2": 0.77, "n_targets": 591, "max_abs_pixel_change": 0.5},
