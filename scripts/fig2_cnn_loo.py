@@ -4,23 +4,25 @@
 Model: the all-convolutional AllCNN (2,616 parameters, tanh, weight decay 0.001) on the
 paper's small MNIST, a seeded random 10% (5,500 images) of the 55,000 training images.
 Training (see influence.all_cnn): minibatch Adam (batch 500, the learning rate divided
-by 10 after 50% and 75% of the steps; 1e-3 for the 10k-step CPU schedule, the paper's
-1e-4 with --paper-schedule). Influence: CG on H + 0.01 I (the paper's damping) for one test
-point (default 6558). The 100 training points of largest |predicted change| are each
-removed and the model re-trained as the paper does: Adam continues from the fitted
-parameters with the optimiser state and learning rate training ended with
-(--retrain-steps steps). The actual change in test loss is measured against a control
-re-training on the full set that sees exactly the same minibatches (the removed point's
-weight is 0 in the LOO run, the batch sequence is otherwise identical), so optimiser
-drift and minibatch noise cancel. --retrain lbfgs restores the earlier protocol
-(L-BFGS restarted on the reduced set).
+by 10 after 50% and 75% of the steps; 1e-3 for the 5k-step CPU schedule, the paper's
+1e-4 with --paper-schedule). Influence: CG on H + 0.01 I (the paper's damping) for one
+test point (default 6558); if Lanczos finds an eigenvalue of H below -damping/2, the
+damping is raised to 1.5 times its size (recorded as damping_used) so that CG applies.
+
+LOO: the 100 training points of largest |predicted change| are each removed and the model
+re-trained as the paper does: Adam continues from the fitted parameters with the
+optimiser state of training (--retrain-steps steps). The actual change in test loss is
+measured against a control re-training on the full set that sees exactly the same
+minibatches (the removed point's weight is 0 in the LOO run, the batch sequence is
+otherwise identical), so optimiser drift and minibatch noise cancel. --retrain lbfgs
+restores the earlier protocol (L-BFGS restarted on the reduced set).
 
 Default re-training: 1000 Adam steps at 1e-4, ten times the rate training ended with
-(1e-5), so that 1000 steps move the parameters as far as ~10k steps at the final rate
-would: a 12-point pilot on a 5k-step model gave Pearson 0.92 at 1e-4 and 0.72 at 1e-5.
-Ending training itself at 1e-4 instead leaves the full-batch gradient norm at 0.37 and
-an indefinite Hessian (CG on H + 0.01 I met negative curvature), so the schedule keeps
-the final 1e-5 phase.
+(1e-5), so that 1000 steps move the parameters about as far as 10k steps at the final
+rate: a 12-point pilot on this 5k-step model gave Pearson 0.92 at 1e-4 and 0.72 at 1e-5.
+Ending training itself at 1e-4 instead left the full-batch gradient norm at 0.37 and an
+indefinite Hessian (CG on H + 0.01 I met negative curvature), so the schedule keeps the
+final 1e-5 phase. A 10k-step schedule also met negative curvature at damping 0.01.
 --quick: 1000 Adam steps, 300-step re-training, 10 removals (no correlation threshold).
 --paper-schedule: the original's 500k Adam steps and 30k re-training steps (a GPU job).
 """
@@ -49,7 +51,7 @@ def add_arguments(parser):
     parser.add_argument("--damping", type=float, default=0.01)
     parser.add_argument("--learning-rate", type=float, default=None,
                         help="Adam learning rate (default 1e-3 for the short CPU schedule; 1e-4 with --paper-schedule)")
-    parser.add_argument("--adam-steps", type=int, default=None, help="default 10000 (--quick: 1000)")
+    parser.add_argument("--adam-steps", type=int, default=None, help="default 5000 (--quick: 1000)")
     parser.add_argument("--lbfgs-iter", type=int, default=0,
                         help="full-batch L-BFGS iterations after Adam (default 0: the Adam state is what re-training "
                              "continues)")
@@ -77,7 +79,7 @@ def main(exp):
     if args.paper_schedule:
         adam_steps, decay = 500_000, (0.22, 0.44)  # the original decayed at epochs 1e4 and 2e4 of 11 steps each
     else:
-        adam_steps, decay = (args.adam_steps or (1000 if args.quick else 10000)), (0.5, 0.75)
+        adam_steps, decay = (args.adam_steps or (1000 if args.quick else 5000)), (0.5, 0.75)
     lbfgs_iter = args.lbfgs_iter
     retrain_iter = args.retrain_iter
     retrain_steps = args.retrain_steps or (30000 if args.paper_schedule else 300 if args.quick else 1000)
@@ -94,7 +96,11 @@ def main(exp):
     logger.info("test accuracy %.4f, training objective %.5f, gradient norm %.2e", test_acc, model.objective(),
                 model.grad_norm_)
     lmin, lmax = model.hessian_eigenvalue_bounds(tol=1e-2, maxiter=60 if args.quick else 200)
-    res = model.s_test(xt, yt, solver="cg", damping=args.damping, tol=1e-8, maxiter=2000)
+    # H + damping I must be positive definite for CG: raise the damping past a negative eigenvalue
+    damping = max(args.damping, 1.5 * -lmin) if lmin < -0.5 * args.damping else args.damping
+    if damping != args.damping:
+        logger.warning("smallest Hessian eigenvalue %.3g: damping raised from %g to %.3g", lmin, args.damping, damping)
+    res = model.s_test(xt, yt, solver="cg", damping=damping, tol=1e-8, maxiter=2000)
     pred = model.influence_scores(res.x) / model.n_train_  # -I_up,loss / n
     idx = np.argsort(-np.abs(pred))[:num_remove]
     loo = leave_one_out(model, xt, yt, idx, pred[idx], n_jobs=args.jobs, control=True)
@@ -102,7 +108,8 @@ def main(exp):
         "pearson": loo.pearson, "spearman": loo.spearman, "num_removed": int(num_remove),
         "test_accuracy": test_acc, "train_objective": model.objective(), "grad_norm_at_end": model.grad_norm_,
         "hessian_min_eig": lmin, "hessian_max_eig": lmax, "cg_iterations": res.iterations,
-        "cg_residual": res.residual, "control_drift": loo.info["control_drift"], "loo_wall_time_s": loo.wall_time_s,
+        "cg_residual": res.residual, "damping_used": damping, "control_drift": loo.info["control_drift"],
+        "loo_wall_time_s": loo.wall_time_s,
         "n_params": model.n_params, "n_train": model.n_train_,
     }
     exp.save_arrays(removed_indices=idx, actual_loss_diffs=loo.actual, predicted=pred[idx], predicted_all=pred,
