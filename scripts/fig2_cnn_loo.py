@@ -131,8 +131,8 @@ def main(exp):
                 "retrain_steps": retrain_steps, "retrain_learning_rate": model.retrain_learning_rate
                 or model.final_learning_rate_, "retrain_iter": retrain_iter, "dtype": args.dtype},
         notes="Paper: Pearson R = 0.86 (500k Adam steps; LOO by 30k more steps from the fitted parameters). "
-              "Here LOO re-training continues Adam for retrain_steps with the final optimiser state and learning "
-              "rate, against a control run on the same minibatches (see influence/all_cnn.py).")
+              "Here LOO re-training continues Adam for retrain_steps from the final optimiser state at "
+              "retrain_learning_rate, against a control run on the same minibatches (see scripts/fig2_cnn_loo.py).")
 
 
 if __name__ == "__main__":
