@@ -45,7 +45,8 @@ def is_up_to_date(out: Path, script: Path, quick: bool) -> bool:
             return False
     except json.JSONDecodeError:
         return False
-    newest_code = max(p.stat().st_mtime for p in [script, *(REPO / "influence").rglob("*.py")])
+    code = [script, *(REPO / "influence").rglob("*.py"), *(REPO / "inception").rglob("*.py")]
+    newest_code = max(p.stat().st_mtime for p in code)
     return metrics.stat().st_mtime > newest_code
 
 
