@@ -10,7 +10,7 @@ network, projected to stay within half an 8-bit level of the original image (so 
 saved uint8 image is unchanged), re-computing the attacked images' features and
 re-training the top model after each step, until the target's prediction flips, the
 images reach a fixed point, or the iteration cap (paper: 100). Candidates: the training
-images with the largest pixel gradient (among the 10 of largest |influence|).
+images with the largest pixel gradient (see influence.attack for the candidate pool).
 
 Step: 0.1 of an 8-bit level per iteration (--step-levels). A step of 0.02 in [-1, 1] units
 (2.6 levels) exceeds the +-0.5-level box, so every step lands on a corner of the box and
@@ -21,6 +21,12 @@ Iterations: default 30 (the paper's 100 with --max-iter 100) so that 100 targets
 2 CPU hours (about 1 s per iteration on 2 cores: one backward pass through Inception per
 attacked image, CG for s_test, a warm-started re-fit of the top layer).
 --quick: 3 targets, 10 iterations (and the small quick dataset of Fig 4).
+
+Whether one half-level change can flip a target depends on how far the target is from the
+decision boundary, so metrics.json also gives the flip rates by the target's log-odds of
+its true label before the attack, and for the --least-confident (default 10) correctly
+classified test images, attacked in addition to the sample and reported apart (the
+figure's last panel plots P(true label) after the attack against that log-odds).
 """
 from __future__ import annotations
 
@@ -35,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from influence.experiment import run  # noqa: E402
 
 NAME = "fig5_training_set_attack"
+MARGIN_BINS = ((0, 2), (2, 4), (4, 6), (6, 8), (8, np.inf))
 logger = logging.getLogger(NAME)
 
 
@@ -50,10 +57,17 @@ def add_arguments(parser):
     parser.add_argument("--n-train", type=int, default=None, help="training images per class (default 900; "
                         "--quick: 100)")
     parser.add_argument("--n-test", type=int, default=None, help="test images per class (default 300; --quick: 50)")
+    parser.add_argument("--least-confident", type=int, default=None,
+                        help="also attack this many of the least confident correctly classified test images, "
+                             "reported apart (default 10; --quick: 1)")
     parser.add_argument("--multi", type=int, default=0,
                         help="also run the multi-target mode: one training image against this many test images")
     parser.add_argument("--inception-weights", default=None)
     parser.add_argument("--cache-dir", default=None, help="default: <out>/../cache")
+
+
+def _mean(values):
+    return float(np.mean(values)) if len(values) else None
 
 
 def main(exp):
@@ -78,6 +92,11 @@ def main(exp):
     correct = np.flatnonzero(model.predict(prep.F_test) == d.y_test)
     n_targets = len(correct) if args.all else min(args.targets or (3 if args.quick else 100), len(correct))
     targets = np.sort(np.random.default_rng(args.seed).choice(correct, n_targets, replace=False))
+    # log-odds of the true label: how far each target is from flipping
+    margin_test = np.where(d.y_test == 1, 1.0, -1.0) * (prep.F_test @ model.theta_)
+    n_low = args.least_confident if args.least_confident is not None else (1 if args.quick else 10)
+    least = correct[np.argsort(margin_test[correct])][:n_low]
+    extra = np.setdiff1d(least, targets)
     logger.info("top model: test accuracy %.4f; attacking %d of %d correctly classified test images", test_acc,
                 n_targets, len(correct))
 
@@ -85,9 +104,9 @@ def main(exp):
     att = TrainingSetAttack(model, inputs_train, prep.F_train, d.y_train, level=pre.level, bounds=pre.bounds,
                             step=args.step_levels * pre.level, max_iter=max_iter)
     rows, examples, max_change = [], {}, 0.0
-    for t in tqdm(targets, desc="attack targets"):
+    for t in tqdm(np.concatenate([targets, extra]), desc="attack targets"):
         cand, _ = att.rank_candidates(prep.F_test[[t]], d.y_test[[t]], 2)
-        row = {"test_idx": int(t), "candidates": cand.tolist()}
+        row = {"test_idx": int(t), "candidates": cand.tolist(), "margin": float(margin_test[t])}
         for k in (1, 2):
             res = att.attack([t], cand[:k], prep.F_test, d.y_test)
             change = np.abs(res.x_perturbed - res.x_original).max() / pre.level
@@ -108,9 +127,24 @@ def main(exp):
                     "FLIPPED" if row["flipped_1"] else "kept", row["iterations_1"], row["p_true_before_1"],
                     row["p_true_after_1"], "FLIPPED" if row["flipped_2"] else "kept", row["iterations_2"])
 
+    by_idx = {r["test_idx"]: r for r in rows}
+    low_rows = [by_idx[int(t)] for t in least]
+    rows = [by_idx[int(t)] for t in targets]
     f1 = float(np.mean([r["flipped_1"] for r in rows]))
     f2 = float(np.mean([r["flipped_2"] for r in rows]))
+    margins = np.array([r["margin"] for r in rows])
+    bins = {}
+    for lo, hi in MARGIN_BINS:
+        sel = [r for r in rows if lo <= r["margin"] < hi]
+        bins[f"[{lo:g},{hi:g})"] = {"n": len(sel), "flip_rate_1": _mean([r["flipped_1"] for r in sel]),
+                                     "flip_rate_2": _mean([r["flipped_2"] for r in sel])}
     metrics = {"flip_rate_1": f1, "flip_rate_2": f2, "n_targets": n_targets, "test_accuracy": test_acc,
+               "target_margin_quantiles": dict(zip(("min", "q10", "median", "q90", "max"),
+                                                   np.quantile(margins, [0, .1, .5, .9, 1]).round(3).tolist())),
+               "flip_rates_by_margin": bins,
+               "least_confident": {"n": len(low_rows), "margins": [round(r["margin"], 3) for r in low_rows],
+                                   "flip_rate_1": _mean([r["flipped_1"] for r in low_rows]),
+                                   "flip_rate_2": _mean([r["flipped_2"] for r in low_rows])},
                "max_abs_pixel_change": max_change, "perturbed_uint8_equal_original": True,
                "mean_iterations_1": float(np.mean([r["iterations_1"] for r in rows])),
                "mean_iterations_2": float(np.mean([r["iterations_2"] for r in rows])),
@@ -129,7 +163,9 @@ def main(exp):
     delta = (best.x_perturbed[0] - best.x_original[0]) / pre.level  # in 8-bit levels
     exp.save_arrays(test_indices=targets, candidates=np.array([r["candidates"] for r in rows]),
                     flipped_1=np.array([r["flipped_1"] for r in rows]), flipped_2=np.array([r["flipped_2"] for r in rows]),
-                    p_true_before=np.array([r["p_true_before_1"] for r in rows]),
+                    p_true_before=np.array([r["p_true_before_1"] for r in rows]), margins=margins,
+                    least_confident=least, least_confident_flipped_1=np.array([r["flipped_1"] for r in low_rows]),
+                    least_confident_flipped_2=np.array([r["flipped_2"] for r in low_rows]),
                     p_true_after_1=np.array([r["p_true_after_1"] for r in rows]),
                     p_true_after_2=np.array([r["p_true_after_2"] for r in rows]),
                     iterations_1=np.array([r["iterations_1"] for r in rows]),
@@ -138,7 +174,7 @@ def main(exp):
                     example_perturbed_uint8=pre.to_uint8(best.x_perturbed[0]))
 
     names = ("dog", "fish")
-    fig, axes = plt.subplots(1, 4, figsize=(13, 3.8))
+    fig, axes = plt.subplots(1, 5, figsize=(16.5, 3.8))
     axes[0].imshow(d.X_train[i])
     axes[0].set_title(f"original training image {i}\n(label {names[d.y_train[i]]})", fontsize=9)
     amp = np.abs(delta).max() or 1.0
@@ -151,8 +187,19 @@ def main(exp):
     p_after = best.prob_true_after[0]
     axes[3].set_title(f"test image {t} ({names[d.y_test[t]]})\nP({names[d.y_test[t]]}): {p_before:.3f} -> "
                       f"{p_after:.3f}" + (" FLIPPED" if best.flipped[0] else ""), fontsize=9)
-    for ax in axes:
+    for ax in axes[:4]:
         ax.axis("off")
+    ax = axes[4]
+    every = rows + [r for r in low_rows if r["test_idx"] not in set(targets.tolist())]
+    for k, mark in ((1, "o"), (2, "s")):
+        m_ = np.array([r["margin"] for r in every])
+        after = np.array([r[f"p_true_after_{k}"] for r in every])
+        ax.scatter(m_, after, marker=mark, s=14, alpha=0.7, label=f"{k} image{'s' if k > 1 else ''}")
+    ax.axhline(0.5, color="k", lw=0.8, ls="--")
+    ax.set_xlabel("target log-odds of true label before attack", fontsize=8)
+    ax.set_ylabel("P(true label) after attack", fontsize=8)
+    ax.set_title("who flips (below the dashed line)", fontsize=9)
+    ax.legend(fontsize=7)
     fig.suptitle(f"Training-set attack: {f1:.0%} of {n_targets} targets flipped with 1 image, {f2:.0%} with 2")
     fig.tight_layout(rect=(0, 0, 1, 0.88))
     exp.save_figure(fig)

@@ -90,3 +90,24 @@ def test_attack_perturbs_within_half_a_level_and_retrains(setup):
     # the attack raised the target's loss (first-order direction) and left the model as it was
     assert res.prob_true_after[0] < res.prob_true_before[0]
     np.testing.assert_array_equal(model.theta_, theta0)
+
+
+def test_feature_gradient_norms_match_autodiff(setup):
+    """The closed-form ||d I_up,loss / d f_j|| used to pool candidates equals autodiff's."""
+    import tensorflow as tf
+
+    from influence.attack import TrainingSetAttack
+
+    model, X, F, y, _, pre = setup
+    s = model.s_test(F[:1], y[:1], solver="exact", use_cache=False).x
+    att = TrainingSetAttack(model, X, F, y, level=pre.level, bounds=pre.bounds)
+    f = tf.constant(F)
+    with tf.GradientTape() as tape:
+        tape.watch(f)
+        r = tf.sigmoid(tf.linalg.matvec(f, tf.constant(model.theta_))) - tf.constant(y, tf.float64)
+        infl = -r * tf.linalg.matvec(f, tf.constant(s))
+    g = tape.jacobian(infl, f)  # (n, n, d): only the diagonal blocks are non-zero
+    expected = np.linalg.norm(np.einsum("iid->id", g.numpy()), axis=1)
+    np.testing.assert_allclose(att.feature_gradient_norms(s), expected, rtol=1e-10)
+    cand, size = att.rank_candidates(F[:1], y[:1], 3)
+    assert len(cand) == 3 and np.all(np.diff(size) <= 0)
