@@ -46,10 +46,11 @@ class BinaryInceptionModel(BinaryLogisticRegression):
 
     def features(self, inputs, batch_size: int = 32) -> np.ndarray:
         """Features (float64) of preprocessed inputs (n, 299, 299, 3)."""
+        from .features import apply_batched
+
+        self._require_features()
         inputs = np.asarray(inputs, dtype=self.input_dtype)
-        out = [self.feature_model_(inputs[s:s + batch_size], training=False).numpy()
-               for s in range(0, len(inputs), batch_size)]
-        return np.concatenate(out).astype(np.float64)
+        return apply_batched(self.feature_model_, inputs, batch_size).astype(np.float64)
 
     def _input_kernel(self):
         if getattr(self, "_tf_input_terms", None) is None:
