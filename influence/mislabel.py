@@ -10,10 +10,12 @@ order given by a strategy and fixes the flipped ones among those checked:
 
 :func:`run_repeat` runs one seeded repeat: flip, fit, rank, and for each checked
 fraction fix, re-fit (warm start) and record the fraction of flips fixed and the test
-accuracy. :func:`run_repeats` spreads repeats over any ``concurrent.futures.Executor``.
+accuracy. :func:`run_repeats` spreads repeats over any ``concurrent.futures.Executor``;
+:func:`run_repeat_jobs` does the same for repeats on different train/test splits.
 """
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 from concurrent.futures import Executor, ProcessPoolExecutor
@@ -58,7 +60,8 @@ def run_repeat(X_train, y_train, X_test, y_test, seed: int, flip_fraction: float
 
     Fits use :func:`~influence.logistic.fit_binary_logistic` on a sparse copy of the
     features (the bag-of-words matrix is ~1% dense); influence uses the TF model at the
-    fitted parameters, whose gradient norm is checked.
+    fitted parameters, whose gradient norm is checked. ``X_train``/``X_test`` may be
+    dense arrays or scipy.sparse matrices.
     """
     import scipy.sparse
 
@@ -67,11 +70,16 @@ def run_repeat(X_train, y_train, X_test, y_test, seed: int, flip_fraction: float
     rng = np.random.default_rng(seed)
     y_noisy, flipped = flip_labels(y_train, flip_fraction, rng)
     Xs = scipy.sparse.csr_matrix(X_train)
+    X_dense = X_train.toarray() if scipy.sparse.issparse(X_train) else np.asarray(X_train)
+
+    def accuracy(theta):
+        return float(np.mean((np.asarray(X_test @ theta).ravel() > 0).astype(int) == y_test))
+
     theta_noisy = fit_binary_logistic(Xs, y_noisy, weight_decay, tol=tol)
     model = BinaryLogisticRegression(weight_decay=weight_decay)
-    model.set_training_data(X_train, y_noisy).set_theta(theta_noisy)
+    model.set_training_data(X_dense, y_noisy).set_theta(theta_noisy)
     grad_norm = float(np.linalg.norm(model.gradient()))
-    acc_noisy = model.score(X_test, y_test)
+    acc_noisy = accuracy(theta_noisy)
     n = len(y_train)
     fixed = np.zeros((len(STRATEGIES), len(check_fractions)))
     acc = np.zeros_like(fixed)
@@ -84,36 +92,60 @@ def run_repeat(X_train, y_train, X_test, y_test, seed: int, flip_fraction: float
                 acc[s, f] = acc_noisy
                 continue
             theta = fit_binary_logistic(Xs, y_fixed, weight_decay, theta0=theta_noisy, tol=tol)
-            acc[s, f] = float(np.mean(((X_test @ theta) > 0).astype(int) == y_test))
+            acc[s, f] = accuracy(theta)
     return {"seed": seed, "fraction_fixed": fixed, "test_accuracy": acc, "n_flipped": len(flipped),
             "test_accuracy_noisy": acc_noisy, "grad_norm_noisy_fit": grad_norm}
 
 
-def _run_chunk(X_train, y_train, X_test, y_test, seeds, flip_fraction, check_fractions, weight_decay, threads):
+def _run_chunk(jobs, flip_fraction, check_fractions, weight_decay, threads):
     from .loo import _limit_threads
 
     _limit_threads(threads)
-    return [run_repeat(X_train, y_train, X_test, y_test, s, flip_fraction, check_fractions, weight_decay)
-            for s in seeds]
+    # one small model per repeat compiles its own kernels; TF's "retracing" warning about
+    # functions created in a loop is expected here and only clutters the log
+    import tensorflow as tf
+
+    tf_logger = tf.get_logger()
+    level = tf_logger.level
+    tf_logger.setLevel(logging.ERROR)
+    try:
+        return [run_repeat(*job, flip_fraction, check_fractions, weight_decay) for job in jobs]
+    finally:
+        tf_logger.setLevel(level)
 
 
 def run_repeats(X_train, y_train, X_test, y_test, seeds, flip_fraction=0.1, check_fractions=None,
                 weight_decay=1e-4, executor: Executor | None = None, n_jobs: int | None = None,
                 threads_per_worker: int | None = 1) -> list[dict]:
-    """Run :func:`run_repeat` for every seed, in parallel (chunks of seeds per task)."""
+    """Run :func:`run_repeat` for every seed on one train/test split, in parallel."""
+    import scipy.sparse
+
+    Xs, Xt = scipy.sparse.csr_matrix(X_train), scipy.sparse.csr_matrix(X_test)  # small to ship to workers
+    jobs = [(Xs, y_train, Xt, y_test, s) for s in seeds]
+    return run_repeat_jobs(jobs, flip_fraction, check_fractions, weight_decay, executor, n_jobs, threads_per_worker)
+
+
+def run_repeat_jobs(jobs, flip_fraction=0.1, check_fractions=None, weight_decay=1e-4, executor: Executor | None = None,
+                    n_jobs: int | None = None, threads_per_worker: int | None = 1) -> list[dict]:
+    """Run :func:`run_repeat` for every job ``(X_train, y_train, X_test, y_test, seed)``, in parallel.
+
+    Jobs may hold different train/test splits. They are sent in chunks (about two per
+    worker) to any ``concurrent.futures.Executor`` (default: a process pool of ``n_jobs``);
+    results come back in job order.
+    """
     check_fractions = np.arange(0, 0.301, 0.025) if check_fractions is None else np.asarray(check_fractions)
-    seeds = list(seeds)
+    jobs = list(jobs)
     n_jobs = n_jobs or os.cpu_count() or 1
-    args = (X_train, y_train, X_test, y_test)
     if executor is None and n_jobs == 1:
-        return _run_chunk(*args, seeds, flip_fraction, check_fractions, weight_decay, None)
-    chunks = [c.tolist() for c in np.array_split(seeds, min(len(seeds), 2 * n_jobs)) if len(c)]
+        return _run_chunk(jobs, flip_fraction, check_fractions, weight_decay, None)
+    bounds = np.array_split(np.arange(len(jobs)), min(len(jobs), 2 * n_jobs))
+    chunks = [[jobs[i] for i in b] for b in bounds if len(b)]
     own = executor is None
     if own:
         executor = ProcessPoolExecutor(max_workers=n_jobs, mp_context=multiprocessing.get_context("spawn"))
     try:
-        futures = [executor.submit(_run_chunk, *args, c, flip_fraction, check_fractions, weight_decay,
-                                   threads_per_worker) for c in chunks]
+        futures = [executor.submit(_run_chunk, c, flip_fraction, check_fractions, weight_decay, threads_per_worker)
+                   for c in chunks]
         return [r for fut in futures for r in fut.result()]
     finally:
         if own:

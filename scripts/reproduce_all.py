@@ -78,6 +78,14 @@ def fmt(v):
         return str(v).lower()
     if isinstance(v, float):
         return f"{v:.4g}"
+    if isinstance(v, (dict, list)):  # nested metrics (per split, per bin): compact, rounded
+        def rounded(x):
+            if isinstance(x, float):
+                return float(f"{x:.4g}")
+            if isinstance(x, dict):
+                return {k: rounded(y) for k, y in x.items()}
+            return [rounded(y) for y in x] if isinstance(x, list) else x
+        return json.dumps(rounded(v))
     return str(v)
 
 

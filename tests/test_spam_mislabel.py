@@ -52,6 +52,14 @@ def test_loader_on_generated_archive(tmp_path):
     cached = load_spam(tmp_path, n_train=18, min_df=2, cache_dir=tmp_path / "cache")
     np.testing.assert_array_equal(cached.X_train, d.X_train)
     assert len(list((tmp_path / "cache").glob("spam-*.npz"))) == 1
+    # another split reuses the cached tokens and equals a featurisation without any cache
+    assert len(list((tmp_path / "cache").glob("enron1-tokens-*.npz"))) == 1
+    other = load_spam(tmp_path, seed=1, n_train=18, min_df=2, cache_dir=tmp_path / "cache")
+    fresh = load_spam(tmp_path, seed=1, n_train=18, min_df=2)
+    np.testing.assert_array_equal(other.X_train, fresh.X_train)
+    np.testing.assert_array_equal(other.y_test, fresh.y_test)
+    assert other.vocabulary == fresh.vocabulary
+    assert not np.array_equal(other.y_train, d.y_train) or not np.array_equal(other.X_train, d.X_train)
 
 
 def test_loader_rejects_corrupt_or_missing_archive(tmp_path):
@@ -124,3 +132,30 @@ def test_sparse_fast_fit_matches_library_fit(binary_digits):
     np.testing.assert_allclose(w, m.theta_, rtol=1e-5, atol=1e-6)
     w_dense = fit_binary_logistic(Xtr, ytr, 0.01, theta0=m.theta_ * 0.5, tol=1e-10)
     np.testing.assert_allclose(w_dense, m.theta_, rtol=1e-5, atol=1e-6)
+
+
+def test_repeat_jobs_over_splits_equal_serial_dense_runs(binary_digits):
+    """Jobs on different splits, sparse inputs, a thread pool: same results as one dense repeat each."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import scipy.sparse
+
+    from influence.mislabel import run_repeat_jobs
+
+    Xtr, ytr, Xte, yte = binary_digits
+    X, y = np.vstack([Xtr, Xte]), np.concatenate([ytr, yte])
+    splits = []
+    for k in range(2):
+        perm = np.random.default_rng(k).permutation(len(y))
+        tr, te = perm[:len(ytr)], perm[len(ytr):]
+        splits.append((X[tr], y[tr], X[te], y[te]))
+    fr = [0.0, 0.1, 0.3]
+    jobs = [(scipy.sparse.csr_matrix(a), b, scipy.sparse.csr_matrix(c), d, seed)
+            for (a, b, c, d), seed in zip(splits + splits[:1], (3, 4, 5))]
+    with ThreadPoolExecutor(2) as pool:
+        got = run_repeat_jobs(jobs, 0.1, fr, 0.01, executor=pool)
+    for r, ((a, b, c, d), seed) in zip(got, zip(splits + splits[:1], (3, 4, 5))):
+        ref = run_repeat(a, b, c, d, seed, 0.1, fr, 0.01)
+        assert r["seed"] == seed
+        np.testing.assert_array_equal(r["fraction_fixed"], ref["fraction_fixed"])
+        np.testing.assert_array_equal(r["test_accuracy"], ref["test_accuracy"])
