@@ -70,6 +70,17 @@ def _mean(values):
     return float(np.mean(values)) if len(values) else None
 
 
+def _better_example(res, best) -> bool:
+    """The figure shows the most confident target flipped with one image (else the closest miss)."""
+    if best is None:
+        return True
+    if res.flipped[0] != best.flipped[0]:
+        return bool(res.flipped[0])
+    if res.flipped[0]:
+        return res.prob_true_before[0] > best.prob_true_before[0]
+    return res.prob_true_after[0] < best.prob_true_after[0]
+
+
 def main(exp):
     import matplotlib.pyplot as plt
     from tqdm.auto import tqdm
@@ -118,9 +129,7 @@ def main(exp):
                         f"p_true_before_{k}": float(res.prob_true_before[0]),
                         f"p_true_after_{k}": float(res.prob_true_after[0]), f"stop_{k}": res.stop_reason,
                         f"seconds_{k}": res.wall_time_s})
-            if k == 1 and (res.flipped[0] or "best" not in examples or
-                           res.prob_true_after[0] < examples["best"].prob_true_after[0]) \
-                    and not (examples.get("best") is not None and examples["best"].flipped[0]):
+            if k == 1 and _better_example(res, examples.get("best")):
                 examples["best"] = res
         rows.append(row)
         logger.info("target %d: 1 image %s (%d it, P(true) %.3f -> %.3f), 2 images %s (%d it)", t,
@@ -200,7 +209,11 @@ def main(exp):
     ax.set_ylabel("P(true label) after attack", fontsize=8)
     ax.set_title("who flips (below the dashed line)", fontsize=9)
     ax.legend(fontsize=7)
-    fig.suptitle(f"Training-set attack: {f1:.0%} of {n_targets} targets flipped with 1 image, {f2:.0%} with 2")
+    low = metrics["least_confident"]
+    extra_title = (f"; {low['n']} least confident: {low['flip_rate_1']:.0%} and {low['flip_rate_2']:.0%}"
+                   if low["n"] else "")
+    fig.suptitle(f"Training-set attack: {f1:.0%} of {n_targets} targets flipped with 1 image, {f2:.0%} with 2"
+                 + extra_title)
     fig.tight_layout(rect=(0, 0, 1, 0.88))
     exp.save_figure(fig)
     exp.write_metrics(
