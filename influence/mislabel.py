@@ -43,6 +43,11 @@ def fix_checked(y_noisy: np.ndarray, y_true: np.ndarray, checked: np.ndarray) ->
     return out, n_fixed
 
 
+def binary_accuracy(X, y, theta) -> float:
+    """Test accuracy of ``sign(X theta)`` against labels {0, 1}; ``X`` dense or scipy.sparse."""
+    return float(np.mean((np.asarray(X @ theta).ravel() > 0).astype(int) == np.asarray(y)))
+
+
 def check_order(model, strategy: str, rng: np.random.Generator) -> np.ndarray:
     """Training indices in the order a person would check them."""
     if strategy == "influence":
@@ -73,7 +78,7 @@ def run_repeat(X_train, y_train, X_test, y_test, seed: int, flip_fraction: float
     X_dense = X_train.toarray() if scipy.sparse.issparse(X_train) else np.asarray(X_train)
 
     def accuracy(theta):
-        return float(np.mean((np.asarray(X_test @ theta).ravel() > 0).astype(int) == y_test))
+        return binary_accuracy(X_test, y_test, theta)
 
     theta_noisy = fit_binary_logistic(Xs, y_noisy, weight_decay, tol=tol)
     model = BinaryLogisticRegression(weight_decay=weight_decay)

@@ -199,7 +199,7 @@ def main(exp):
     for ax in axes[:4]:
         ax.axis("off")
     ax = axes[4]
-    every = rows + [r for r in low_rows if r["test_idx"] not in set(targets.tolist())]
+    every = rows + [by_idx[int(t)] for t in extra]
     for k, mark in ((1, "o"), (2, "s")):
         m_ = np.array([r["margin"] for r in every])
         after = np.array([r[f"p_true_after_{k}"] for r in every])

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from influence.experiment import run  # noqa: E402
 from influence.logistic import fit_binary_logistic  # noqa: E402
-from influence.mislabel import STRATEGIES, run_repeat_jobs  # noqa: E402
+from influence.mislabel import STRATEGIES, binary_accuracy, run_repeat_jobs  # noqa: E402
 from influence.spam import load_spam  # noqa: E402
 
 NAME = "fig6_spam_mislabel"
@@ -61,7 +61,7 @@ def main(exp):
         data = load_spam(args.data_dir, seed=args.seed + k, cache_dir=cache)
         Xs, Xt = scipy.sparse.csr_matrix(data.X_train), scipy.sparse.csr_matrix(data.X_test)
         theta = fit_binary_logistic(Xs, data.y_train, args.weight_decay)
-        clean = float(np.mean((np.asarray(Xt @ theta) > 0).astype(int) == data.y_test))
+        clean = binary_accuracy(Xt, data.y_test, theta)
         splits.append((args.seed + k, Xs, data.y_train, Xt, data.y_test, clean))
         logger.info("split %d (seed %d): %d train, %d test, %d features (%s); clean test accuracy %.4f", k,
                     args.seed + k, len(data.y_train), len(data.y_test), Xs.shape[1], data.info["tokenizer"], clean)
