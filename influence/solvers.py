@@ -63,21 +63,31 @@ def relative_residual(model, x: np.ndarray, v: np.ndarray, damping: float) -> fl
 
 
 def conjugate_gradient(matvec: Callable[[np.ndarray], np.ndarray], b: np.ndarray, tol: float = 1e-10,
-                       maxiter: int = 1000, x0: np.ndarray | None = None):
+                       maxiter: int = 1000, x0: np.ndarray | None = None,
+                       preconditioner: Callable[[np.ndarray], np.ndarray] | None = None):
     """Conjugate gradients for a symmetric positive definite operator, one or many columns.
 
     Columns of ``b`` are solved independently but share every ``matvec`` call (one
     batched HVP per iteration). Stops when each ``||r_k|| <= tol * ||b_k||``.
+    ``preconditioner``: an optional symmetric positive definite ``M^-1`` (applied to the
+    residual columns, shape like ``b``); with ``M`` close to the operator, e.g. the
+    Cholesky factor of a nearby Hessian, a few iterations suffice.
     Returns ``(x, iterations, negative_curvature_seen)``.
     """
     B = b if b.ndim == 2 else b[:, None]
     X = np.zeros_like(B) if x0 is None else (x0 if x0.ndim == 2 else x0[:, None]).copy()
     mv = (lambda M: matvec(M)) if b.ndim == 2 else (lambda M: matvec(M[:, 0])[:, None])
+    if preconditioner is None:
+        pc = None
+    else:
+        pc = (lambda M: preconditioner(M)) if b.ndim == 2 else (lambda M: preconditioner(M[:, 0])[:, None])
     R = B - mv(X) if x0 is not None else B.copy()
-    P = R.copy()
-    rs = np.sum(R * R, axis=0)
+    Z = R if pc is None else pc(R)
+    P = Z.copy()
+    rz = np.sum(R * Z, axis=0)
+    rr = np.sum(R * R, axis=0)
     target = (tol * np.linalg.norm(B, axis=0)) ** 2
-    active = rs > target
+    active = rr > target
     negative = False
     it = 0
     while it < maxiter and np.any(active):
@@ -87,14 +97,16 @@ def conjugate_gradient(matvec: Callable[[np.ndarray], np.ndarray], b: np.ndarray
         if np.any(bad):
             negative = True
             active &= ~bad  # negative curvature: stop those columns where they are
-        alpha = np.where(active, rs / np.where(pAp > 0, pAp, 1.0), 0.0)
+        alpha = np.where(active, rz / np.where(pAp > 0, pAp, 1.0), 0.0)
         X += alpha * P
         R -= alpha * AP
-        rs_new = np.sum(R * R, axis=0)
-        beta = np.where(active, rs_new / np.where(rs > 0, rs, 1.0), 0.0)
-        P = R + beta * P
-        rs = rs_new
-        active &= rs > target
+        Z = R if pc is None else pc(R)
+        rz_new = np.sum(R * Z, axis=0)
+        beta = np.where(active, rz_new / np.where(rz > 0, rz, 1.0), 0.0)
+        P = Z + beta * P
+        rz = rz_new
+        rr = np.sum(R * R, axis=0)
+        active &= rr > target
         it += 1
     return (X if b.ndim == 2 else X[:, 0]), it, negative
 

@@ -111,3 +111,26 @@ def test_feature_gradient_norms_match_autodiff(setup):
     np.testing.assert_allclose(att.feature_gradient_norms(s), expected, rtol=1e-10)
     cand, size = att.rank_candidates(F[:1], y[:1], 3)
     assert len(cand) == 3 and np.all(np.diff(size) <= 0)
+
+
+def test_preconditioned_s_test_on_attacked_features_equals_exact_solve(setup):
+    """s_test during an attack (features of two images changed, model re-fitted) by CG
+    preconditioned with the unattacked Hessian equals a Cholesky solve of the current one."""
+    from influence.attack import TrainingSetAttack
+
+    model, X, F, y, _, pre = setup
+    theta0 = model.theta_.copy()
+    att = TrainingSetAttack(model, X, F, y, level=pre.level, bounds=pre.bounds)
+    with pytest.raises(ValueError, match="solver"):
+        TrainingSetAttack(model, X, F, y, level=pre.level, bounds=pre.bounds, solver="lissa")
+    F2 = F.copy()
+    F2[[3, 7]] *= 1.5
+    try:
+        model.fit(F2, y, theta0=theta0)
+        exact = model.s_test(F[:2], y[:2], solver="exact", use_cache=False).x
+        cold = att.s_test(model, F[:2], y[:2])
+        warm = att.s_test(model, F[:2], y[:2], x0=exact * 0.5)
+    finally:
+        model.fit(F, y, theta0=theta0)
+    np.testing.assert_allclose(cold, exact, rtol=1e-7, atol=1e-10)
+    np.testing.assert_allclose(warm, exact, rtol=1e-7, atol=1e-10)
