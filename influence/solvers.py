@@ -177,20 +177,27 @@ class ExactSolver(InverseHVPSolver):
 class CGSolver(InverseHVPSolver):
     """Conjugate gradients on ``H + damping I`` with full-data HVPs.
 
-    Parameters: ``tol`` (relative residual target), ``maxiter`` (default ``min(p, 1000)``).
+    Parameters: ``tol`` (relative residual target), ``maxiter`` (default ``min(p, 1000)``),
+    ``preconditioner`` (optional callable ``r -> M^-1 r`` for a symmetric positive definite
+    ``M`` close to ``H + damping I``, e.g. a Cholesky solve with the Hessian of a nearby
+    model; it changes the iteration count, not the answer, so it is not part of the cache key).
     Several right-hand sides share each batched HVP.
     """
 
     name = "cg"
 
-    def __init__(self, damping: float = 0.0, tol: float = 1e-10, maxiter: int | None = None):
+    def __init__(self, damping: float = 0.0, tol: float = 1e-10, maxiter: int | None = None, preconditioner=None):
         super().__init__(damping)
         self.tol = float(tol)
         self.maxiter = maxiter
+        if preconditioner is not None and not callable(preconditioner):
+            raise TypeError("preconditioner must be a callable r -> M^-1 r")
+        self._preconditioner = preconditioner
 
     def _solve(self, model, v):
         maxiter = self.maxiter or min(model.n_params, 1000)
-        x, it, negative = conjugate_gradient(lambda u: model.hvp(u) + self.damping * u, v, self.tol, maxiter)
+        x, it, negative = conjugate_gradient(lambda u: model.hvp(u) + self.damping * u, v, self.tol, maxiter,
+                                             preconditioner=self._preconditioner)
         if negative:
             logger.warning("CG met negative curvature: H + %g I is not positive definite; raise damping",
                            self.damping)

@@ -154,3 +154,20 @@ def test_preconditioned_cg_solves_and_needs_fewer_iterations():
     x1, _, _ = conjugate_gradient(lambda v: H @ v, b[:, 0], tol=1e-12, x0=exact[:, 0] * 0.9,
                                   preconditioner=lambda r: scipy.linalg.cho_solve(factor, r))
     np.testing.assert_allclose(x1, exact[:, 0], rtol=1e-8)
+
+
+def test_cg_solver_with_preconditioner_through_the_model(binary_model):
+    """CGSolver(preconditioner=Cholesky of H + damping I) returns the exact answer in ~1 step."""
+    import scipy.linalg
+
+    m = binary_model
+    v = np.random.default_rng(5).standard_normal((m.n_params, 2))
+    want = np.linalg.solve(m.hessian() + 0.1 * np.eye(m.n_params), v)
+    factor = scipy.linalg.cho_factor(m.hessian() + 0.1 * np.eye(m.n_params))
+    res = m.inverse_hvp(v, "cg", damping=0.1, preconditioner=lambda r: scipy.linalg.cho_solve(factor, r))
+    plain = m.inverse_hvp(v, "cg", damping=0.1)
+    assert rel(res.x, want) < 1e-8 and res.converged
+    assert res.iterations <= 2 < plain.iterations
+    assert "preconditioner" not in CGSolver(preconditioner=lambda r: r).config()
+    with pytest.raises(TypeError, match="callable"):
+        CGSolver(preconditioner=np.eye(3))
