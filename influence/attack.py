@@ -37,6 +37,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import scipy.linalg
 
 logger = logging.getLogger(__name__)
 
@@ -102,22 +103,11 @@ class TrainingSetAttack:
         self.prefilter = int(prefilter)
         self.grad_batch_size = grad_batch_size
         self.theta0 = model.theta_.copy()
-        self._h0_factor = None
+        # CG preconditioner: the Hessian of the unattacked model (fitted on features_train)
+        self._h0_factor = scipy.linalg.cho_factor(model.hessian()) if solver == "cg" else None
 
     def _precondition(self, r: np.ndarray) -> np.ndarray:
-        """``H0^-1 r`` with H0 the Hessian of the unattacked model (factored once)."""
-        import scipy.linalg
-
-        if self._h0_factor is None:
-            m = self.model
-            theta, (X, y) = m.theta_, (m.X_train_np_, m.y_train_np_)
-            try:
-                m.set_training_data(self.features_train, self.y_train)
-                m.set_theta(self.theta0)
-                self._h0_factor = scipy.linalg.cho_factor(m.hessian())
-            finally:
-                m.set_training_data(X, y)
-                m.set_theta(theta)
+        """``H0^-1 r`` with H0 the Hessian of the unattacked model."""
         return scipy.linalg.cho_solve(self._h0_factor, r)
 
     # ------------------------------------------------------------------ pieces

@@ -140,8 +140,6 @@ def main(exp):
         row = {"test_idx": int(t), "candidates": cand[:2].tolist(), "margin": float(margin_test[t])}
         counts = (1, 2) + (tuple(sweep_counts) if int(t) in sweep else ())
         for k in counts:
-            if k > len(cand):
-                raise ValueError(f"only {len(cand)} candidates for {k} images: raise --sweep-counts' pool")
             res = att.attack([t], cand[:k], prep.F_test, d.y_test)
             change = np.abs(res.x_perturbed - res.x_original).max() / pre.level
             max_change = max(max_change, float(change))
@@ -164,6 +162,10 @@ def main(exp):
     rows = [by_idx[int(t)] for t in targets]
     sweep_rows = [by_idx[int(t)] for t in sample if int(t) in sweep]
     all_counts = [1, 2] + sweep_counts
+    sweep_flipped = np.array([[r[f"flipped_{k}"] for k in all_counts] for r in sweep_rows],
+                             dtype=bool).reshape(len(sweep_rows), len(all_counts))
+    sweep_p_after = np.array([[r[f"p_true_after_{k}"] for k in all_counts] for r in sweep_rows],
+                             dtype=float).reshape(len(sweep_rows), len(all_counts))
     f1 = float(np.mean([r["flipped_1"] for r in rows]))
     f2 = float(np.mean([r["flipped_2"] for r in rows]))
     margins = np.array([r["margin"] for r in rows])
@@ -185,14 +187,12 @@ def main(exp):
                "mean_seconds_per_target": float(np.mean([r["seconds_1"] + r["seconds_2"] for r in rows]))}
 
     if sweep_rows:
+        rates = sweep_flipped.mean(axis=0).tolist()
         metrics["more_images"] = {
-            "n_targets": len(sweep_rows), "counts": all_counts,
-            "flip_rate": [_mean([r[f"flipped_{k}"] for r in sweep_rows]) for k in all_counts],
-            "median_log_odds_after": [float(np.median([np.log(r[f"p_true_after_{k}"]) - np.log1p(-r[f"p_true_after_{k}"])
-                                                       for r in sweep_rows])) for k in all_counts],
+            "n_targets": len(sweep_rows), "counts": all_counts, "flip_rate": rates,
+            "median_log_odds_after": np.median(np.log(sweep_p_after) - np.log1p(-sweep_p_after), axis=0).tolist(),
             "mean_iterations": [_mean([r[f"iterations_{k}"] for r in sweep_rows]) for k in all_counts]}
-        for k in sweep_counts:
-            metrics[f"flip_rate_{k}"] = _mean([r[f"flipped_{k}"] for r in sweep_rows])
+        metrics.update({f"flip_rate_{k}": rate for k, rate in zip(all_counts, rates) if k in sweep_counts})
 
     if args.multi:
         pool = np.flatnonzero((model.predict(prep.F_test) == d.y_test) & (d.y_test == 0))  # dogs, as the paper
@@ -218,10 +218,7 @@ def main(exp):
                     example_perturbed_uint8=pre.to_uint8(best.x_perturbed[0]),
                     sweep_test_indices=np.array([r["test_idx"] for r in sweep_rows], dtype=int),
                     sweep_counts=np.array(all_counts),
-                    sweep_flipped=np.array([[r[f"flipped_{k}"] for k in all_counts] for r in sweep_rows],
-                                           dtype=bool).reshape(len(sweep_rows), len(all_counts)),
-                    sweep_p_true_after=np.array([[r[f"p_true_after_{k}"] for k in all_counts] for r in sweep_rows],
-                                                dtype=float).reshape(len(sweep_rows), len(all_counts)))
+                    sweep_flipped=sweep_flipped, sweep_p_true_after=sweep_p_after)
 
     names = ("dog", "fish")
     fig, axes = plt.subplots(1, 6, figsize=(20, 3.8))
