@@ -12,6 +12,8 @@ setup(
         "numpy>=2",
         "scipy>=1.11",
         "scikit-learn>=1.4",
+        "joblib>=1.3",
+        "cloudpickle>=2.2",
         "matplotlib>=3.8",
         "tqdm>=4.60",
     ],

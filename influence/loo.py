@@ -6,7 +6,8 @@ measure the actual change in test loss ``L_test(theta_-i) - L_test(theta)``. Com
 the predicted change ``-I_up,loss(z_i, z_test) / n``.
 
 Retrains run in parallel through any :class:`concurrent.futures.Executor`: the default
-is a local process pool; a Dask cluster works the same way::
+is a local process pool (:func:`~influence.parallel.local_pool`, safe to call from a
+script's top level); a Dask cluster works the same way::
 
     from dask.distributed import Client
     result = leave_one_out(model, x_test, y_test, idx, predicted, executor=Client().get_executor())
@@ -18,15 +19,16 @@ chunk of points.
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
 import pickle
 import time
-from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.stats
+
+from .parallel import dumps, limit_threads, local_pool
 
 logger = logging.getLogger(__name__)
 
@@ -51,21 +53,9 @@ class LOOResult:
         return float(scipy.stats.spearmanr(self.actual, self.predicted)[0])
 
 
-def _limit_threads(threads: int | None) -> None:
-    if not threads:
-        return
-    import tensorflow as tf
-
-    try:
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(threads)
-    except RuntimeError:  # the runtime is already initialised in this process
-        pass
-
-
 def _retrain_chunk(model_bytes: bytes, indices: np.ndarray, X_test, y_test, threads):
     """Worker: rebuild the model, retrain without each index, return the new test losses."""
-    _limit_threads(threads)
+    limit_threads(threads)
     model = pickle.loads(model_bytes)
     return _retrain_serial(model, indices, X_test, y_test)
 
@@ -76,7 +66,7 @@ _WORKER_MODEL = None
 def _init_worker(model_bytes: bytes, threads):
     """Process-pool initializer: unpickle the model once per worker."""
     global _WORKER_MODEL
-    _limit_threads(threads)
+    limit_threads(threads)
     _WORKER_MODEL = pickle.loads(model_bytes)
 
 
@@ -100,8 +90,8 @@ def leave_one_out(model, X_test, y_test, indices, predicted=None, executor: Exec
     control re-training on the full data by the same procedure from the same start, so
     the optimiser's own drift cancels (for models not trained to an exact optimum).
     ``n_jobs=1`` with no executor retrains in this process. Otherwise the chunks go to
-    ``executor`` or to a local spawn-based process pool of ``n_jobs`` workers
-    (default: the number of CPUs), each limited to ``threads_per_worker`` TF threads.
+    ``executor`` or to a local process pool of ``n_jobs`` workers
+    (default: the number of CPUs; see :mod:`influence.parallel`), each limited to ``threads_per_worker`` TF threads.
     """
     model._require_fit()
     indices = model._check_indices(indices)
@@ -123,11 +113,10 @@ def leave_one_out(model, X_test, y_test, indices, predicted=None, executor: Exec
     if executor is None and n_jobs == 1:
         losses = _retrain_serial(model, indices, X_test, y_test)
     else:
-        blob = pickle.dumps(model, protocol=pickle.HIGHEST_PROTOCOL)
+        blob = dumps(model)
         own = executor is None
         if own:  # the model travels once per worker; tasks are single points (fine-grained progress)
-            executor = ProcessPoolExecutor(max_workers=n_jobs, mp_context=multiprocessing.get_context("spawn"),
-                                           initializer=_init_worker, initargs=(blob, threads_per_worker))
+            executor = local_pool(n_jobs, initializer=_init_worker, initargs=(blob, threads_per_worker))
             chunks = np.array_split(indices, len(indices))
         else:  # any Executor: the model travels with each chunk, so send few chunks
             chunks = np.array_split(indices, max(1, min(len(indices), 2 * n_jobs)))

@@ -16,11 +16,12 @@ accuracy. :func:`run_repeats` spreads repeats over any ``concurrent.futures.Exec
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
-from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures import Executor
 
 import numpy as np
+
+from .parallel import limit_threads, local_pool
 
 STRATEGIES = ("influence", "loss", "random")
 
@@ -103,9 +104,7 @@ def run_repeat(X_train, y_train, X_test, y_test, seed: int, flip_fraction: float
 
 
 def _run_chunk(jobs, flip_fraction, check_fractions, weight_decay, threads):
-    from .loo import _limit_threads
-
-    _limit_threads(threads)
+    limit_threads(threads)
     # one small model per repeat compiles its own kernels; TF's "retracing" warning about
     # functions created in a loop is expected here and only clutters the log
     import tensorflow as tf
@@ -147,7 +146,7 @@ def run_repeat_jobs(jobs, flip_fraction=0.1, check_fractions=None, weight_decay=
     chunks = [[jobs[i] for i in b] for b in bounds if len(b)]
     own = executor is None
     if own:
-        executor = ProcessPoolExecutor(max_workers=n_jobs, mp_context=multiprocessing.get_context("spawn"))
+        executor = local_pool(n_jobs)
     try:
         futures = [executor.submit(_run_chunk, c, flip_fraction, check_fractions, weight_decay, threads_per_worker)
                    for c in chunks]

@@ -1,4 +1,9 @@
 """Influence quantities against finite differences, leave-one-out retraining and exact math."""
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import scipy.optimize
@@ -180,3 +185,51 @@ def test_pickle_roundtrip_keeps_state(binary_model):
     assert m2.get_config() == binary_model.get_config()
     v = np.arange(binary_model.n_params, dtype=float)
     np.testing.assert_allclose(m2.hvp(v), binary_model.hvp(v), rtol=1e-14)
+
+
+UNGUARDED_SCRIPT = '''
+import json, sys
+import numpy as np
+import tensorflow as tf
+from sklearn.datasets import load_digits
+from influence import leave_one_out
+from influence.generic_neural_net import GenericNeuralNet, ParamBlock
+
+
+class RidgeRegression(GenericNeuralNet):
+    """A model class that exists only in this script (workers must get it by value)."""
+
+    def _param_blocks(self, x_shape, y):
+        return [ParamBlock("w", (x_shape[0],))]
+
+    def _forward(self, params, x):
+        return tf.linalg.matvec(x, params[0])
+
+    def _loss(self, outputs, y):
+        return 0.5 * (outputs - y) ** 2
+
+
+X, y = load_digits(return_X_y=True)
+X, y = X[:120] / 16.0, y[:120].astype(float)
+model = RidgeRegression(weight_decay=0.1).fit(X[:100], y[:100])
+idx = np.arange(4)
+pooled = leave_one_out(model, X[100:103], y[100:103], idx, n_jobs=2)   # no __main__ guard on purpose
+serial = leave_one_out(model, X[100:103], y[100:103], idx, n_jobs=1)
+json.dump({"pooled": pooled.actual.tolist(), "serial": serial.actual.tolist()}, sys.stdout)
+'''
+
+
+def test_loo_pool_from_an_unguarded_script_with_its_own_model_class(tmp_path):
+    """Workers must not re-run the caller's script (Python's spawn pool hung here) and must
+    receive a model class defined in ``__main__``; the pooled numbers equal the serial ones."""
+    from conftest import REPO
+
+    script = tmp_path / "unguarded.py"
+    script.write_text(UNGUARDED_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, env=env,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(out["pooled"]) == 4 and np.any(np.abs(out["serial"]) > 0)
+    np.testing.assert_allclose(out["pooled"], out["serial"], rtol=1e-6, atol=1e-12)

@@ -1,5 +1,7 @@
 """The Dockerfile, the experiment contract and the report writer."""
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -97,3 +99,23 @@ def test_experiment_quick_end_to_end(name, tmp_path):
 
     for metric, target in m["targets"].items():
         assert check_target(m["metrics"][metric], target, m["metrics"]) is not False, (metric, target)
+
+
+def test_readme_usage_snippet_runs_as_a_plain_script(tmp_path):
+    """The README's "own model" code, pasted at a script's top level (no __main__ guard),
+    runs on the digits and its LOO check agrees with the influence predictions."""
+    block = (REPO / "README.md").read_text().split("## Using it on your own model", 1)[1]
+    code = re.search(r"```python\n(.*?)```", block, re.S).group(1)
+    prelude = ("from sklearn.datasets import load_digits\n"
+               "X, y = load_digits(return_X_y=True)\n"
+               "X_train, y_train, x_test, y_test = X[:300] / 16.0, y[:300], X[300:301] / 16.0, y[300:301]\n")
+    epilogue = "\nimport json\nprint(json.dumps({'pearson': loo.pearson, 'residual': float(res.residual)}))\n"
+    script = tmp_path / "snippet.py"
+    script.write_text(prelude + code + epilogue)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, env=env,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["pearson"] > 0.99
+    assert out["residual"] < 1e-6
