@@ -624,6 +624,15 @@ class GenericNeuralNet:
             X_test, y_test = X_test[None], np.atleast_1d(y_test)
         return self.loss_gradient(X_test, y_test)
 
+    def test_gradients(self, X_test, y_test) -> np.ndarray:
+        """``grad L(z_test_k)`` for each test point separately, shape (k, p); vectorised."""
+        self._require_fit()
+        X_test, y_test = self._check_xy(X_test, y_test, "X_test")
+        th = self._theta_tf()
+        bs = max(1, min(self.batch_size, int(2e7 // max(self.n_params, 1))))
+        return np.concatenate([self._tf_per_example_grads(th, tf.constant(X_test[sl]), tf.constant(y_test[sl])).numpy()
+                               for sl in self._slices(len(X_test), bs)]) if len(X_test) else np.zeros((0, self.n_params))
+
     def _get_solver(self, solver, solver_options):
         from .solvers import get_solver
         return get_solver(solver, **(solver_options or {}))
@@ -675,6 +684,35 @@ class GenericNeuralNet:
         """``I_up,loss(z_i, z_test) = -s_test . g(z_i)`` for training points ``indices`` (default all)."""
         s = self.s_test(X_test, y_test, solver=solver, **solver_options).x
         return -self.influence_scores(s, indices, include_regularizer)
+
+    def influence_matrix(self, X_test, y_test, indices=None, solver="cg", include_regularizer: bool = True,
+                         **solver_options) -> np.ndarray:
+        """``I_up,loss(z_i, z_test_k)`` for every test point ``k`` and training point ``i``: shape (k, m).
+
+        Each test point separately (not their mean, as :meth:`influence_up_loss` takes):
+        one multi-right-hand-side solve ``S = (H + damping I)^-1 [grad L(z_test_1) ...
+        grad L(z_test_k)]`` (p, k), then ``I = -(G S)^T`` with the training gradients ``G``
+        formed in chunks of rows, so memory stays at O(chunk * p + k * m).
+        Divide by ``-n`` for the predicted change in each test loss on removal.
+        """
+        self._require_fit()
+        X_test = np.asarray(X_test)
+        if X_test.ndim == len(self.x_shape_):
+            X_test, y_test = X_test[None], np.atleast_1d(y_test)
+        V = self.test_gradients(X_test, y_test)
+        if len(V) == 0:
+            raise ValueError("no test points given")
+        res = self.inverse_hvp(V.T, solver, **solver_options)
+        logger.info("influence_matrix: %s solve for %d test points, %d iterations, relative residual %.2g",
+                    res.solver, len(V), res.iterations, res.residual)
+        S = res.x
+        idx = self._check_indices(indices)
+        out = np.empty((S.shape[1], len(idx)))
+        chunk = max(1, min(len(idx), int(2e7 // max(self.n_params, 1)))) if len(idx) else 1
+        for j in range(0, len(idx), chunk):
+            G = self.per_example_gradients(idx[j:j + chunk], include_regularizer)
+            out[:, j:j + chunk] = -(G @ S).T
+        return out
 
     def predicted_loss_diffs(self, X_test, y_test, indices=None, solver="cg", **solver_options) -> np.ndarray:
         """Predicted change in test loss when each training point is removed: ``-I_up,loss / n``."""

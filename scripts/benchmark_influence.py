@@ -45,6 +45,8 @@ def main(argv=None):
     parser.add_argument("--test-idx", type=int, default=8)
     parser.add_argument("--loop-subset", type=int, default=1000, help="points timed in the loop baseline")
     parser.add_argument("--skip-exact", action="store_true", help="skip the explicit 7,840 x 7,840 Hessian")
+    parser.add_argument("--matrix-tests", type=int, default=10,
+                        help="test points for the influence-matrix timing (0: skip)")
     parser.add_argument("--out", default="output/BENCHMARK.md", help="where the timing table is written")
     parser.add_argument("--models", nargs="*", default=["binary_lr", "smooth_hinge", "hospital", "spam", "inception"],
                         help="experiment models for the per-model table (add 'cnn' for the CNN; none: skip)")
@@ -107,6 +109,23 @@ def main(argv=None):
     idx = int(np.argmax(np.abs(scores_ref)))
     _, t_loo = timed(model.retrain_without, [idx])
     rows.append(("LOO re-training, one point (warm-started L-BFGS)", t_loo, ""))
+
+    # many test points, each separately: K solves + K scorings vs one multi-column solve
+    k = args.matrix_tests
+    if k > 0:
+        xs, ys = data.test.x[:k], data.test.y[:k]
+
+        def one_at_a_time():
+            return np.stack([-model.influence_scores(model.s_test(xs[j:j + 1], ys[j:j + 1], solver="cg", tol=1e-10,
+                                                                  use_cache=False).x) for j in range(k)])
+
+        looped, t_looped = timed(one_at_a_time)
+        matrix, t_matrix = timed(model.influence_matrix, xs, ys, solver="cg", tol=1e-10)
+        err = np.max(np.abs(matrix - looped)) / np.max(np.abs(looped))
+        rows.append((f"influence of all {n} points on {k} test points, one test point at a time", t_looped,
+                     "s_test by CG + forward-mode scoring, per test point"))
+        rows.append((f"  the same with influence_matrix (one {k}-column CG solve)", t_matrix,
+                     f"max relative difference {err:.1e}; {t_looped / t_matrix:.1f}x faster"))
 
     width = max(len(r[0]) for r in rows)
     print(f"\nMNIST logistic regression, n = {n}, p = {model.n_params}, test point {args.test_idx}")

@@ -233,3 +233,41 @@ def test_loo_pool_from_an_unguarded_script_with_its_own_model_class(tmp_path):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(out["pooled"]) == 4 and np.any(np.abs(out["serial"]) > 0)
     np.testing.assert_allclose(out["pooled"], out["serial"], rtol=1e-6, atol=1e-12)
+
+
+def test_influence_matrix_equals_closed_form_per_test_point(binary_model, binary_digits):
+    """Binary LR without bias: g_i = (sigmoid(w.x_i) - y_i) x_i + wd w,
+    H = (1/n) X^T diag(p(1-p)) X + wd I; row k is -grad L(z_test_k)^T H^-1 g_i."""
+    m = binary_model
+    Xtr, ytr, Xte, yte = binary_digits
+    w, wd = m.theta_, m.weight_decay
+    sig = lambda z: 1.0 / (1.0 + np.exp(-z))  # noqa: E731
+    p = sig(Xtr @ w)
+    H = (Xtr.T * (p * (1 - p))) @ Xtr / len(Xtr) + wd * np.eye(len(w))
+    G = (p - ytr)[:, None] * Xtr + wd * w
+    T = (sig(Xte[:5] @ w) - yte[:5])[:, None] * Xte[:5]
+    expected = -T @ np.linalg.solve(H, G.T)
+    got = m.influence_matrix(Xte[:5], yte[:5], solver="exact")
+    assert got.shape == (5, len(Xtr))
+    np.testing.assert_allclose(got, expected, rtol=1e-8, atol=1e-10 * np.abs(expected).max())
+    # CG (one multi-column solve) and a subset of training points give the same numbers
+    idx = np.array([3, 0, 249, 17])
+    cg = m.influence_matrix(Xte[:5], yte[:5], indices=idx, solver="cg", tol=1e-12)
+    np.testing.assert_allclose(cg, expected[:, idx], rtol=1e-7, atol=1e-9 * np.abs(expected).max())
+
+
+def test_influence_matrix_rows_match_single_test_point_influence(multiclass_model, digits):
+    """Each row equals influence_up_loss for that test point alone (a different code path:
+    one-column solve, forward-mode scores); their mean is not what the mean test loss gives."""
+    m = multiclass_model
+    X, y = digits
+    Xte, yte = X[400:403], y[400:403]
+    M = m.influence_matrix(Xte, yte, solver="exact")
+    for k in range(3):
+        np.testing.assert_allclose(M[k], m.influence_up_loss(Xte[k], yte[k], solver="exact"), rtol=1e-8,
+                                   atol=1e-12 * np.abs(M[k]).max())
+    # the mean over test points of I_up,loss is I_up,loss of the mean test loss (linearity)
+    np.testing.assert_allclose(M.mean(axis=0), m.influence_up_loss(Xte, yte, solver="exact"), rtol=1e-8,
+                               atol=1e-12 * np.abs(M).max())
+    with pytest.raises(ValueError):
+        m.influence_matrix(Xte[:0], yte[:0])
