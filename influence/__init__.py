@@ -20,7 +20,7 @@ _EXPORTS = {
     "DataError": "data",
     "GenericNeuralNet": "generic_neural_net", "ParamBlock": "generic_neural_net",
     "LogisticRegression": "logistic", "BinaryLogisticRegression": "logistic",
-    "SmoothHingeSVM": "smooth_hinge", "AllCNN": "all_cnn",
+    "SmoothHingeSVM": "smooth_hinge", "AllCNN": "all_cnn", "KerasModel": "keras_model",
     "LOOResult": "loo", "leave_one_out": "loo",
     "CGSolver": "solvers", "ExactSolver": "solvers", "InverseHVPSolver": "solvers", "LissaSolver": "solvers",
     "LissaDivergenceError": "solvers", "NotPositiveDefiniteError": "solvers", "SolveResult": "solvers",

@@ -103,13 +103,17 @@ def test_experiment_quick_end_to_end(name, tmp_path):
 
 def test_readme_usage_snippet_runs_as_a_plain_script(tmp_path):
     """The README's "own model" code, pasted at a script's top level (no __main__ guard),
-    runs on the digits and its LOO check agrees with the influence predictions."""
-    block = (REPO / "README.md").read_text().split("## Using it on your own model", 1)[1]
-    code = re.search(r"```python\n(.*?)```", block, re.S).group(1)
+    runs on the digits: its LOO check agrees with the influence predictions, and the Keras
+    example gives an influence matrix of the right shape."""
+    section = (REPO / "README.md").read_text().split("## Using it on your own model", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 2  # the built-in model with LOO, then the user's own Keras model
+    code = "\n".join(blocks)
     prelude = ("from sklearn.datasets import load_digits\n"
                "X, y = load_digits(return_X_y=True)\n"
                "X_train, y_train, x_test, y_test = X[:300] / 16.0, y[:300], X[300:301] / 16.0, y[300:301]\n")
-    epilogue = "\nimport json\nprint(json.dumps({'pearson': loo.pearson, 'residual': float(res.residual)}))\n"
+    epilogue = ("\nimport json\nprint(json.dumps({'pearson': loo.pearson, 'residual': float(res.residual), "
+                "'scores_shape': list(scores.shape), 'scores_finite': bool(np.isfinite(scores).all())}))\n")
     script = tmp_path / "snippet.py"
     script.write_text(prelude + code + epilogue)
     env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "3"}
@@ -119,3 +123,4 @@ def test_readme_usage_snippet_runs_as_a_plain_script(tmp_path):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["pearson"] > 0.99
     assert out["residual"] < 1e-6
+    assert out["scores_shape"] == [5, 300] and out["scores_finite"]

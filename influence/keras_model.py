@@ -1,0 +1,145 @@
+"""Influence functions for your own Keras 3 model.
+
+:class:`KerasModel` wraps a built ``keras.Model`` that maps a batch of inputs to logits
+(or to predictions, for the squared loss). Its parameters of interest ``theta`` are the
+model's trainable variables, or only those of the layers named in ``trainable`` (e.g.
+the last layer over a frozen feature extractor, as the paper's Inception model); every
+other variable, and the non-trainable state (batch-norm statistics), stays fixed at its
+current value. The forward pass is the model's ``stateless_call`` in inference mode, so
+gradients, HVPs, per-example gradients and every influence quantity come from
+:class:`~influence.generic_neural_net.GenericNeuralNet` unchanged.
+
+The objective is the base class's ``(1/n) sum_i L(z_i) + (wd/2) ||theta_decay||^2`` with
+``L`` one of
+
+- ``"softmax"``: cross-entropy of integer labels in ``[0, k)`` on logits of shape (b, k);
+- ``"sigmoid"``: cross-entropy of 0/1 labels on logits of shape (b,) or (b, 1);
+- ``"squared"``: ``(prediction - y)^2 / 2`` for real targets, predictions (b,) or (b, 1);
+
+and decay on the variables whose path ends in ``kernel`` (not biases, not batch-norm).
+
+Two ways in::
+
+    wrapped = KerasModel(keras_model, loss="softmax", weight_decay=1e-3)
+    wrapped.set_training_data(X_train, y_train)   # theta = the model's current weights
+    wrapped.fit(X_train, y_train)                  # or: re-fit theta by L-BFGS from them
+
+Influence functions assume ``theta`` minimises the objective: after training with Keras
+(different regulariser, early stopping, minibatch noise) check ``wrapped.gradient()``,
+and for a non-convex model use ``damping`` (``hessian_eigenvalue_bounds`` tells how much).
+Use ``dtype="float64"`` layers for the tightest numbers; the wrapper computes in the
+model's own dtype.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import tensorflow as tf  # noqa: E402
+
+from .generic_neural_net import GenericNeuralNet, ParamBlock  # noqa: E402
+
+LOSSES = ("softmax", "sigmoid", "squared")
+
+
+class KerasModel(GenericNeuralNet):
+    """A built Keras model as a :class:`GenericNeuralNet` (see the module docstring).
+
+    Parameters
+    ----------
+    model : keras.Model
+        Built (called once or created from ``keras.Input``); outputs logits or predictions.
+    loss : {"softmax", "sigmoid", "squared"}
+    trainable : list of str or None
+        Names of the layers whose trainable variables are ``theta``; None: all of them.
+    weight_decay, batch_size, ... : see :class:`GenericNeuralNet`. ``dtype`` defaults to
+        the model's variable dtype.
+    """
+
+    def __init__(self, model, loss: str = "softmax", trainable: list | tuple | None = None,
+                 weight_decay: float = 0.0, dtype: str | None = None, **kwargs):
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        variables = list(getattr(model, "trainable_variables", None) or [])
+        if not variables:
+            raise ValueError("model has no trainable variables: pass a built keras.Model (call it once, or build it "
+                             "from keras.Input)")
+        dtype = dtype or str(variables[0].dtype)
+        super().__init__(weight_decay=weight_decay, dtype=dtype, **kwargs)
+        self.model = model
+        self.loss = loss
+        self.trainable = None if trainable is None else tuple(trainable)
+        if self.trainable is not None:
+            names = {layer.name for layer in model.layers}
+            unknown = [t for t in self.trainable if t not in names]
+            if unknown:
+                raise ValueError(f"no layer named {unknown} in the model (layers: {sorted(names)})")
+        if self.trainable is None:
+            self._selected = [True] * len(variables)
+        else:
+            chosen = {id(v) for layer in model.layers if layer.name in self.trainable
+                      for v in layer.trainable_variables}
+            self._selected = [id(v) in chosen for v in variables]
+        if not any(self._selected):
+            raise ValueError(f"the layers {list(self.trainable)} have no trainable variables")
+
+    # ------------------------------------------------------------------ GenericNeuralNet hooks
+    def _param_blocks(self, x_shape, y):
+        expected = tuple(self.model.inputs[0].shape[1:]) if getattr(self.model, "inputs", None) else None
+        if expected is not None and all(d is not None for d in expected) and expected != tuple(x_shape):
+            raise ValueError(f"the model takes inputs of shape {expected}, got examples of shape {tuple(x_shape)}")
+        variables = self.model.trainable_variables
+        # frozen trainable variables and the non-trainable state enter stateless_call as constants
+        self._frozen = [None if sel else tf.constant(v.numpy()) for v, sel in zip(variables, self._selected)]
+        self._state = [tf.constant(v.numpy()) for v in self.model.non_trainable_variables]
+        return [ParamBlock(v.path, tuple(v.shape), decay=v.path.endswith("kernel"))
+                for v, sel in zip(variables, self._selected) if sel]
+
+    def _init_theta(self, rng):
+        """The model's current weights (so ``set_training_data`` alone studies the model as it is)."""
+        return np.concatenate([v.numpy().reshape(-1) for v, sel in zip(self.model.trainable_variables, self._selected)
+                               if sel]).astype(self.dtype)
+
+    def _forward(self, params, x):
+        it = iter(params)
+        values = [next(it) if frozen is None else frozen for frozen in self._frozen]
+        out = self.model.stateless_call(values, self._state, x, training=False)[0]
+        if self.loss != "softmax" and len(out.shape) == 2 and out.shape[1] == 1:
+            out = out[:, 0]
+        return out
+
+    def _loss(self, outputs, y):
+        if self.loss == "softmax":
+            return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=outputs)
+        if self.loss == "sigmoid":
+            return tf.nn.sigmoid_cross_entropy_with_logits(labels=y, logits=outputs)
+        return 0.5 * tf.square(outputs - y)
+
+    def _encode_targets(self, y):
+        y = np.asarray(y)
+        if self.loss == "softmax":
+            if len(y) and (np.any(y != np.round(y)) or y.min() < 0):
+                raise ValueError("class labels must be non-negative integers for loss='softmax'")
+            return y.astype(np.int32)
+        if self.loss == "sigmoid" and len(y) and not np.all((y == 0) | (y == 1)):
+            raise ValueError("labels must be 0 or 1 for loss='sigmoid'")
+        return y.astype(self.dtype)
+
+    # ------------------------------------------------------------------ convenience
+    def update_keras_model(self) -> None:
+        """Write ``theta`` back into the wrapped Keras model's variables."""
+        self._require_fit()
+        selected = [v for v, sel in zip(self.model.trainable_variables, self._selected) if sel]
+        for var, value in zip(selected, self.unflatten(tf.constant(self.theta_))):
+            var.assign(tf.cast(value, var.dtype))
+
+    def predict(self, X) -> np.ndarray:
+        out = self.outputs(X)
+        if self.loss == "softmax":
+            return np.argmax(out, axis=1)
+        if self.loss == "sigmoid":
+            return (out > 0).astype(int)
+        return out

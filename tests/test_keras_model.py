@@ -1,0 +1,88 @@
+"""KerasModel: a user's Keras model gives the same numbers as the built-in closed-form models."""
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import keras  # noqa: E402
+
+from influence import BinaryLogisticRegression, KerasModel  # noqa: E402
+
+
+def dense_softmax(d, k, seed=0):
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((d,), dtype="float64")
+    return keras.Model(inp, keras.layers.Dense(k, use_bias=False, dtype="float64", name="logits")(inp))
+
+
+def test_keras_dense_softmax_equals_logistic_regression(multiclass_model, digits):
+    """Same objective and parameter layout (W of shape (d, k)): same optimum, same influence."""
+    X, y = digits
+    ref = multiclass_model  # LogisticRegression(weight_decay=0.01) on the first 400 digits
+    m = KerasModel(dense_softmax(64, 10), loss="softmax", weight_decay=0.01).fit(X[:400], y[:400])
+    assert m.n_params == ref.n_params == 640
+    np.testing.assert_allclose(m.theta_, ref.theta_, rtol=1e-6, atol=1e-8)
+    got = m.influence_up_loss(X[400:402], y[400:402], solver="exact")
+    want = ref.influence_up_loss(X[400:402], y[400:402], solver="exact")
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7 * np.abs(want).max())
+
+
+def test_keras_last_layer_over_frozen_features_equals_binary_logistic_regression(binary_digits):
+    """theta = the last layer only; the hidden layer and batch-norm statistics stay as they are
+    (inference mode), so the model is binary LR on the frozen features."""
+    Xtr, ytr, Xte, yte = binary_digits
+    keras.utils.set_random_seed(1)
+    inp = keras.Input((64,), dtype="float64")
+    h = keras.layers.Dense(12, activation="tanh", dtype="float64", name="hidden")(inp)
+    bn = keras.layers.BatchNormalization(dtype="float64", name="bn")
+    h = bn(h)
+    out = keras.layers.Dense(1, use_bias=False, dtype="float64", name="out")(h)
+    net = keras.Model(inp, out)
+    bn.moving_mean.assign(np.full(12, 0.1))
+    bn.moving_variance.assign(np.full(12, 0.5))
+    hidden_before = net.get_layer("hidden").kernel.numpy().copy()
+
+    m = KerasModel(net, loss="sigmoid", trainable=["out"], weight_decay=0.01).fit(Xtr, ytr)
+    features = keras.Model(inp, h)
+    Ftr, Fte = features(Xtr, training=False).numpy(), features(Xte, training=False).numpy()
+    ref = BinaryLogisticRegression(weight_decay=0.01).fit(Ftr, ytr)
+    assert m.n_params == 12
+    np.testing.assert_allclose(m.theta_, ref.theta_, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(m.influence_matrix(Xte[:3], yte[:3], solver="exact"),
+                               ref.influence_matrix(Fte[:3], yte[:3], solver="exact"), rtol=1e-5, atol=1e-9)
+    # the frozen layer is untouched; update_keras_model writes theta back into the Keras model
+    np.testing.assert_array_equal(net.get_layer("hidden").kernel.numpy(), hidden_before)
+    m.update_keras_model()
+    np.testing.assert_allclose(net(Xte, training=False).numpy()[:, 0], m.outputs(Xte), rtol=1e-12)
+
+
+def test_set_training_data_studies_the_model_as_it_is(binary_digits):
+    Xtr, ytr, _, _ = binary_digits
+    keras.utils.set_random_seed(2)
+    inp = keras.Input((64,), dtype="float64")
+    h = keras.layers.Dense(5, activation="relu", dtype="float64", name="h")(inp)
+    net = keras.Model(inp, keras.layers.Dense(2, dtype="float64", name="o")(h))
+    m = KerasModel(net, loss="softmax").set_training_data(Xtr, ytr)
+    weights = np.concatenate([v.numpy().ravel() for v in net.trainable_variables])
+    np.testing.assert_array_equal(m.theta_, weights)
+    np.testing.assert_allclose(m.outputs(Xtr[:7]), net(Xtr[:7]).numpy(), rtol=1e-12)
+    assert [b.decay for b in m.blocks_] == [True, False, True, False]  # kernels decay, biases do not
+    # a copy through pickle (as sent to LOO workers) computes the same objective
+    m2 = pickle.loads(pickle.dumps(m))
+    assert m2.objective() == pytest.approx(m.objective(), rel=1e-12)
+
+
+def test_keras_model_rejects_bad_input(binary_digits):
+    Xtr, ytr, _, _ = binary_digits
+    net = dense_softmax(64, 2)
+    with pytest.raises(ValueError, match="loss must be one of"):
+        KerasModel(net, loss="hinge")
+    with pytest.raises(ValueError, match="no layer named"):
+        KerasModel(net, trainable=["nope"])
+    with pytest.raises(ValueError, match="inputs of shape"):
+        KerasModel(net).set_training_data(Xtr[:, :10], ytr)
+    with pytest.raises(ValueError, match="0 or 1"):
+        KerasModel(dense_softmax(64, 1), loss="sigmoid").set_training_data(Xtr, ytr + 1)
