@@ -32,6 +32,7 @@ model's own dtype.
 """
 from __future__ import annotations
 
+import inspect
 import os
 
 import numpy as np
@@ -95,6 +96,10 @@ class KerasModel(GenericNeuralNet):
         # frozen trainable variables and the non-trainable state enter stateless_call as constants
         self._frozen = [None if sel else tf.constant(v.numpy()) for v, sel in zip(variables, self._selected)]
         self._state = [tf.constant(v.numpy()) for v in self.model.non_trainable_variables]
+        # inference mode (batch-norm statistics, no dropout); a custom call() may not take the flag
+        params = inspect.signature(self.model.call).parameters.values()
+        self._call_kwargs = ({"training": False} if any(p.name == "training" or p.kind == p.VAR_KEYWORD
+                                                         for p in params) else {})
         return [ParamBlock(v.path, tuple(v.shape), decay=v.path.endswith("kernel"))
                 for v, sel in zip(variables, self._selected) if sel]
 
@@ -106,7 +111,7 @@ class KerasModel(GenericNeuralNet):
     def _forward(self, params, x):
         it = iter(params)
         values = [next(it) if frozen is None else frozen for frozen in self._frozen]
-        out = self.model.stateless_call(values, self._state, x, training=False)[0]
+        out = self.model.stateless_call(values, self._state, x, **self._call_kwargs)[0]
         if self.loss != "softmax" and len(out.shape) == 2 and out.shape[1] == 1:
             out = out[:, 0]
         return out

@@ -86,3 +86,27 @@ def test_keras_model_rejects_bad_input(binary_digits):
         KerasModel(net).set_training_data(Xtr[:, :10], ytr)
     with pytest.raises(ValueError, match="0 or 1"):
         KerasModel(dense_softmax(64, 1), loss="sigmoid").set_training_data(Xtr, ytr + 1)
+
+
+class _Subclassed(keras.Model):
+    """A subclassed model whose call() takes no ``training`` flag."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden = keras.layers.Dense(4, activation="tanh", dtype="float64", name="hidden")
+        self.head = keras.layers.Dense(3, dtype="float64", name="head")
+
+    def call(self, x):
+        return self.head(self.hidden(x))
+
+
+def test_subclassed_model_without_training_flag(digits):
+    X, y = digits
+    X, y = X[:120], y[:120] % 3
+    keras.utils.set_random_seed(3)
+    net = _Subclassed()
+    net(X[:1])
+    m = KerasModel(net, trainable=["head"], weight_decay=0.01).fit(X, y)
+    assert m.n_params == 4 * 3 + 3 and m.grad_norm_ < 1e-8
+    m.update_keras_model()
+    np.testing.assert_allclose(m.outputs(X[:5]), net(X[:5]).numpy(), rtol=1e-12)
