@@ -629,9 +629,12 @@ class GenericNeuralNet:
         self._require_fit()
         X_test, y_test = self._check_xy(X_test, y_test, "X_test")
         th = self._theta_tf()
+        if len(X_test) == 0:
+            return np.zeros((0, self.n_params))
         bs = max(1, min(self.batch_size, int(2e7 // max(self.n_params, 1))))
-        return np.concatenate([self._tf_per_example_grads(th, tf.constant(X_test[sl]), tf.constant(y_test[sl])).numpy()
-                               for sl in self._slices(len(X_test), bs)]) if len(X_test) else np.zeros((0, self.n_params))
+        kernel = self._tf_per_example_grads
+        return np.concatenate([kernel(th, tf.constant(X_test[sl]), tf.constant(y_test[sl])).numpy()
+                               for sl in self._slices(len(X_test), bs)])
 
     def _get_solver(self, solver, solver_options):
         from .solvers import get_solver

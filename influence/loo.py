@@ -90,8 +90,8 @@ def leave_one_out(model, X_test, y_test, indices, predicted=None, executor: Exec
     control re-training on the full data by the same procedure from the same start, so
     the optimiser's own drift cancels (for models not trained to an exact optimum).
     ``n_jobs=1`` with no executor retrains in this process. Otherwise the chunks go to
-    ``executor`` or to a local process pool of ``n_jobs`` workers
-    (default: the number of CPUs; see :mod:`influence.parallel`), each limited to ``threads_per_worker`` TF threads.
+    ``executor`` or to a local process pool of ``n_jobs`` workers (default: the number of
+    CPUs; see :mod:`influence.parallel`), each limited to ``threads_per_worker`` TF threads.
     """
     model._require_fit()
     indices = model._check_indices(indices)
