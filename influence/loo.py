@@ -22,7 +22,7 @@ import logging
 import os
 import pickle
 import time
-from concurrent.futures import Executor
+from concurrent.futures import BrokenExecutor, Executor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -82,6 +82,48 @@ def _retrain_serial(model, indices, X_test, y_test):
     return losses
 
 
+def _collect(futures, chunks, total, progress) -> np.ndarray:
+    """Results in submission order, with a progress bar over points."""
+    try:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total, desc="LOO retrains", leave=False, disable=not progress)
+    except ImportError:  # pragma: no cover
+        bar = None
+    parts = []
+    for fut, c in zip(futures, chunks):
+        parts.append(fut.result())
+        if bar is not None:
+            bar.update(len(c))
+    if bar is not None:
+        bar.close()
+    return np.concatenate(parts)
+
+
+def _retrain_in_local_pool(model, indices, X_test, y_test, n_jobs, threads) -> np.ndarray:
+    """Retrain in :func:`~influence.parallel.local_pool` workers (the model travels once per
+    worker; one task per point). A model the workers cannot rebuild from its pickle (e.g. a
+    subclassed Keras model whose class Keras cannot look up) is retrained in this process
+    instead, with a warning."""
+    try:
+        blob = dumps(model)
+        pickle.loads(blob)  # fail here, not in every worker
+    except Exception as exc:  # noqa: BLE001 -- any unpicklable model
+        logger.warning("the model cannot be sent to worker processes (%s: %s); retraining in this process "
+                       "(n_jobs=1)", type(exc).__name__, str(exc).splitlines()[0][:200])
+        return _retrain_serial(model, indices, X_test, y_test)
+    pool = local_pool(n_jobs, initializer=_init_worker, initargs=(blob, threads))
+    try:
+        chunks = np.array_split(indices, len(indices))
+        futures = [pool.submit(_retrain_in_worker, c, X_test, y_test) for c in chunks]
+        return _collect(futures, chunks, len(indices), model.progress)
+    except BrokenExecutor as exc:
+        logger.warning("the LOO worker processes failed (%s); retraining in this process (n_jobs=1)",
+                       str(exc).splitlines()[0][:200])
+        return _retrain_serial(model, indices, X_test, y_test)
+    finally:
+        pool.shutdown()
+
+
 def leave_one_out(model, X_test, y_test, indices, predicted=None, executor: Executor | None = None,
                   n_jobs: int | None = None, threads_per_worker: int | None = 1, control: bool = False) -> LOOResult:
     """Retrain without each of ``indices`` and return actual (and predicted) loss changes.
@@ -112,36 +154,13 @@ def leave_one_out(model, X_test, y_test, indices, predicted=None, executor: Exec
     n_jobs = n_jobs or os.cpu_count() or 1
     if executor is None and n_jobs == 1:
         losses = _retrain_serial(model, indices, X_test, y_test)
-    else:
+    elif executor is None:
+        losses = _retrain_in_local_pool(model, indices, X_test, y_test, n_jobs, threads_per_worker)
+    else:  # any Executor: the model travels with each chunk, so send few chunks
         blob = dumps(model)
-        own = executor is None
-        if own:  # the model travels once per worker; tasks are single points (fine-grained progress)
-            executor = local_pool(n_jobs, initializer=_init_worker, initargs=(blob, threads_per_worker))
-            chunks = np.array_split(indices, len(indices))
-        else:  # any Executor: the model travels with each chunk, so send few chunks
-            chunks = np.array_split(indices, max(1, min(len(indices), 2 * n_jobs)))
-        try:
-            if own:
-                futures = [executor.submit(_retrain_in_worker, c, X_test, y_test) for c in chunks]
-            else:
-                futures = [executor.submit(_retrain_chunk, blob, c, X_test, y_test, threads_per_worker)
-                           for c in chunks]
-            try:
-                from tqdm.auto import tqdm
-                bar = tqdm(total=len(indices), desc="LOO retrains", leave=False, disable=not model.progress)
-            except ImportError:  # pragma: no cover
-                bar = None
-            parts = []
-            for fut, c in zip(futures, chunks):
-                parts.append(fut.result())
-                if bar is not None:
-                    bar.update(len(c))
-            if bar is not None:
-                bar.close()
-            losses = np.concatenate(parts)
-        finally:
-            if own:
-                executor.shutdown()
+        chunks = np.array_split(indices, max(1, min(len(indices), 2 * n_jobs)))
+        futures = [executor.submit(_retrain_chunk, blob, c, X_test, y_test, threads_per_worker) for c in chunks]
+        losses = _collect(futures, chunks, len(indices), model.progress)
     wall = time.perf_counter() - t0
     result = LOOResult(indices=indices, actual=losses - base, predicted=predicted, base_loss=base, wall_time_s=wall,
                        info=info)

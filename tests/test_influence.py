@@ -271,3 +271,27 @@ def test_influence_matrix_rows_match_single_test_point_influence(multiclass_mode
                                atol=1e-12 * np.abs(M).max())
     with pytest.raises(ValueError):
         m.influence_matrix(Xte[:0], yte[:0])
+
+
+class _OnlyInThisProcess(BinaryLogisticRegression):
+    """A model that cannot be rebuilt in another process (its unpickling fails there)."""
+
+    def __getstate__(self):
+        return {**super().__getstate__(), "pid": os.getpid()}
+
+    def __setstate__(self, state):
+        if state["pid"] != os.getpid():
+            raise RuntimeError("this model lives in one process only")
+        super().__setstate__(state)
+
+
+def test_loo_falls_back_to_this_process_when_workers_cannot_rebuild_the_model(binary_digits, caplog):
+    Xtr, ytr, Xte, yte = binary_digits
+    m = _OnlyInThisProcess(weight_decay=0.01).fit(Xtr[:120], ytr[:120])
+    idx = np.array([0, 5, 9])
+    serial = leave_one_out(m, Xte[:2], yte[:2], idx, n_jobs=1)
+    with caplog.at_level("WARNING", logger="influence.loo"):
+        pooled = leave_one_out(m, Xte[:2], yte[:2], idx, n_jobs=2)
+    assert "worker processes failed" in caplog.text and "retraining in this process" in caplog.text
+    np.testing.assert_allclose(pooled.actual, serial.actual, rtol=1e-12, atol=1e-15)
+    assert np.any(serial.actual != 0)

@@ -110,3 +110,21 @@ def test_subclassed_model_without_training_flag(digits):
     assert m.n_params == 4 * 3 + 3 and m.grad_norm_ < 1e-8
     m.update_keras_model()
     np.testing.assert_allclose(m.outputs(X[:5]), net(X[:5]).numpy(), rtol=1e-12)
+
+
+def test_loo_with_an_unpicklable_keras_model_retrains_in_this_process(digits, caplog):
+    """Keras cannot rebuild an unregistered subclassed model from a pickle: leave_one_out
+    says so and retrains here, with the numbers of n_jobs=1."""
+    from influence import leave_one_out
+
+    X, y = digits
+    X, y = X[:80], y[:80] % 3
+    keras.utils.set_random_seed(4)
+    net = _Subclassed()
+    net(X[:1])
+    m = KerasModel(net, trainable=["head"], weight_decay=0.01).fit(X[:70], y[:70])
+    serial = leave_one_out(m, X[75], y[75], [0, 1], n_jobs=1)
+    with caplog.at_level("WARNING", logger="influence.loo"):
+        pooled = leave_one_out(m, X[75], y[75], [0, 1], n_jobs=2)
+    assert "cannot be sent to worker processes" in caplog.text
+    np.testing.assert_array_equal(pooled.actual, serial.actual)
