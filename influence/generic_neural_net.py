@@ -17,6 +17,7 @@ point(s) ``z_test`` (several test points: their mean loss)::
 
     I_up,params(z)       = -H^-1 g(z)
     I_up,loss(z, z_test) = -grad L(z_test)^T H^-1 g(z) = -s_test . g(z)
+                           (influence_matrix: each of many test points, one multi-column solve)
     predicted change in test loss when z is removed  = -I_up,loss(z, z_test) / n
     I_pert,loss(z, z_test) = d/dx I_up,loss(z, z_test)        (x = the input of z)
     self-influence       = I_up,loss(z, z)
