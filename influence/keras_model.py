@@ -17,6 +17,8 @@ The objective is the base class's ``(1/n) sum_i L(z_i) + (wd/2) ||theta_decay||^
 - ``"squared"``: ``(prediction - y)^2 / 2`` for real targets, predictions (b,) or (b, 1);
 
 and decay on the variables whose path ends in ``kernel`` (not biases, not batch-norm).
+The frozen weights and state are read once, when the wrapper first sees training data;
+``theta`` lives in the wrapper (``update_keras_model`` copies it back).
 
 Two ways in::
 
@@ -126,8 +128,11 @@ class KerasModel(GenericNeuralNet):
     def _encode_targets(self, y):
         y = np.asarray(y)
         if self.loss == "softmax":
-            if len(y) and (np.any(y != np.round(y)) or y.min() < 0):
-                raise ValueError("class labels must be non-negative integers for loss='softmax'")
+            outputs = getattr(self.model, "outputs", None)
+            k = outputs[0].shape[-1] if outputs else None
+            if len(y) and (np.any(y != np.round(y)) or y.min() < 0 or (k is not None and y.max() >= k)):
+                raise ValueError(f"class labels must be integers in [0, {k if k is not None else 'n_classes'}) "
+                                 "for loss='softmax'")
             return y.astype(np.int32)
         if self.loss == "sigmoid" and len(y) and not np.all((y == 0) | (y == 1)):
             raise ValueError("labels must be 0 or 1 for loss='sigmoid'")

@@ -84,6 +84,8 @@ def test_keras_model_rejects_bad_input(binary_digits):
         KerasModel(net, trainable=["nope"])
     with pytest.raises(ValueError, match="inputs of shape"):
         KerasModel(net).set_training_data(Xtr[:, :10], ytr)
+    with pytest.raises(ValueError, match="integers in"):
+        KerasModel(net).set_training_data(Xtr, ytr + 1)  # labels 1 and 2 for a 2-class output
     with pytest.raises(ValueError, match="0 or 1"):
         KerasModel(dense_softmax(64, 1), loss="sigmoid").set_training_data(Xtr, ytr + 1)
 
