@@ -199,8 +199,10 @@ class CGSolver(InverseHVPSolver):
         x, it, negative = conjugate_gradient(lambda u: model.hvp(u) + self.damping * u, v, self.tol, maxiter,
                                              preconditioner=self._preconditioner)
         if negative:
-            logger.warning("CG met negative curvature: H + %g I is not positive definite; raise damping",
-                           self.damping)
+            hint = (" (or round-off: this model computes in %s; float64 gives the tightest solves)" % model.dtype
+                    if model.dtype != "float64" else "")
+            logger.warning("CG met negative curvature: H + %g I is not positive definite; raise damping%s",
+                           self.damping, hint)
         res = relative_residual(model, x, v, self.damping)
         converged = res <= max(10 * self.tol, 1e-6)
         if not converged:
