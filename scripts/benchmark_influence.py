@@ -7,6 +7,8 @@ settings) it times s_test, then the scoring of all training points,
 -I_up,loss = s_test . g(z_i). Scoring runs as one forward-mode JVP per batch; it is
 compared with the original code's approach, one gradient per training point in a Python
 loop (timed on a subset and scaled to n), and with vectorised per-example gradients.
+Then the influence on --matrix-tests test points, each separately: one s_test and one
+scoring per test point vs influence_matrix's single multi-column CG solve.
 All numbers come from this one run; ratios are printed, not asserted.
 
 A second table (``--models``) times the same stages for each experiment's model whose data
