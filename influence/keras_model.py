@@ -57,7 +57,8 @@ class KerasModel(GenericNeuralNet):
         Built (called once or created from ``keras.Input``); outputs logits or predictions.
     loss : {"softmax", "sigmoid", "squared"}
     trainable : list of str or None
-        Names of the layers whose trainable variables are ``theta``; None: all of them.
+        Names of the model's (top-level, ``model.layers``) layers whose trainable variables are
+        ``theta``; None: all of them.
     weight_decay, batch_size, ... : see :class:`GenericNeuralNet`. ``dtype`` defaults to
         the model's variable dtype.
     """
