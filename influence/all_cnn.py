@@ -42,15 +42,6 @@ from .generic_neural_net import GenericNeuralNet, ParamBlock, _progress  # noqa:
 logger = logging.getLogger(__name__)
 
 
-class _DropPforWhileLoopWarnings(logging.Filter):
-    # vectorized_map cannot vectorise Conv2DBackpropFilter and says so once per trace
-    def filter(self, record):
-        return "uses a while_loop" not in record.getMessage()
-
-
-tf.get_logger().addFilter(_DropPforWhileLoopWarnings())
-
-
 class AllCNN(GenericNeuralNet):
     """All-convolutional net; see the module docstring for layers, init and training."""
 

@@ -47,6 +47,17 @@ from .utils import atomic_path, hash_arrays
 logger = logging.getLogger(__name__)
 
 
+class _DropPforWhileLoopWarnings(logging.Filter):
+    """vectorized_map cannot vectorise some ops (e.g. Conv2DBackpropFilter) and warns once
+    per trace; the per-example gradients are still right, so the warning only clutters logs."""
+
+    def filter(self, record):
+        return "uses a while_loop" not in record.getMessage()
+
+
+tf.get_logger().addFilter(_DropPforWhileLoopWarnings())
+
+
 @dataclass(frozen=True)
 class ParamBlock:
     """One block of the flat parameter vector: a name, a shape, and whether it is decayed."""
