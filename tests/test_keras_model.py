@@ -130,3 +130,23 @@ def test_loo_with_an_unpicklable_keras_model_retrains_in_this_process(digits, ca
         pooled = leave_one_out(m, X[75], y[75], [0, 1], n_jobs=2)
     assert "cannot be sent to worker processes" in caplog.text
     np.testing.assert_array_equal(pooled.actual, serial.actual)
+
+
+def test_keras_convnet_per_example_gradients_and_influence(digits):
+    """A Keras conv net (all parameters, non-convex): vectorised per-example gradients equal
+    one-example batch gradients, and the influence matrix equals per-test-point influence."""
+    X, y = digits
+    X = X.reshape(-1, 8, 8, 1)
+    keras.utils.set_random_seed(5)
+    net = keras.Sequential([keras.Input((8, 8, 1), dtype="float64"),
+                            keras.layers.Conv2D(3, 3, activation="tanh", dtype="float64"),
+                            keras.layers.Flatten(dtype="float64"), keras.layers.Dense(10, dtype="float64")])
+    m = KerasModel(net, weight_decay=1e-3).set_training_data(X[:60], y[:60])
+    G = m.per_example_gradients([4, 17], include_regularizer=False)
+    for row, i in zip(G, (4, 17)):
+        np.testing.assert_allclose(row, m.loss_gradient(X[i:i + 1], y[i:i + 1]), rtol=1e-10, atol=1e-13)
+    damping = 1.0  # theta is not an optimum: damp well past the most negative eigenvalue
+    M = m.influence_matrix(X[100:102], y[100:102], solver="exact", damping=damping)
+    for k in range(2):
+        np.testing.assert_allclose(M[k], m.influence_up_loss(X[100 + k], y[100 + k], solver="exact", damping=damping),
+                                   rtol=1e-8, atol=1e-12 * np.abs(M[k]).max())
