@@ -6,7 +6,9 @@ Fit a model, then ask which training points a prediction depends on::
     model = LogisticRegression(weight_decay=0.01).fit(X_train, y_train)
     diffs = model.predicted_loss_diffs(X_test[:1], y_test[:1], solver="cg")
 
-See :mod:`influence.generic_neural_net` for the conventions (objective, signs, 1/n).
+Your own Keras model: ``KerasModel(keras_model, loss="softmax", trainable=["last_layer"])``
+(see :mod:`influence.keras_model`). See :mod:`influence.generic_neural_net` for the
+conventions (objective, signs, 1/n).
 Names are imported on first use, so ``python -m influence.data`` does not load TensorFlow.
 """
 import importlib
