@@ -152,7 +152,7 @@ def leave_one_out(model, X_test, y_test, indices, predicted=None, executor: Exec
         info["control_test_loss"] = base
         info["control_drift"] = base - info["fitted_test_loss"]
     n_jobs = n_jobs or os.cpu_count() or 1
-    if executor is None and n_jobs == 1:
+    if (executor is None and n_jobs == 1) or len(indices) == 0:
         losses = _retrain_serial(model, indices, X_test, y_test)
     elif executor is None:
         losses = _retrain_in_local_pool(model, indices, X_test, y_test, n_jobs, threads_per_worker)

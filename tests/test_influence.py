@@ -71,6 +71,8 @@ def test_loo_prediction_correlates_with_retraining(binary_model, binary_digits):
     assert np.all(np.sign(res.actual[:5]) == np.sign(pred[idx[:5]]))  # the sign convention, not just the rank
     # the model itself is untouched by the retraining
     assert m.n_train_ == 250
+    # no points: nothing to retrain, with or without a pool
+    assert leave_one_out(m, Xte[5], yte[5], [], n_jobs=2).actual.shape == (0,)
 
 
 def test_loo_in_process_pool_equals_serial(binary_model, binary_digits):
