@@ -444,6 +444,17 @@ class GenericNeuralNet:
             raise IndexError(f"training index out of range for {self.n_train_} training points")
         return idx % self.n_train_
 
+    def _rows_per_chunk(self) -> int:
+        """How many p-vectors (e.g. per-example gradients) to hold at once: about 2e7 numbers."""
+        return max(1, int(2e7 // max(self.n_params, 1)))
+
+    def as_batch(self, X, y) -> tuple[np.ndarray, np.ndarray]:
+        """``(X, y)`` as a batch: a single example (shape ``x_shape_``) gains a leading axis."""
+        X = np.asarray(X)
+        if X.ndim == len(self.x_shape_):
+            return X[None], np.atleast_1d(y)
+        return X, np.asarray(y)
+
     def _reg_value(self, theta: np.ndarray) -> float:
         return 0.5 * self.weight_decay * float(np.sum((self.decay_mask_ * theta) ** 2))
 
@@ -505,7 +516,7 @@ class GenericNeuralNet:
         self._require_fit()
         idx = self._check_indices(indices)
         th = self._theta_tf()
-        bs = batch_size or max(1, min(self.batch_size, int(2e7 // max(self.n_params, 1))))
+        bs = batch_size or min(self.batch_size, self._rows_per_chunk())
         if len(idx) == 0:
             return np.zeros((0, self.n_params))
         out = self._map_train(self._tf_per_example_grads, th, reduce="concat", indices=idx, batch_size=bs)
@@ -631,10 +642,7 @@ class GenericNeuralNet:
     # ------------------------------------------------------------------ influence
     def test_gradient(self, X_test, y_test) -> np.ndarray:
         """``grad L(z_test)``: gradient of the mean test loss, without the regulariser."""
-        X_test = np.asarray(X_test)
-        if X_test.ndim == len(self.x_shape_):
-            X_test, y_test = X_test[None], np.atleast_1d(y_test)
-        return self.loss_gradient(X_test, y_test)
+        return self.loss_gradient(*self.as_batch(X_test, y_test))
 
     def test_gradients(self, X_test, y_test) -> np.ndarray:
         """``grad L(z_test_k)`` for each test point separately, shape (k, p); vectorised."""
@@ -643,7 +651,7 @@ class GenericNeuralNet:
         th = self._theta_tf()
         if len(X_test) == 0:
             return np.zeros((0, self.n_params))
-        bs = max(1, min(self.batch_size, int(2e7 // max(self.n_params, 1))))
+        bs = min(self.batch_size, self._rows_per_chunk())
         kernel = self._tf_per_example_grads
         return np.concatenate([kernel(th, tf.constant(X_test[sl]), tf.constant(y_test[sl])).numpy()
                                for sl in self._slices(len(X_test), bs)])
@@ -711,10 +719,7 @@ class GenericNeuralNet:
         Divide by ``-n`` for the predicted change in each test loss on removal.
         """
         self._require_fit()
-        X_test = np.asarray(X_test)
-        if X_test.ndim == len(self.x_shape_):
-            X_test, y_test = X_test[None], np.atleast_1d(y_test)
-        V = self.test_gradients(X_test, y_test)
+        V = self.test_gradients(*self.as_batch(X_test, y_test))
         if len(V) == 0:
             raise ValueError("no test points given")
         res = self.inverse_hvp(V.T, solver, **solver_options)
@@ -723,7 +728,7 @@ class GenericNeuralNet:
         S = res.x
         idx = self._check_indices(indices)
         out = np.empty((S.shape[1], len(idx)))
-        chunk = max(1, min(len(idx), int(2e7 // max(self.n_params, 1)))) if len(idx) else 1
+        chunk = max(1, min(len(idx), self._rows_per_chunk()))
         for j in range(0, len(idx), chunk):
             G = self.per_example_gradients(idx[j:j + chunk], include_regularizer)
             out[:, j:j + chunk] = -(G @ S).T
@@ -758,7 +763,7 @@ class GenericNeuralNet:
         """``I_up,loss(z_i, z_i) = -g(z_i)^T H^-1 g(z_i)``; batched multi-RHS solves."""
         idx = self._check_indices(indices)
         out = np.empty(len(idx))
-        chunk = max(1, min(len(idx), int(2e7 // max(self.n_params, 1)), 1024))
+        chunk = max(1, min(len(idx), self._rows_per_chunk(), 1024))
         solver_obj = self._get_solver(solver, solver_options)
         for j in range(0, len(idx), chunk):
             G = self.per_example_gradients(idx[j:j + chunk], include_regularizer)

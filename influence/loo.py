@@ -141,9 +141,7 @@ def leave_one_out(model, X_test, y_test, indices, predicted=None, executor: Exec
         predicted = np.asarray(predicted, dtype=float)
         if predicted.shape != indices.shape:
             raise ValueError(f"predicted has shape {predicted.shape}, expected {indices.shape}")
-    X_test, y_test = np.asarray(X_test), np.asarray(y_test)
-    if X_test.ndim == len(model.x_shape_):
-        X_test, y_test = X_test[None], np.atleast_1d(y_test)
+    X_test, y_test = model.as_batch(X_test, y_test)
     t0 = time.perf_counter()
     base = model.mean_loss(X_test, y_test)
     info = {"fitted_test_loss": base}
