@@ -12,6 +12,19 @@ where ``theta_decay`` holds the blocks declared with ``decay=True`` (weights, no
 biases), exactly as the original code's ``wd * l2_loss(w)``. ``H`` is the Hessian of
 ``R`` at the fitted parameters.
 
+Curvature: with ``curvature="gauss-newton"`` every solver uses, in place of ``H``, the
+generalised Gauss-Newton matrix::
+
+    G = (1/n) sum_i J_i^T [d^2 L / d f^2](f_i) J_i + wd * diag(decay mask)
+
+with ``f_i`` the model's outputs (logits) on ``z_i`` and ``J_i = d f_i / d theta``. It
+drops the term of ``H`` that carries the outputs' own curvature, ``sum_k dL/df_k
+d^2 f_k / d theta^2``, so ``G`` is positive semi-definite for every loss that is convex
+in the outputs (softmax, sigmoid, squared, smooth hinge) even where ``H`` is not (a
+non-convex network, or away from a minimum), and CG needs no damping heuristic. ``G = H``
+exactly when the outputs are linear in ``theta`` (the logistic models, the SVM, a
+network's last layer over frozen features).
+
 Influence quantities (Koh & Liang 2017, Sec. 2), for a training point ``z`` and test
 point(s) ``z_test`` (several test points: their mean loss)::
 
@@ -106,6 +119,9 @@ class GenericNeuralNet:
         Largest ``p`` for which an explicit Hessian is formed.
     progress : bool
         Show tqdm progress bars on long loops.
+    curvature : {"hessian", "gauss-newton"}
+        The matrix every solver inverts: the Hessian ``H`` of the objective, or the
+        Gauss-Newton matrix ``G`` (module docstring). May be changed after fitting.
     strategy : tf.distribute.Strategy or None
         When given, every sum over the training set (objective, gradient, HVP) and every
         per-example pass (scores, per-example gradients) splits each batch across the
@@ -115,8 +131,9 @@ class GenericNeuralNet:
 
     def __init__(self, weight_decay: float = 0.0, dtype: str = "float64", batch_size: int = 8192,
                  cache_dir: str | None = None, seed: int = 0, max_hessian_params: int = 10000,
-                 progress: bool = False, strategy=None):
+                 progress: bool = False, curvature: str = "hessian", strategy=None):
         self.weight_decay = float(weight_decay)
+        self.curvature = _check_curvature(curvature)
         self.dtype = dtype
         self.batch_size = int(batch_size)
         self.cache_dir = cache_dir
@@ -324,6 +341,28 @@ class GenericNeuralNet:
                 gV = tf.linalg.matvec(tf.stop_gradient(V), g, transpose_a=True)
             return tf.transpose(outer.jacobian(gV, theta, experimental_use_pfor=True))
 
+        def gnvp_sum(theta, x, y, v):
+            # sum_i J_i^T [d2L/df2] J_i v: forward mode for J v, the outputs' loss Hessian on
+            # it by double backprop through the loss only, reverse mode for J^T
+            with tf.GradientTape() as tape:
+                tape.watch(theta)
+                with tf.autodiff.ForwardAccumulator(theta, v) as acc:
+                    out = self._forward(self.unflatten(theta), x)
+                jv = tf.stop_gradient(acc.jvp(out, unconnected_gradients=tf.UnconnectedGradients.ZERO))
+            f = tf.stop_gradient(out)
+            with tf.GradientTape() as outer:
+                outer.watch(f)
+                with tf.GradientTape() as inner:
+                    inner.watch(f)
+                    total = tf.reduce_sum(self._loss(f, y))
+                gjv = tf.reduce_sum(inner.gradient(total, f) * jv)
+            hjv = tf.stop_gradient(outer.gradient(gjv, f, unconnected_gradients=tf.UnconnectedGradients.ZERO))
+            return tape.gradient(out, theta, output_gradients=hjv,
+                                 unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+        def gnvp_sum_many(theta, x, y, V):
+            return tf.transpose(tf.vectorized_map(lambda v: gnvp_sum(theta, x, y, v), tf.transpose(V)))
+
         def per_example_grads(theta, x, y):
             def one(args):
                 xi, yi = args
@@ -344,7 +383,8 @@ class GenericNeuralNet:
                 score = tf.reduce_sum(g * tf.stop_gradient(s))
             return outer.gradient(score, x)
 
-        def lissa_loop(theta, X, Y, v, idx, scale, damping, limit):
+        def lissa_loop(theta, X, Y, v, idx, scale, damping, limit, gauss_newton):
+            curv_sum = gnvp_sum if gauss_newton else hvp_sum
             depth = tf.shape(idx)[0]
             b = tf.cast(tf.shape(idx)[1], dt)
 
@@ -354,7 +394,7 @@ class GenericNeuralNet:
             def body(j, est, norm):
                 xb = tf.gather(X, idx[j])
                 yb = tf.gather(Y, idx[j])
-                hv = hvp_sum(theta, xb, yb, est) / b + wd * mask * est + damping * est
+                hv = curv_sum(theta, xb, yb, est) / b + wd * mask * est + damping * est
                 est = v + est - hv / scale
                 return j + 1, est, tf.norm(est)
 
@@ -365,6 +405,8 @@ class GenericNeuralNet:
         self._tf_loss_sum_and_grad = fn(loss_sum_and_grad)
         self._tf_hvp_sum = fn(hvp_sum)
         self._tf_hvp_sum_many = fn(hvp_sum_many)
+        self._tf_gnvp_sum = fn(gnvp_sum)
+        self._tf_gnvp_sum_many = fn(gnvp_sum_many)
         self._tf_per_example_grads = fn(per_example_grads)
         self._tf_jvp_losses = fn(jvp_losses)
         self._tf_input_grad_of_score = fn(input_grad_of_score)
@@ -527,7 +569,7 @@ class GenericNeuralNet:
     def hvp(self, v: np.ndarray, indices=None) -> np.ndarray:
         """``H v`` (or ``H V`` for a (p, k) matrix), H = Hessian of the objective.
 
-        With ``indices``, the loss part is averaged over those training points only
+        With ``curvature="gauss-newton"``: ``G v`` (module docstring). With ``indices``, the loss part is averaged over those training points only
         (a sub-sampled Hessian, as LiSSA uses); the regulariser is always included.
         """
         self._require_fit()
@@ -538,7 +580,10 @@ class GenericNeuralNet:
             raise ValueError("v contains NaN or infinite values")
         th = self._theta_tf()
         vt = tf.constant(v)
-        kernel = self._tf_hvp_sum if v.ndim == 1 else self._tf_hvp_sum_many
+        if _check_curvature(self.curvature) == "gauss-newton":
+            kernel = self._tf_gnvp_sum if v.ndim == 1 else self._tf_gnvp_sum_many
+        else:
+            kernel = self._tf_hvp_sum if v.ndim == 1 else self._tf_hvp_sum_many
         idx = None if indices is None else self._check_indices(indices)
         n = self.n_train_ if idx is None else len(idx)
         out = self._map_train(kernel, th, vt, indices=idx)
@@ -546,9 +591,12 @@ class GenericNeuralNet:
         return out / n + self.weight_decay * mask * v
 
     def hessian(self) -> np.ndarray:
-        """Explicit (p, p) Hessian of the objective, built from batched HVPs (cached per theta)."""
+        """Explicit (p, p) Hessian of the objective, built from batched HVPs (cached per theta).
+
+        With ``curvature="gauss-newton"``: the Gauss-Newton matrix ``G`` instead.
+        """
         self._check_hessian_size()
-        key = hash_arrays(self.theta_)
+        key = hash_arrays(self.theta_, self.curvature)
         if self._hessian_cache is not None and self._hessian_cache[0] == key:
             return self._hessian_cache[1]
         p = self.n_params
@@ -569,7 +617,7 @@ class GenericNeuralNet:
                              f"{self.max_hessian_params}; use the 'cg' or 'lissa' solver")
 
     def hessian_eigenvalue_bounds(self, tol: float = 1e-4, maxiter: int | None = None) -> tuple[float, float]:
-        """(smallest, largest) eigenvalue of H by Lanczos (ARPACK) on HVPs.
+        """(smallest, largest) eigenvalue of H (or G, see ``curvature``) by Lanczos (ARPACK) on HVPs.
 
         A negative smallest eigenvalue means H is not positive definite at theta
         (non-convex model or not at a minimum): use damping at least its magnitude.
@@ -770,6 +818,15 @@ class GenericNeuralNet:
             X = solver_obj.solve(self, G.T).x
             out[j:j + chunk] = -np.einsum("pm,mp->m", X, G)
         return out
+
+
+CURVATURES = ("hessian", "gauss-newton")
+
+
+def _check_curvature(curvature: str) -> str:
+    if curvature not in CURVATURES:
+        raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
+    return curvature
 
 
 def _load_cached(path: Path, key: str):

@@ -28,7 +28,8 @@ Two ways in::
 
 Influence functions assume ``theta`` minimises the objective: after training with Keras
 (different regulariser, early stopping, minibatch noise) check ``wrapped.gradient()``,
-and for a non-convex model use ``damping`` (``hessian_eigenvalue_bounds`` tells how much).
+and for a non-convex model use ``damping`` (``hessian_eigenvalue_bounds`` tells how much)
+or ``curvature="gauss-newton"`` (positive semi-definite wherever the weights are).
 Use ``dtype="float64"`` layers for the tightest numbers; the wrapper computes in the
 model's own dtype.
 """

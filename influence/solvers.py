@@ -1,7 +1,8 @@
 """Inverse Hessian-vector product solvers behind one interface.
 
 Each solver solves ``(H + damping * I) x = v`` for one right-hand side ``v`` of shape
-(p,) or several at once (shape (p, k)), where ``H`` is a model's Hessian, and returns a
+(p,) or several at once (shape (p, k)), where ``H`` is a model's Hessian (its
+Gauss-Newton matrix when the model's ``curvature`` is "gauss-newton"), and returns a
 :class:`SolveResult` with the solution and its diagnostics. Select one by name::
 
     get_solver("exact")                       # Cholesky of the explicit Hessian
@@ -157,7 +158,7 @@ class ExactSolver(InverseHVPSolver):
     def _solve(self, model, v):
         from .utils import hash_arrays
 
-        key = (hash_arrays(model.theta_), self.damping, model.data_fingerprint_)
+        key = (hash_arrays(model.theta_), self.damping, model.data_fingerprint_, model.curvature)
         cached = getattr(model, "_cholesky_cache", None)
         if cached is None or cached[0] != key:
             H = model.hessian() + self.damping * np.eye(model.n_params)
@@ -201,8 +202,8 @@ class CGSolver(InverseHVPSolver):
         if negative:
             hint = (" (or round-off: this model computes in %s; float64 gives the tightest solves)" % model.dtype
                     if model.dtype != "float64" else "")
-            logger.warning("CG met negative curvature: H + %g I is not positive definite; raise damping%s",
-                           self.damping, hint)
+            logger.warning("CG met negative curvature: H + %g I is not positive definite; raise damping, or use "
+                           "the model's curvature='gauss-newton' (positive semi-definite)%s", self.damping, hint)
         res = relative_residual(model, x, v, self.damping)
         converged = res <= max(10 * self.tol, 1e-6)
         if not converged:
@@ -275,7 +276,8 @@ class LissaSolver(InverseHVPSolver):
                     j, est, norm = model._tf_lissa_loop(th, model.X_train_, model.y_train_, tf.constant(vk), tf.constant(idx),
                                                         tf.constant(scale, model.tf_dtype),
                                                         tf.constant(self.damping, model.tf_dtype),
-                                                        tf.constant(limit, model.tf_dtype))
+                                                        tf.constant(limit, model.tf_dtype),
+                                                        model.curvature == "gauss-newton")
                     j, est, norm = int(j), est.numpy(), float(norm)
                 else:  # full-batch: deterministic series
                     est, j, norm = vk.copy(), 0, np.linalg.norm(vk)
