@@ -569,8 +569,9 @@ class GenericNeuralNet:
     def hvp(self, v: np.ndarray, indices=None) -> np.ndarray:
         """``H v`` (or ``H V`` for a (p, k) matrix), H = Hessian of the objective.
 
-        With ``curvature="gauss-newton"``: ``G v`` (module docstring). With ``indices``, the loss part is averaged over those training points only
-        (a sub-sampled Hessian, as LiSSA uses); the regulariser is always included.
+        With ``curvature="gauss-newton"``: ``G v`` (module docstring). With ``indices``, the
+        loss part is averaged over those training points only (a sub-sampled Hessian, as
+        LiSSA uses); the regulariser is always included.
         """
         self._require_fit()
         v = np.asarray(v, dtype=self.dtype)
