@@ -42,4 +42,6 @@ errors = {
     "per_example_gradients": rel(multi.per_example_gradients(np.arange(0, 301, 7)),
                                  single.per_example_gradients(np.arange(0, 301, 7))),
 }
+single.curvature = multi.curvature = "gauss-newton"
+errors["gauss_newton_hvp_many"] = rel(multi.hvp(np.stack([v, 2 * v], 1)), single.hvp(np.stack([v, 2 * v], 1)))
 print(json.dumps(errors))
