@@ -639,9 +639,12 @@ class GenericNeuralNet:
                                       dtype=np.float64)
         top = spla.eigsh(shifted, k=1, which="LA", tol=tol, v0=v0, maxiter=maxiter, return_eigenvectors=False)[0]
         lmin = float(lmax - top)
-        if lmin < 0:
+        if lmin < 0 and self.curvature == "hessian":
             logger.warning("Hessian has a negative eigenvalue (%.3g): the objective is not convex at theta; "
-                           "use damping of at least %.3g for CG or LiSSA", lmin, -lmin)
+                           "use damping of at least %.3g for CG or LiSSA, or curvature='gauss-newton'", lmin, -lmin)
+        elif lmin < 0:
+            logger.warning("Gauss-Newton matrix has a negative eigenvalue (%.3g), which only round-off can give "
+                           "(or a loss that is not convex in the outputs)", lmin)
         return lmin, float(lmax)
 
     # ------------------------------------------------------------------ training helpers
