@@ -160,7 +160,8 @@ def main(exp):
         config={"test_idx": args.test_idx, "damping": args.damping, "adam_steps": adam_steps, "learning_rate": lr,
                 "decay_fractions": decay, "lbfgs_iter": lbfgs_iter, "retrain": args.retrain,
                 "retrain_steps": retrain_steps, "retrain_learning_rate": model.retrain_learning_rate
-                or model.final_learning_rate_, "retrain_iter": retrain_iter, "dtype": args.dtype},
+                or model.final_learning_rate_, "retrain_iter": retrain_iter, "dtype": args.dtype,
+                "gauss_newton": gn is not None},
         notes="Paper: Pearson R = 0.86 (500k Adam steps; LOO by 30k more steps from the fitted parameters). "
               "Here LOO re-training continues Adam for retrain_steps from the final optimiser state at "
               "retrain_learning_rate, against a control run on the same minibatches (see scripts/fig2_cnn_loo.py).")
