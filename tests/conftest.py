@@ -66,3 +66,15 @@ def multiclass_hessian_closed_form(X, W, wd):
         A = np.diag(P[i]) - np.outer(P[i], P[i])
         H += np.kron(np.outer(X[i], X[i]), A)
     return H / n + wd * np.eye(d * k)
+
+
+def fit_tiny_cnn(**overrides):
+    """A 3-class AllCNN (two 2-channel convs) fitted to 24 random 8x8 images, batches of 7."""
+    from influence import AllCNN
+
+    rng = np.random.default_rng(0)
+    X = rng.random((24, 8, 8, 1))
+    y = rng.integers(0, 3, 24)
+    cfg = dict(n_classes=3, channels=(2, 2), strides=(1, 2), weight_decay=0.01, learning_rate=0.01,
+               train_batch_size=8, batch_size=7)
+    return AllCNN(**{**cfg, **overrides}).fit(X, y)

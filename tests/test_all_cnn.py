@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from conftest import fit_tiny_cnn
 from influence.all_cnn import AllCNN
 
 
@@ -27,12 +28,7 @@ def test_parameter_count_and_layout():
 
 @pytest.fixture(scope="module")
 def tiny_cnn():
-    rng = np.random.default_rng(0)
-    X = rng.random((24, 8, 8, 1))
-    y = rng.integers(0, 3, 24)
-    m = AllCNN(n_classes=3, channels=(2, 2), strides=(1, 2), weight_decay=0.01, adam_steps=300, learning_rate=0.01,
-               train_batch_size=8, lbfgs_iter=200, batch_size=7)
-    return m.fit(X, y)
+    return fit_tiny_cnn(adam_steps=300, lbfgs_iter=200)
 
 
 def test_vectorised_per_example_gradients_equal_loop(tiny_cnn):

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import fit_tiny_cnn
 from influence import AllCNN, LogisticRegression, SmoothHingeSVM
 
 
@@ -20,12 +21,7 @@ def with_curvature(m, curvature):
 
 @pytest.fixture(scope="module")
 def small_cnn():
-    rng = np.random.default_rng(0)
-    X = rng.random((24, 8, 8, 1))
-    y = rng.integers(0, 3, 24)
-    m = AllCNN(n_classes=3, channels=(2, 2), strides=(1, 2), weight_decay=0.01, adam_steps=200, learning_rate=0.01,
-               train_batch_size=8, batch_size=7)
-    return m.fit(X, y)
+    return fit_tiny_cnn(adam_steps=200)  # Adam only: its Hessian is indefinite
 
 
 def explicit_gauss_newton(m):
