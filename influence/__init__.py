@@ -25,6 +25,7 @@ _EXPORTS = {
     "SmoothHingeSVM": "smooth_hinge", "AllCNN": "all_cnn", "KerasModel": "keras_model",
     "LOOResult": "loo", "leave_one_out": "loo",
     "CGSolver": "solvers", "ExactSolver": "solvers", "InverseHVPSolver": "solvers", "LissaSolver": "solvers",
+    "ArnoldiSolver": "solvers",
     "LissaDivergenceError": "solvers", "NotPositiveDefiniteError": "solvers", "SolveResult": "solvers",
     "get_solver": "solvers",
 }

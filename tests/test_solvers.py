@@ -171,3 +171,86 @@ def test_cg_solver_with_preconditioner_through_the_model(binary_model):
     assert "preconditioner" not in CGSolver(preconditioner=lambda r: r).config()
     with pytest.raises(TypeError, match="callable"):
         CGSolver(preconditioner=np.eye(3))
+
+
+def truncated_inverse(H, v, rank, damping=0.0, fill=None):
+    """Closed form of the low-rank solve from numpy's eigendecomposition of H."""
+    lam, V = np.linalg.eigh(H)
+    lam, V = lam[::-1][:rank], V[:, ::-1][:, :rank]
+    x = V @ ((V.T @ v) / (lam + damping)[:, None] if v.ndim == 2 else (V.T @ v) / (lam + damping))
+    if fill is not None:
+        x = x + (v - V @ (V.T @ v)) / (fill + damping)
+    return x
+
+
+def test_arnoldi_equals_truncated_eigendecomposition(multiclass_model):
+    """Lanczos on HVPs finds the top eigenpairs of the explicit Hessian: the low-rank
+    solve, with the complement dropped or filled, equals numpy's closed form."""
+    m = multiclass_model
+    H = m.hessian()
+    V = np.random.default_rng(6).standard_normal((m.n_params, 3))
+    for damping, fill in ((0.0, None), (0.05, None), (0.0, m.weight_decay)):
+        res = m.inverse_hvp(V, "arnoldi", rank=20, damping=damping, fill=fill, tol=1e-10)
+        want = truncated_inverse(H, V, 20, damping, fill)
+        assert rel(res.x, want) < 1e-6, (damping, fill)
+        assert res.info["rank"] == 20 and res.iterations == 20
+        lam = np.linalg.eigvalsh(H)[::-1]
+        assert res.info["eigenvalue_max"] == pytest.approx(lam[0], rel=1e-8)
+        assert res.info["eigenvalue_min"] == pytest.approx(lam[19], rel=1e-8)
+        # a rank-20 approximation of a 650-parameter Hessian is not the inverse: the
+        # reported residual is the true one and says so
+        true = np.max(np.linalg.norm(H @ res.x + damping * res.x - V, axis=0) / np.linalg.norm(V, axis=0))
+        assert res.residual == pytest.approx(true, rel=1e-8) and res.residual > 1e-3
+        assert not res.converged
+
+
+def test_arnoldi_full_rank_is_exact_and_columns_are_independent(binary_model):
+    m = binary_model
+    V = np.random.default_rng(7).standard_normal((m.n_params, 2))
+    want = np.linalg.solve(m.hessian() + 0.1 * np.eye(m.n_params), V)
+    res = m.inverse_hvp(V, "arnoldi", rank=m.n_params, damping=0.1)
+    assert rel(res.x, want) < 1e-10 and res.converged and res.residual < 1e-10
+    one = m.inverse_hvp(V[:, 1], "arnoldi", rank=m.n_params, damping=0.1)
+    np.testing.assert_allclose(one.x, res.x[:, 1], rtol=1e-12, atol=1e-14)
+    # through the influence API: the same influences as the exact solver
+    x, y = m.X_train_np_[:3], m.y_train_np_[:3]
+    np.testing.assert_allclose(m.influence_up_loss(x, y, solver="arnoldi", rank=m.n_params, use_cache=False),
+                               m.influence_up_loss(x, y, solver="exact", use_cache=False), rtol=1e-8)
+
+
+def test_arnoldi_caches_its_eigenpairs_per_theta_and_curvature(multiclass_model):
+    m = multiclass_model.clone().fit(multiclass_model.X_train_np_, multiclass_model.y_train_np_)
+    v = np.ones(m.n_params)
+    calls = []
+    hvp = m.hvp
+    m.hvp = lambda u, indices=None: (calls.append(np.ndim(u)), hvp(u, indices))[1]
+    m.inverse_hvp(v, "arnoldi", rank=10)
+    first = len(calls)
+    assert first > 10  # the Lanczos iteration
+    m.inverse_hvp(2 * v, "arnoldi", rank=10, damping=0.3)  # same theta: only the residual's HVP
+    assert len(calls) == first + 1
+    m.set_theta(m.theta_ * 1.01)  # new theta: decomposed again
+    m.inverse_hvp(v, "arnoldi", rank=10)
+    assert len(calls) > first + 2 + 10
+    n = len(calls)
+    m.curvature = "gauss-newton"  # G = H for this model, but G is a different operator in general
+    m.inverse_hvp(v, "arnoldi", rank=10)
+    assert len(calls) > n + 10
+
+
+def test_arnoldi_refuses_bad_settings_and_indefinite_kept_eigenvalues(binary_model):
+    from influence import ArnoldiSolver, BinaryLogisticRegression, NotPositiveDefiniteError
+
+    assert isinstance(get_solver("arnoldi", rank=5), ArnoldiSolver)
+    with pytest.raises(ValueError, match="rank"):
+        ArnoldiSolver(rank=0)
+    with pytest.raises(ValueError, match="fill"):
+        ArnoldiSolver(fill=-1.0)
+    with pytest.raises(ValueError, match="fill \\+ damping"):
+        ArnoldiSolver(fill=0.0)
+    m = binary_model
+    lmin = np.linalg.eigvalsh(m.hessian())[0]
+    neg = BinaryLogisticRegression(weight_decay=-(lmin + 1.0))
+    neg.set_training_data(m.X_train_np_, m.y_train_np_).set_theta(m.theta_)
+    with pytest.raises(NotPositiveDefiniteError, match="add damping"):
+        neg.inverse_hvp(np.ones(m.n_params), "arnoldi", rank=m.n_params)
