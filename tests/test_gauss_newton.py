@@ -131,3 +131,24 @@ def test_gauss_newton_influence_predicts_leave_one_out_on_a_full_mlp(digits):
     loo = leave_one_out(m, xt, yt, idx, pred["hessian"][idx])
     r_h, r_g = (pearsonr(loo.actual, pred[c][idx])[0] for c in ("hessian", "gauss-newton"))
     assert r_h > 0.95 and r_g > 0.9
+
+
+def test_auto_damping_on_a_non_convex_cnn(small_cnn, tmp_path):
+    """damping="auto" on a CNN whose Hessian is indefinite: Lanczos finds the negative
+    eigenvalue, CG on H + 1.5|lambda_min| I converges to numpy's solve (and the s_test
+    cache keeps it); with G, which is positive semi-definite, next to no damping is added."""
+    m = small_cnn
+    w = np.linalg.eigvalsh(m.hessian())
+    assert w[0] < -0.01
+    cached = AllCNN(**{**m.get_config(), "cache_dir": str(tmp_path)})
+    cached.set_training_data(m.X_train_np_, m.y_train_np_).set_theta(m.theta_)
+    x0, y0 = m.X_train_np_[0], m.y_train_np_[0]
+    res = cached.s_test(x0, y0, solver="cg", damping="auto", tol=1e-12)
+    assert res.info["smallest_eigenvalue"] == pytest.approx(w[0], rel=1e-3)
+    assert res.damping == pytest.approx(1.5 * -w[0], rel=1e-3) and res.converged
+    v = m.test_gradient(x0, y0)
+    assert rel(res.x, np.linalg.solve(m.hessian() + res.damping * np.eye(m.n_params), v)) < 1e-6
+    again = cached.s_test(x0, y0, solver="cg", damping="auto", tol=1e-12)  # from the disk cache
+    assert again.damping == res.damping and np.array_equal(again.x, res.x) and again.info["damping_auto"]
+    gn = with_curvature(m, "gauss-newton").inverse_hvp(v, "cg", damping="auto", tol=1e-12)
+    assert gn.damping <= 1e-6 * gn.info["largest_eigenvalue"] and gn.converged

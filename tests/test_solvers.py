@@ -254,3 +254,82 @@ def test_arnoldi_refuses_bad_settings_and_indefinite_kept_eigenvalues(binary_mod
     neg.set_training_data(m.X_train_np_, m.y_train_np_).set_theta(m.theta_)
     with pytest.raises(NotPositiveDefiniteError, match="add damping"):
         neg.inverse_hvp(np.ones(m.n_params), "arnoldi", rank=m.n_params)
+
+
+@pytest.fixture(scope="module")
+def indefinite_model(binary_model):
+    """The binary model's data and theta with a negative weight decay: H has eigenvalues < 0."""
+    from influence import BinaryLogisticRegression
+
+    m = binary_model
+    w = np.linalg.eigvalsh(m.hessian())
+    neg = BinaryLogisticRegression(weight_decay=-(w[0] + 0.05))  # shifts the spectrum down by w[0] + 0.05
+    neg.set_training_data(m.X_train_np_, m.y_train_np_).set_theta(m.theta_)
+    return neg
+
+
+def test_auto_damping_is_zero_where_h_is_positive_definite(binary_model):
+    m = binary_model
+    v = np.random.default_rng(8).standard_normal(m.n_params)
+    want = np.linalg.solve(m.hessian(), v)
+    for name in ("exact", "cg"):
+        res = m.inverse_hvp(v, name, damping="auto")
+        assert res.damping == 0.0 and res.info["damping_auto"] and res.info["damping_retries"] == 0
+        assert rel(res.x, want) < 1e-7, name
+        assert res.info["smallest_eigenvalue"] > 0
+
+
+def test_auto_damping_follows_the_smallest_eigenvalue(indefinite_model):
+    m = indefinite_model
+    lmin = np.linalg.eigvalsh(m.hessian())[0]
+    assert lmin < 0
+    v = np.random.default_rng(9).standard_normal(m.n_params)
+    with pytest.raises(np.linalg.LinAlgError):
+        m.inverse_hvp(v, "exact")
+    for name in ("exact", "cg", "arnoldi"):
+        opts = {"rank": m.n_params} if name == "arnoldi" else {}
+        res = m.inverse_hvp(v, name, damping="auto", **opts)
+        assert res.damping == pytest.approx(1.5 * -lmin, rel=1e-3), name
+        want = np.linalg.solve(m.hessian() + res.damping * np.eye(m.n_params), v)
+        assert rel(res.x, want) < 1e-7, name
+
+
+def test_auto_damping_is_raised_when_cg_still_meets_negative_curvature(indefinite_model, monkeypatch):
+    """Emulate a Lanczos estimate of the smallest eigenvalue 10x too small in magnitude: CG
+    meets negative curvature and the damping is raised until H + damping I is definite."""
+    m = indefinite_model
+    w = np.linalg.eigvalsh(m.hessian())
+    monkeypatch.setattr(m, "hessian_eigenvalue_bounds", lambda: (0.1 * float(w[0]), float(w[-1])))
+    m._eigenvalue_bounds_cache = None
+    v = np.random.default_rng(10).standard_normal(m.n_params)
+    res = m.inverse_hvp(v, "cg", damping="auto")
+    assert res.info["damping_retries"] >= 1 and not res.info["negative_curvature"]
+    assert res.damping > -w[0] and res.converged
+    want = np.linalg.solve(m.hessian() + res.damping * np.eye(m.n_params), v)
+    assert rel(res.x, want) < 1e-7
+    m._eigenvalue_bounds_cache = None
+
+
+def test_auto_damping_eigenvalues_are_cached_per_theta(indefinite_model, monkeypatch):
+    m = indefinite_model.clone()
+    m.set_training_data(indefinite_model.X_train_np_, indefinite_model.y_train_np_).set_theta(indefinite_model.theta_)
+    v = np.ones(m.n_params)
+    first = m.inverse_hvp(v, "cg", damping="auto")
+
+    def refuse():
+        raise AssertionError("eigenvalues recomputed for the same theta")
+
+    monkeypatch.setattr(m, "hessian_eigenvalue_bounds", refuse)
+    again = m.inverse_hvp(2 * v, "cg", damping="auto")
+    assert again.damping == first.damping
+    m.set_theta(m.theta_ * 1.01)
+    with pytest.raises(AssertionError, match="recomputed"):
+        m.inverse_hvp(v, "cg", damping="auto")
+
+
+def test_auto_damping_setting_is_validated():
+    assert CGSolver(damping="auto").config()["damping"] == "auto"
+    with pytest.raises(ValueError, match="auto"):
+        CGSolver(damping="big")
+    with pytest.raises(ValueError):
+        ExactSolver(damping=float("nan"))
