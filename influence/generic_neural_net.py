@@ -45,6 +45,7 @@ loss); positive predicted change on removal = helpful.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 from dataclasses import dataclass
@@ -761,7 +762,7 @@ class GenericNeuralNet:
         return -self.influence_scores(s, indices, include_regularizer)
 
     def influence_matrix(self, X_test, y_test, indices=None, solver="cg", include_regularizer: bool = True,
-                         **solver_options) -> np.ndarray:
+                         out=None, test_chunk: int | None = None, **solver_options) -> np.ndarray:
         """``I_up,loss(z_i, z_test_k)`` for every test point ``k`` and training point ``i``: shape (k, m).
 
         Each test point separately (not their mean, as :meth:`influence_up_loss` takes):
@@ -769,22 +770,42 @@ class GenericNeuralNet:
         grad L(z_test_k)]`` (p, k), then ``I = -(G S)^T`` with the training gradients ``G``
         formed in chunks of rows, so memory stays at O(chunk * p + k * m).
         Divide by ``-n`` for the predicted change in each test loss on removal.
+
+        For matrices larger than memory: ``out`` (a path ending in ``.npy``) writes the
+        matrix there, chunk by chunk, and returns it opened read-only as a memory map
+        (``np.load(out, mmap_mode="r")`` reads it later); the file appears only when
+        complete. ``test_chunk`` solves that many test points at a time (default: all at
+        once), so memory is O(p * test_chunk + chunk * p) besides the output.
         """
         self._require_fit()
-        V = self.test_gradients(*self.as_batch(X_test, y_test))
-        if len(V) == 0:
+        X_test, y_test = self.as_batch(X_test, y_test)
+        k = len(X_test)
+        if k == 0:
             raise ValueError("no test points given")
-        res = self.inverse_hvp(V.T, solver, **solver_options)
-        logger.info("influence_matrix: %s solve for %d test points, %d iterations, relative residual %.2g",
-                    res.solver, len(V), res.iterations, res.residual)
-        S = res.x
+        if test_chunk is not None and int(test_chunk) < 1:
+            raise ValueError("test_chunk must be >= 1")
+        tc = k if test_chunk is None else int(test_chunk)
         idx = self._check_indices(indices)
-        out = np.empty((S.shape[1], len(idx)))
         chunk = max(1, min(len(idx), self._rows_per_chunk()))
-        for j in range(0, len(idx), chunk):
-            G = self.per_example_gradients(idx[j:j + chunk], include_regularizer)
-            out[:, j:j + chunk] = -(G @ S).T
-        return out
+        if out is not None and Path(out).suffix != ".npy":
+            raise ValueError(f"out must be a path ending in .npy, got {out!r}")
+        with (atomic_path(out, suffix=".npy") if out is not None else _no_path()) as tmp:
+            result = (np.empty((k, len(idx))) if tmp is None else
+                      np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float64, shape=(k, len(idx))))
+            for t in range(0, k, tc):
+                V = self.test_gradients(X_test[t:t + tc], y_test[t:t + tc])
+                res = self.inverse_hvp(V.T, solver, **solver_options)
+                logger.info("influence_matrix: %s solve for %d test points, %d iterations, relative residual %.2g",
+                            res.solver, len(V), res.iterations, res.residual)
+                S = res.x
+                for j in _progress(range(0, len(idx), chunk), total=-(-len(idx) // chunk), desc="influence_matrix",
+                                   enabled=self.progress and tmp is not None):
+                    G = self.per_example_gradients(idx[j:j + chunk], include_regularizer)
+                    result[t:t + tc, j:j + chunk] = -(G @ S).T
+            if tmp is not None:
+                result.flush()
+                del result
+        return result if out is None else np.load(out, mmap_mode="r")
 
     def predicted_loss_diffs(self, X_test, y_test, indices=None, solver="cg", **solver_options) -> np.ndarray:
         """Predicted change in test loss when each training point is removed: ``-I_up,loss / n``."""
@@ -825,6 +846,11 @@ class GenericNeuralNet:
 
 
 CURVATURES = ("hessian", "gauss-newton")
+
+
+@contextlib.contextmanager
+def _no_path():
+    yield None
 
 
 def _check_curvature(curvature: str) -> str:

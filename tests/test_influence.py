@@ -297,3 +297,29 @@ def test_loo_falls_back_to_this_process_when_workers_cannot_rebuild_the_model(bi
     assert "worker processes failed" in caplog.text and "retraining in this process" in caplog.text
     np.testing.assert_allclose(pooled.actual, serial.actual, rtol=1e-12, atol=1e-15)
     assert np.any(serial.actual != 0)
+
+
+def test_influence_matrix_on_disk_in_test_chunks(multiclass_model, digits, tmp_path):
+    """out=*.npy writes the same matrix, chunk by chunk, and returns it memory-mapped; a
+    failure leaves no file; test_chunk gives the same numbers with smaller solves."""
+    m = multiclass_model
+    X, y = digits
+    Xte, yte = X[400:407], y[400:407]
+    idx = np.arange(0, 400, 3)
+    want = m.influence_matrix(Xte, yte, indices=idx, solver="exact")
+    path = tmp_path / "sub" / "influence.npy"
+    got = m.influence_matrix(Xte, yte, indices=idx, solver="exact", out=path, test_chunk=3)
+    assert isinstance(got, np.memmap) and not got.flags.writeable
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
+    np.testing.assert_array_equal(np.load(path), got)
+    assert [p.name for p in path.parent.iterdir()] == ["influence.npy"]  # no temporary left
+    in_memory = m.influence_matrix(Xte, yte, indices=idx, solver="cg", tol=1e-12, test_chunk=2)
+    np.testing.assert_allclose(in_memory, want, rtol=1e-6, atol=1e-10)
+    bad = tmp_path / "bad.npy"
+    with pytest.raises(ValueError, match="damping"):  # fails inside the write
+        m.influence_matrix(Xte, yte, indices=idx, solver="exact", out=bad, damping=float("nan"))
+    assert not bad.exists() and not any(p.name.startswith(".bad") for p in tmp_path.iterdir())
+    with pytest.raises(ValueError, match=".npy"):
+        m.influence_matrix(Xte, yte, out=tmp_path / "x.csv")
+    with pytest.raises(ValueError, match="test_chunk"):
+        m.influence_matrix(Xte, yte, test_chunk=0)
