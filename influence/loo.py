@@ -53,11 +53,11 @@ class LOOResult:
         return float(scipy.stats.spearmanr(self.actual, self.predicted)[0])
 
 
-def _retrain_chunk(model_bytes: bytes, indices: np.ndarray, X_test, y_test, threads):
-    """Worker: rebuild the model, retrain without each index, return the new test losses."""
+def _retrain_chunk(model_bytes: bytes, groups, X_test, y_test, threads):
+    """Worker: rebuild the model, retrain without each group, return the new test losses."""
     limit_threads(threads)
     model = pickle.loads(model_bytes)
-    return _retrain_serial(model, indices, X_test, y_test)
+    return _retrain_serial(model, groups, X_test, y_test)
 
 
 _WORKER_MODEL = None
@@ -70,15 +70,15 @@ def _init_worker(model_bytes: bytes, threads):
     _WORKER_MODEL = pickle.loads(model_bytes)
 
 
-def _retrain_in_worker(indices, X_test, y_test):
-    return _retrain_serial(_WORKER_MODEL, indices, X_test, y_test)
+def _retrain_in_worker(groups, X_test, y_test):
+    return _retrain_serial(_WORKER_MODEL, groups, X_test, y_test)
 
 
-def _retrain_serial(model, indices, X_test, y_test):
-    losses = np.empty(len(indices))
-    for j, i in enumerate(indices):
-        theta = model.retrain_without([i])
-        losses[j] = model.mean_loss(X_test, y_test, theta)
+def _retrain_serial(model, groups, X_test, y_test):
+    """Per-test-point losses (len(groups), n_test) after re-fitting without each group."""
+    losses = np.empty((len(groups), len(X_test)))
+    for j, group in enumerate(groups):
+        losses[j] = model.losses(X_test, y_test, model.retrain_without(group))
     return losses
 
 
@@ -99,7 +99,7 @@ def _collect(futures, chunks, total, progress) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def _retrain_in_local_pool(model, indices, X_test, y_test, n_jobs, threads) -> np.ndarray:
+def _retrain_in_local_pool(model, groups, X_test, y_test, n_jobs, threads) -> np.ndarray:
     """Retrain in :func:`~influence.parallel.local_pool` workers (the model travels once per
     worker; one task per point). A model the workers cannot rebuild from its pickle (e.g. a
     subclassed Keras model whose class Keras cannot look up) is retrained in this process
@@ -110,18 +110,42 @@ def _retrain_in_local_pool(model, indices, X_test, y_test, n_jobs, threads) -> n
     except Exception as exc:  # noqa: BLE001 -- any unpicklable model
         logger.warning("the model cannot be sent to worker processes (%s: %s); retraining in this process "
                        "(n_jobs=1)", type(exc).__name__, str(exc).splitlines()[0][:200])
-        return _retrain_serial(model, indices, X_test, y_test)
+        return _retrain_serial(model, groups, X_test, y_test)
     pool = local_pool(n_jobs, initializer=_init_worker, initargs=(blob, threads))
     try:
-        chunks = np.array_split(indices, len(indices))
+        chunks = [[g] for g in groups]
         futures = [pool.submit(_retrain_in_worker, c, X_test, y_test) for c in chunks]
-        return _collect(futures, chunks, len(indices), model.progress)
+        return _collect(futures, chunks, len(groups), model.progress)
     except BrokenExecutor as exc:
         logger.warning("the LOO worker processes failed (%s); retraining in this process (n_jobs=1)",
                        str(exc).splitlines()[0][:200])
-        return _retrain_serial(model, indices, X_test, y_test)
+        return _retrain_serial(model, groups, X_test, y_test)
     finally:
         pool.shutdown()
+
+
+def retrain_test_losses(model, groups, X_test, y_test, executor: Executor | None = None, n_jobs: int | None = None,
+                        threads_per_worker: int | None = 1) -> np.ndarray:
+    """Each test point's loss after re-fitting without each group of training indices.
+
+    ``groups``: a list of index arrays (one re-fit each, warm-started, objective normalised
+    over the points kept: :meth:`retrain_without`). Returns shape (len(groups), n_test).
+    Re-fits run as in :func:`leave_one_out` (``n_jobs``, ``executor``).
+    """
+    model._require_fit()
+    groups = [model._check_indices(g) for g in groups]
+    X_test, y_test = model.as_batch(X_test, y_test)
+    n_jobs = n_jobs or os.cpu_count() or 1
+    if (executor is None and n_jobs == 1) or len(groups) == 0:
+        return _retrain_serial(model, groups, X_test, y_test)
+    if executor is None:
+        return _retrain_in_local_pool(model, groups, X_test, y_test, n_jobs, threads_per_worker)
+    # any Executor: the model travels with each chunk, so send few chunks
+    blob = dumps(model)
+    bounds = np.array_split(np.arange(len(groups)), max(1, min(len(groups), 2 * n_jobs)))
+    chunks = [[groups[i] for i in b] for b in bounds]
+    futures = [executor.submit(_retrain_chunk, blob, c, X_test, y_test, threads_per_worker) for c in chunks]
+    return _collect(futures, chunks, len(groups), model.progress)
 
 
 def leave_one_out(model, X_test, y_test, indices, predicted=None, executor: Executor | None = None,
@@ -149,20 +173,78 @@ def leave_one_out(model, X_test, y_test, indices, predicted=None, executor: Exec
         base = model.mean_loss(X_test, y_test, model.retrain_without([]))
         info["control_test_loss"] = base
         info["control_drift"] = base - info["fitted_test_loss"]
-    n_jobs = n_jobs or os.cpu_count() or 1
-    if (executor is None and n_jobs == 1) or len(indices) == 0:
-        losses = _retrain_serial(model, indices, X_test, y_test)
-    elif executor is None:
-        losses = _retrain_in_local_pool(model, indices, X_test, y_test, n_jobs, threads_per_worker)
-    else:  # any Executor: the model travels with each chunk, so send few chunks
-        blob = dumps(model)
-        chunks = np.array_split(indices, max(1, min(len(indices), 2 * n_jobs)))
-        futures = [executor.submit(_retrain_chunk, blob, c, X_test, y_test, threads_per_worker) for c in chunks]
-        losses = _collect(futures, chunks, len(indices), model.progress)
+    losses = retrain_test_losses(model, [[i] for i in indices], X_test, y_test, executor, n_jobs,
+                                 threads_per_worker).mean(axis=1) if len(indices) else np.zeros(0)
     wall = time.perf_counter() - t0
     result = LOOResult(indices=indices, actual=losses - base, predicted=predicted, base_loss=base, wall_time_s=wall,
                        info=info)
     if predicted is not None and len(indices) > 2:
         logger.info("LOO over %d points in %.1fs: Pearson %.4f, Spearman %.4f", len(indices), wall,
                     result.pearson, result.spearman)
+    return result
+
+
+@dataclass
+class LDSResult:
+    """Actual vs additively predicted change in each test loss for re-fits without subsets."""
+
+    removed: np.ndarray     # (n_subsets, subset_size) training indices removed in each re-fit
+    actual: np.ndarray      # (n_subsets, n_test) loss after the re-fit minus the fitted model's
+    predicted: np.ndarray   # (n_subsets, n_test) sum over the removed points of -I_up,loss / n
+    wall_time_s: float
+
+    @property
+    def per_test(self) -> np.ndarray:
+        """Spearman correlation over the subsets, for each test point."""
+        return np.array([scipy.stats.spearmanr(self.actual[:, k], self.predicted[:, k])[0]
+                         for k in range(self.actual.shape[1])])
+
+    @property
+    def score(self) -> float:
+        """The linear datamodeling score: the mean over test points of :attr:`per_test`."""
+        return float(np.nanmean(self.per_test))
+
+
+def linear_datamodeling_score(model, X_test, y_test, influence, n_subsets: int = 50, fraction: float = 0.5,
+                              seed: int = 0, indices=None, executor: Executor | None = None,
+                              n_jobs: int | None = None, threads_per_worker: int | None = 1) -> LDSResult:
+    """Linear datamodeling score (LDS; Park et al. 2023) of influence estimates.
+
+    Draws ``n_subsets`` random subsets ``R_m`` of ``round(fraction * len(indices))`` of
+    the training points ``indices`` (default all; seeded), re-fits without each (as
+    :func:`leave_one_out` does for one point), and compares each test point's actual
+    change in loss with the additive first-order prediction
+    ``sum_{i in R_m} -I_up,loss(z_i, z_test) / n``. The LDS of a test point is the
+    Spearman correlation of the two over the subsets; the score is their mean. Unlike
+    leave-one-out, it checks how influence adds up over large groups.
+
+    ``influence``: ``I_up,loss`` of shape (n_test, len(indices)), e.g.
+    ``model.influence_matrix(X_test, y_test, indices)``.
+    """
+    model._require_fit()
+    idx = model._check_indices(indices)
+    X_test, y_test = model.as_batch(X_test, y_test)
+    influence = np.asarray(influence, dtype=float)
+    if influence.shape != (len(X_test), len(idx)):
+        raise ValueError(f"influence has shape {influence.shape}, expected (n_test, n_indices) = "
+                         f"{(len(X_test), len(idx))}")
+    if not np.all(np.isfinite(influence)):
+        raise ValueError("influence contains NaN or infinite values")
+    size = int(round(fraction * len(idx)))
+    if not 1 <= size < model.n_train_:
+        raise ValueError(f"fraction {fraction} removes {size} of {len(idx)} points; need at least 1 and fewer "
+                         f"than all {model.n_train_} training points")
+    if n_subsets < 3:
+        raise ValueError("n_subsets must be >= 3 for a rank correlation")
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    picks = np.stack([rng.choice(len(idx), size=size, replace=False) for _ in range(n_subsets)])
+    base = model.losses(X_test, y_test)
+    losses = retrain_test_losses(model, [idx[p] for p in picks], X_test, y_test, executor, n_jobs,
+                                 threads_per_worker)
+    predicted = np.stack([-influence[:, p].sum(axis=1) / model.n_train_ for p in picks])
+    result = LDSResult(removed=idx[picks], actual=losses - base, predicted=predicted,
+                       wall_time_s=time.perf_counter() - t0)
+    logger.info("LDS over %d subsets of %d points, %d test points: %.4f (%.1fs)", n_subsets, size, len(X_test),
+                result.score, result.wall_time_s)
     return result

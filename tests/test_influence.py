@@ -323,3 +323,35 @@ def test_influence_matrix_on_disk_in_test_chunks(multiclass_model, digits, tmp_p
         m.influence_matrix(Xte, yte, out=tmp_path / "x.csv")
     with pytest.raises(ValueError, match="test_chunk"):
         m.influence_matrix(Xte, yte, test_chunk=0)
+
+
+def test_linear_datamodeling_score_against_direct_refits(binary_model, binary_digits):
+    """LDS: each subset's actual change is a direct re-fit without it, the prediction is
+    the sum of -I/n over it; exact influence ranks the subsets well, permuted influence not."""
+    from influence import linear_datamodeling_score, retrain_test_losses
+
+    m = binary_model
+    _, _, Xte, yte = binary_digits
+    Xq, yq = Xte[:4], yte[:4]
+    infl = m.influence_matrix(Xq, yq, solver="exact")
+    res = linear_datamodeling_score(m, Xq, yq, infl, n_subsets=12, fraction=0.1, seed=3, n_jobs=1)
+    assert res.removed.shape == (12, 25) and res.actual.shape == res.predicted.shape == (12, 4)
+    assert all(len(set(r)) == 25 for r in res.removed)
+    j = 5
+    theta = m.retrain_without(res.removed[j])
+    np.testing.assert_allclose(res.actual[j], m.losses(Xq, yq, theta) - m.losses(Xq, yq), rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(res.predicted[j], -infl[:, res.removed[j]].sum(axis=1) / m.n_train_, rtol=1e-12)
+    assert res.score > 0.8 and res.per_test.shape == (4,)
+    shuffled = np.random.default_rng(0).permutation(infl.T).T  # each test point's scores, shuffled
+    worse = linear_datamodeling_score(m, Xq, yq, shuffled, n_subsets=12, fraction=0.1, seed=3, n_jobs=1)
+    np.testing.assert_array_equal(worse.actual, res.actual)  # same seed, same subsets
+    assert worse.score < res.score - 0.3
+    # the pool gives the serial numbers; bad inputs are refused
+    pooled = retrain_test_losses(m, list(res.removed[:3]), Xq, yq, n_jobs=2)
+    np.testing.assert_allclose(pooled - m.losses(Xq, yq), res.actual[:3], rtol=1e-6, atol=1e-10)
+    with pytest.raises(ValueError, match="shape"):
+        linear_datamodeling_score(m, Xq, yq, infl[:, :10])
+    with pytest.raises(ValueError, match="fraction"):
+        linear_datamodeling_score(m, Xq, yq, infl, fraction=1.0)
+    with pytest.raises(ValueError, match="NaN"):
+        linear_datamodeling_score(m, Xq, yq, infl * np.nan)
