@@ -207,7 +207,8 @@ class LDSResult:
 
 def linear_datamodeling_score(model, X_test, y_test, influence, n_subsets: int = 50, fraction: float = 0.5,
                               seed: int = 0, indices=None, executor: Executor | None = None,
-                              n_jobs: int | None = None, threads_per_worker: int | None = 1) -> LDSResult:
+                              n_jobs: int | None = None,
+                              threads_per_worker: int | None = 1) -> LDSResult | dict[str, LDSResult]:
     """Linear datamodeling score (LDS; Park et al. 2023) of influence estimates.
 
     Draws ``n_subsets`` random subsets ``R_m`` of ``round(fraction * len(indices))`` of
@@ -219,17 +220,21 @@ def linear_datamodeling_score(model, X_test, y_test, influence, n_subsets: int =
     leave-one-out, it checks how influence adds up over large groups.
 
     ``influence``: ``I_up,loss`` of shape (n_test, len(indices)), e.g.
-    ``model.influence_matrix(X_test, y_test, indices)``.
+    ``model.influence_matrix(X_test, y_test, indices)``; or a dict of such matrices (say,
+    one per solver), scored on the same re-fits: then a dict of results.
     """
     model._require_fit()
     idx = model._check_indices(indices)
     X_test, y_test = model.as_batch(X_test, y_test)
-    influence = np.asarray(influence, dtype=float)
-    if influence.shape != (len(X_test), len(idx)):
-        raise ValueError(f"influence has shape {influence.shape}, expected (n_test, n_indices) = "
-                         f"{(len(X_test), len(idx))}")
-    if not np.all(np.isfinite(influence)):
-        raise ValueError("influence contains NaN or infinite values")
+    named = dict(influence) if isinstance(influence, dict) else {None: influence}
+    for name, matrix in named.items():
+        matrix = named[name] = np.asarray(matrix, dtype=float)
+        what = "influence" if name is None else f"influence[{name!r}]"
+        if matrix.shape != (len(X_test), len(idx)):
+            raise ValueError(f"{what} has shape {matrix.shape}, expected (n_test, n_indices) = "
+                             f"{(len(X_test), len(idx))}")
+        if not np.all(np.isfinite(matrix)):
+            raise ValueError(f"{what} contains NaN or infinite values")
     size = int(round(fraction * len(idx)))
     if not 1 <= size < model.n_train_:
         raise ValueError(f"fraction {fraction} removes {size} of {len(idx)} points; need at least 1 and fewer "
@@ -242,9 +247,11 @@ def linear_datamodeling_score(model, X_test, y_test, influence, n_subsets: int =
     base = model.losses(X_test, y_test)
     losses = retrain_test_losses(model, [idx[p] for p in picks], X_test, y_test, executor, n_jobs,
                                  threads_per_worker)
-    predicted = np.stack([-influence[:, p].sum(axis=1) / model.n_train_ for p in picks])
-    result = LDSResult(removed=idx[picks], actual=losses - base, predicted=predicted,
-                       wall_time_s=time.perf_counter() - t0)
-    logger.info("LDS over %d subsets of %d points, %d test points: %.4f (%.1fs)", n_subsets, size, len(X_test),
-                result.score, result.wall_time_s)
-    return result
+    wall = time.perf_counter() - t0
+    results = {}
+    for name, matrix in named.items():
+        predicted = np.stack([-matrix[:, p].sum(axis=1) / model.n_train_ for p in picks])
+        results[name] = LDSResult(removed=idx[picks], actual=losses - base, predicted=predicted, wall_time_s=wall)
+        logger.info("LDS%s over %d subsets of %d points, %d test points: %.4f (%.1fs)",
+                    "" if name is None else f" of {name}", n_subsets, size, len(X_test), results[name].score, wall)
+    return results if isinstance(influence, dict) else results[None]

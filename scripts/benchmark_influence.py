@@ -9,7 +9,9 @@ how its scores agree with CG's. Scoring runs as one forward-mode JVP per batch; 
 compared with the original code's approach, one gradient per training point in a Python
 loop (timed on a subset and scaled to n), and with vectorised per-example gradients.
 Then the influence on --matrix-tests test points, each separately: one s_test and one
-scoring per test point vs influence_matrix's single multi-column CG solve.
+scoring per test point vs influence_matrix's single multi-column CG solve. Then the
+linear datamodeling score (LDS) of each solver's influence matrix on --lds-tests test
+points, over --lds-subsets re-fits without a random half of the training set.
 All numbers come from this one run; ratios are printed, not asserted.
 
 A second table (``--models``) times the same stages for each experiment's model whose data
@@ -52,6 +54,9 @@ def main(argv=None):
                         help="test points for the influence-matrix timing (0: skip)")
     parser.add_argument("--arnoldi-ranks", type=int, nargs="*", default=[10, 50, 200],
                         help="ranks of the low-rank (Arnoldi) solver compared with CG (none: skip)")
+    parser.add_argument("--lds-subsets", type=int, default=50,
+                        help="re-fits without random halves for the LDS of each solver (0: skip)")
+    parser.add_argument("--lds-tests", type=int, default=10, help="test points (the first ones) for the LDS")
     parser.add_argument("--out", default="output/BENCHMARK.md", help="where the timing table is written")
     parser.add_argument("--models", nargs="*", default=["binary_lr", "smooth_hinge", "hospital", "spam", "inception"],
                         help="experiment models for the per-model table (add 'cnn' for the CNN; none: skip)")
@@ -133,6 +138,8 @@ def main(argv=None):
         rows.append((f"  the same with influence_matrix (one {k}-column CG solve)", t_matrix,
                      f"max relative difference {err:.1e}; {t_looped / t_matrix:.1f}x faster"))
 
+    lds_lines = lds_table(model, data, args) if args.lds_subsets > 0 else []
+
     width = max(len(r[0]) for r in rows)
     print(f"\nMNIST logistic regression, n = {n}, p = {model.n_params}, test point {args.test_idx}")
     print(f"{'stage'.ljust(width)}  {'seconds':>9}  notes")
@@ -155,6 +162,7 @@ def main(argv=None):
     lines += [f"| {label.strip()} | {t:.3f} | {note} |" for label, t, note in rows]
     lines += ["", f"Forward-mode scoring vs the per-example loop: {t_loop / t_jvp:.0f}x; vs vectorised "
                   f"per-example gradients: {t_vec / t_jvp:.1f}x.", ""]
+    lines += lds_lines
     model_rows = per_model_table(args)
     if model_rows:
         lines += ["## Cost of each stage per experiment model", "",
@@ -188,6 +196,45 @@ def arnoldi_rows(model, x_test, y_test, scores_ref, ranks):
                                       f"{scipy.stats.spearmanr(scores, scores_ref)[0]:.3f}, "
                                       f"top-100 overlap {len(top & top_ref)}"))
     return rows
+
+
+def lds_table(model, data, args):
+    """Markdown lines: the linear datamodeling score of each solver's influence matrix on the
+    first --lds-tests test points, all scored on the same --lds-subsets re-fits without a
+    random half of the training set (and the same with H replaced by I: plain gradient
+    dot products)."""
+    from influence import linear_datamodeling_score
+
+    xs, ys = data.test.x[:args.lds_tests], data.test.y[:args.lds_tests]
+    methods = {"cg": ("cg", {"tol": 1e-10}),
+               "lissa (paper's settings)": ("lissa", {"scale": 25, "depth": 5000, "num_samples": 10,
+                                                      "batch_size": 1, "seed": 17})}
+    if not args.skip_exact:
+        methods = {"exact": ("exact", {}), **methods}
+    for rank in args.arnoldi_ranks or []:
+        methods[f"arnoldi rank {rank}, complement dropped"] = ("arnoldi", {"rank": rank})
+        methods[f"arnoldi rank {rank}, fill = wd"] = ("arnoldi", {"rank": rank, "fill": model.weight_decay})
+    matrices, seconds = {}, {}
+    for label, (name, opts) in methods.items():
+        matrices[label], seconds[label] = timed(model.influence_matrix, xs, ys, solver=name, **opts)
+    V = model.test_gradients(xs, ys)
+    matrices["no Hessian (H = I: gradient dot products)"], seconds["no Hessian (H = I: gradient dot products)"] = \
+        timed(lambda: np.stack([-model.influence_scores(v) for v in V]))
+    lds, t_refit = timed(linear_datamodeling_score, model, xs, ys, matrices, n_subsets=args.lds_subsets,
+                         fraction=0.5, seed=0)
+    print(f"\nLDS over {args.lds_subsets} re-fits without a random half ({t_refit:.0f} s), "
+          f"test points 0-{args.lds_tests - 1}:")
+    lines = ["## Linear datamodeling score of each solver", "",
+             f"Influence of all {model.n_train_} training points on test points 0-{args.lds_tests - 1}, scored on "
+             f"the same {args.lds_subsets} re-fits without a random half of the training set ({t_refit:.0f} s): "
+             "the Spearman correlation, per test point, of the actual change in its loss with the summed "
+             "-I_up,loss / n of the removed points; mean (min) over the test points.", "",
+             "| influence from | seconds for the matrix | LDS mean | LDS min |", "|---|---|---|---|"]
+    for label, res in lds.items():
+        per = res.per_test
+        print(f"  {label:45s} {seconds[label]:8.2f} s  LDS {res.score:.3f} (min {np.nanmin(per):.3f})")
+        lines.append(f"| {label} | {seconds[label]:.2f} | {res.score:.3f} | {np.nanmin(per):.3f} |")
+    return lines + [""]
 
 
 def stage_costs(label, model, fit_args, x_test, y_test, solvers, loo_index=None):

@@ -346,6 +346,12 @@ def test_linear_datamodeling_score_against_direct_refits(binary_model, binary_di
     worse = linear_datamodeling_score(m, Xq, yq, shuffled, n_subsets=12, fraction=0.1, seed=3, n_jobs=1)
     np.testing.assert_array_equal(worse.actual, res.actual)  # same seed, same subsets
     assert worse.score < res.score - 0.3
+    # several estimators on the same re-fits: the same scores as separate calls
+    both = linear_datamodeling_score(m, Xq, yq, {"exact": infl, "shuffled": shuffled}, n_subsets=12,
+                                     fraction=0.1, seed=3, n_jobs=1)
+    assert both["exact"].score == res.score and both["shuffled"].score == worse.score
+    with pytest.raises(ValueError, match="shuffled"):
+        linear_datamodeling_score(m, Xq, yq, {"exact": infl, "shuffled": shuffled[:, :3]})
     # the pool gives the serial numbers; bad inputs are refused
     pooled = retrain_test_losses(m, list(res.removed[:3]), Xq, yq, n_jobs=2)
     np.testing.assert_allclose(pooled - m.losses(Xq, yq), res.actual[:3], rtol=1e-6, atol=1e-10)
