@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "DataError": "data",
     "GenericNeuralNet": "generic_neural_net", "ParamBlock": "generic_neural_net",
+    "InfluenceRanking": "generic_neural_net",
     "LogisticRegression": "logistic", "BinaryLogisticRegression": "logistic",
     "SmoothHingeSVM": "smooth_hinge", "AllCNN": "all_cnn", "KerasModel": "keras_model",
     "LOOResult": "loo", "leave_one_out": "loo", "LDSResult": "loo", "linear_datamodeling_score": "loo",

@@ -73,6 +73,21 @@ tf.get_logger().addFilter(_DropPforWhileLoopWarnings())
 
 
 @dataclass(frozen=True)
+class InfluenceRanking:
+    """Training points ranked by their predicted effect on a test loss when removed.
+
+    ``helpful``: indices, most helpful first (removal raises the test loss by
+    ``helpful_change`` > 0); ``harmful``: most harmful first (removal lowers it:
+    ``harmful_change`` < 0). See :meth:`GenericNeuralNet.most_influential`.
+    """
+
+    helpful: np.ndarray
+    helpful_change: np.ndarray
+    harmful: np.ndarray
+    harmful_change: np.ndarray
+
+
+@dataclass(frozen=True)
 class ParamBlock:
     """One block of the flat parameter vector: a name, a shape, and whether it is decayed."""
 
@@ -810,6 +825,24 @@ class GenericNeuralNet:
     def predicted_loss_diffs(self, X_test, y_test, indices=None, solver="cg", **solver_options) -> np.ndarray:
         """Predicted change in test loss when each training point is removed: ``-I_up,loss / n``."""
         return -self.influence_up_loss(X_test, y_test, indices, solver, **solver_options) / self.n_train_
+
+    def most_influential(self, X_test, y_test, k: int = 10, indices=None, solver="cg",
+                         **solver_options) -> "InfluenceRanking":
+        """The ``k`` most helpful and ``k`` most harmful training points for the test loss.
+
+        Ranked by the predicted change in test loss on removal, ``-I_up,loss / n``:
+        removing a *helpful* point raises the test loss (positive change), removing a
+        *harmful* one lowers it (negative change). Points whose change has the other sign
+        are never listed, so either list may be shorter than ``k``.
+        """
+        if int(k) < 1:
+            raise ValueError("k must be >= 1")
+        idx = self._check_indices(indices)
+        change = self.predicted_loss_diffs(X_test, y_test, idx, solver, **solver_options)
+        up, down = np.argsort(-change, kind="stable"), np.argsort(change, kind="stable")
+        up, down = up[change[up] > 0][:k], down[change[down] < 0][:k]
+        return InfluenceRanking(helpful=idx[up], helpful_change=change[up], harmful=idx[down],
+                                harmful_change=change[down])
 
     def influence_up_params(self, indices, solver="cg", include_regularizer: bool = True,
                             **solver_options) -> np.ndarray:

@@ -361,3 +361,27 @@ def test_linear_datamodeling_score_against_direct_refits(binary_model, binary_di
         linear_datamodeling_score(m, Xq, yq, infl, fraction=1.0)
     with pytest.raises(ValueError, match="NaN"):
         linear_datamodeling_score(m, Xq, yq, infl * np.nan)
+
+
+def test_most_influential_names_helpful_and_harmful_by_retraining(binary_model, binary_digits):
+    """The ranking's sign convention checked against re-fits: removing the listed helpful
+    points raises the test loss, removing the harmful ones lowers it, by the predicted amounts."""
+    m = binary_model
+    _, _, Xte, yte = binary_digits
+    x, y = Xte[5], yte[5]
+    r = m.most_influential(x, y, k=4, solver="exact")
+    change = m.predicted_loss_diffs(x, y, solver="exact")
+    np.testing.assert_array_equal(r.helpful, np.argsort(-change)[:4])
+    np.testing.assert_array_equal(r.harmful, np.argsort(change)[:4])
+    assert np.all(r.helpful_change > 0) and np.all(np.diff(r.helpful_change) <= 0)
+    assert np.all(r.harmful_change < 0) and np.all(np.diff(r.harmful_change) >= 0)
+    for points, predicted in ((r.helpful, r.helpful_change), (r.harmful, r.harmful_change)):
+        actual = leave_one_out(m, x, y, points, n_jobs=1).actual
+        assert np.all(np.sign(actual) == np.sign(predicted))
+        np.testing.assert_allclose(actual, predicted, rtol=0.2)
+    # a subset of indices: positions map back to training indices
+    sub = np.arange(100, 200)
+    rs = m.most_influential(x, y, k=3, indices=sub, solver="exact")
+    np.testing.assert_array_equal(rs.helpful, sub[np.argsort(-change[sub])[:3]])
+    with pytest.raises(ValueError, match="k must"):
+        m.most_influential(x, y, k=0)

@@ -113,7 +113,9 @@ def test_readme_usage_snippet_runs_as_a_plain_script(tmp_path):
                "X, y = load_digits(return_X_y=True)\n"
                "X_train, y_train, x_test, y_test = X[:300] / 16.0, y[:300], X[300:301] / 16.0, y[300:301]\n")
     epilogue = ("\nimport json\nprint(json.dumps({'pearson': loo.pearson, 'residual': float(res.residual), "
-                "'scores_shape': list(scores.shape), 'scores_finite': bool(np.isfinite(scores).all())}))\n")
+                "'scores_shape': list(scores.shape), 'scores_finite': bool(np.isfinite(scores).all()), "
+                "'helpful': ranked.helpful.tolist(), 'harmful': ranked.harmful.tolist(), "
+                "'top_helpful': int(np.argmax(pred)), 'top_harmful': int(np.argmin(pred))}))\n")
     script = tmp_path / "snippet.py"
     script.write_text(prelude + code + epilogue)
     env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "3"}
@@ -124,3 +126,5 @@ def test_readme_usage_snippet_runs_as_a_plain_script(tmp_path):
     assert out["pearson"] > 0.99
     assert out["residual"] < 1e-6
     assert out["scores_shape"] == [5, 300] and out["scores_finite"]
+    assert len(out["helpful"]) == len(out["harmful"]) == 5
+    assert out["helpful"][0] == out["top_helpful"] and out["harmful"][0] == out["top_harmful"]
