@@ -140,6 +140,14 @@ class KerasModel(GenericNeuralNet):
             raise ValueError("labels must be 0 or 1 for loss='sigmoid'")
         return y.astype(self.dtype)
 
+    def _cache_identity(self) -> dict:
+        """The base class's, plus the architecture: two Keras models with the same
+        configuration string (``<Sequential name=...>``) but different layers or
+        activations must not share cached ``s_test`` vectors."""
+        ident = super()._cache_identity()
+        ident["model"] = architecture_fingerprint(self.model)
+        return ident
+
     # ------------------------------------------------------------------ convenience
     def update_keras_model(self) -> None:
         """Write ``theta`` back into the wrapped Keras model's variables."""
@@ -155,3 +163,24 @@ class KerasModel(GenericNeuralNet):
         if self.loss == "sigmoid":
             return (out > 0).astype(int)
         return out
+
+
+def architecture_fingerprint(model) -> str:
+    """A string that changes with the model's architecture: its JSON config where Keras can
+    serialise it, else the class and each layer's class and config (a subclassed model's
+    own ``call`` source is added where Python can read it)."""
+    try:
+        return model.to_json()
+    except Exception:  # noqa: BLE001 -- subclassed models without get_config
+        parts = [f"{type(model).__module__}.{type(model).__qualname__}"]
+        try:
+            parts.append(inspect.getsource(type(model).call))
+        except (OSError, TypeError):
+            pass
+        for layer in model.layers:
+            try:
+                cfg = layer.get_config()
+            except Exception:  # noqa: BLE001
+                cfg = None
+            parts.append(f"{layer.name}:{type(layer).__qualname__}:{cfg}")
+        return "\n".join(parts)

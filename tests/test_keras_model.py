@@ -150,3 +150,23 @@ def test_keras_convnet_per_example_gradients_and_influence(digits):
     for k in range(2):
         np.testing.assert_allclose(M[k], m.influence_up_loss(X[100 + k], y[100 + k], solver="exact", damping=damping),
                                    rtol=1e-8, atol=1e-12 * np.abs(M[k]).max())
+
+
+def test_s_test_cache_tells_architectures_apart(digits, tmp_path):
+    """Two Keras models with the same name, shapes and weights but different activations
+    give different s_test vectors; the disk cache must not hand one the other's."""
+    X, y = digits
+    X, y = X[:200], y[:200]
+    got = {}
+    for act in ("tanh", "sigmoid"):
+        keras.utils.set_random_seed(0)
+        net = keras.Sequential([keras.Input((64,)), keras.layers.Dense(8, activation=act, dtype="float64"),
+                                keras.layers.Dense(10, dtype="float64", name="logits")], name="net")
+        cached = KerasModel(net, loss="softmax", weight_decay=0.01, cache_dir=str(tmp_path))
+        cached.set_training_data(X, y)
+        fresh = KerasModel(net, loss="softmax", weight_decay=0.01).set_training_data(X, y)
+        got[act] = cached.s_test(X[:1], y[:1], solver="exact", damping=1.0).x
+        np.testing.assert_allclose(got[act], fresh.s_test(X[:1], y[:1], solver="exact", damping=1.0).x,
+                                   rtol=1e-10, atol=1e-12)
+    assert np.linalg.norm(got["tanh"] - got["sigmoid"]) > 1e-3 * np.linalg.norm(got["tanh"])
+    assert len(list(tmp_path.glob("s_test-*.npz"))) == 2
