@@ -198,6 +198,12 @@ class GenericNeuralNet:
                 cfg[name] = getattr(self, name)
         return cfg
 
+    def _cache_identity(self) -> dict:
+        """What, besides theta and the data, tells this model's cached results apart: the
+        class and its configuration (subclasses add what the configuration's strings miss)."""
+        return {"class": f"{type(self).__module__}.{type(self).__qualname__}",
+                **{k: str(v) for k, v in self.get_config().items() if k not in ("cache_dir", "progress", "strategy")}}
+
     def clone(self) -> "GenericNeuralNet":
         """A new, unfitted model with the same configuration."""
         return type(self)(**self.get_config())
@@ -744,10 +750,8 @@ class GenericNeuralNet:
         v = self.test_gradient(X_test, y_test)
         key = None
         if self.cache_dir is not None and use_cache:
-            key = hash_arrays(type(self).__name__, {k: str(v_) for k, v_ in self.get_config().items()
-                                                    if k not in ("cache_dir", "progress", "strategy")},
-                              self.theta_, self.data_fingerprint_, np.asarray(X_test), np.asarray(y_test),
-                              solver_obj.config())
+            key = hash_arrays(self._cache_identity(), self.theta_, self.data_fingerprint_, np.asarray(X_test),
+                              np.asarray(y_test), solver_obj.config())
             cached = _load_cached(Path(self.cache_dir) / f"s_test-{key}.npz", key)
             if cached is not None:
                 logger.info("s_test loaded from cache %s", key[:12])
