@@ -145,6 +145,8 @@ class GenericNeuralNet:
         results; numbers equal the single-device ones up to summation order.
     """
 
+    multi_output_targets = False  # targets of shape (n, ...) (e.g. several regression outputs), not only (n,)
+
     def __init__(self, weight_decay: float = 0.0, dtype: str = "float64", batch_size: int = 8192,
                  cache_dir: str | None = None, seed: int = 0, max_hessian_params: int = 10000,
                  progress: bool = False, curvature: str = "hessian", strategy=None):
@@ -241,7 +243,11 @@ class GenericNeuralNet:
     def _check_xy(self, X, y, name="X") -> tuple[np.ndarray, np.ndarray]:
         X = self._check_x(X, name)
         y = np.asarray(y)
-        if y.ndim != 1 or len(y) != len(X):
+        if self.multi_output_targets:
+            if y.ndim < 1 or len(y) != len(X) or (self._built and y.shape[1:] != self.y_shape_):
+                want = self.y_shape_ if self._built else ("...",)
+                raise ValueError(f"targets must have shape {(len(X), *want)}, got {y.shape}")
+        elif y.ndim != 1 or len(y) != len(X):
             raise ValueError(f"labels must have shape ({len(X)},), got {y.shape}")
         if np.issubdtype(y.dtype, np.floating) and not np.all(np.isfinite(y)):
             raise ValueError("labels contain NaN or infinite values")
@@ -252,6 +258,7 @@ class GenericNeuralNet:
         X = self._check_x(X, "X_train")
         if not self._built:
             self.x_shape_ = tuple(X.shape[1:])
+            self.y_shape_ = tuple(np.shape(y)[1:])
             self.blocks_ = list(self._param_blocks(self.x_shape_, np.asarray(y)))
             self.n_params = sum(b.size for b in self.blocks_)
             self.decay_mask_ = np.concatenate(
@@ -514,10 +521,10 @@ class GenericNeuralNet:
 
     def as_batch(self, X, y) -> tuple[np.ndarray, np.ndarray]:
         """``(X, y)`` as a batch: a single example (shape ``x_shape_``) gains a leading axis."""
-        X = np.asarray(X)
+        X, y = np.asarray(X), np.asarray(y)
         if X.ndim == len(self.x_shape_):
-            return X[None], np.atleast_1d(y)
-        return X, np.asarray(y)
+            return X[None], (y[None] if y.shape == self.y_shape_ else y)
+        return X, y
 
     def _reg_value(self, theta: np.ndarray) -> float:
         return 0.5 * self.weight_decay * float(np.sum((self.decay_mask_ * theta) ** 2))

@@ -15,6 +15,10 @@ The objective is the base class's ``(1/n) sum_i L(z_i) + (wd/2) ||theta_decay||^
 - ``"softmax"``: cross-entropy of integer labels in ``[0, k)`` on logits of shape (b, k);
 - ``"sigmoid"``: cross-entropy of 0/1 labels on logits of shape (b,) or (b, 1);
 - ``"squared"``: ``(prediction - y)^2 / 2`` for real targets, predictions (b,) or (b, 1);
+  several outputs (b, k) with targets (b, k): summed over the outputs;
+- any callable ``loss(outputs, y) -> (b,)`` of TF ops: the per-example loss, given the
+  model's outputs as they come and the targets (integers as int32, else the model's
+  float type). It must be twice differentiable in the outputs for HVPs.
 
 and decay on the variables whose path ends in ``kernel`` (not biases, not batch-norm).
 The frozen weights and state are read once, when the wrapper first sees training data;
@@ -56,7 +60,7 @@ class KerasModel(GenericNeuralNet):
     ----------
     model : keras.Model
         Built (called once or created from ``keras.Input``); outputs logits or predictions.
-    loss : {"softmax", "sigmoid", "squared"}
+    loss : {"softmax", "sigmoid", "squared"} or callable ``(outputs, y) -> per-example loss``
     trainable : list of str or None
         Names of the model's (top-level, ``model.layers``) layers whose trainable variables are
         ``theta``; None: all of them.
@@ -64,10 +68,11 @@ class KerasModel(GenericNeuralNet):
         the model's variable dtype.
     """
 
-    def __init__(self, model, loss: str = "softmax", trainable: list | tuple | None = None,
+    def __init__(self, model, loss="softmax", trainable: list | tuple | None = None,
                  weight_decay: float = 0.0, dtype: str | None = None, **kwargs):
-        if loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        if not (callable(loss) or loss in LOSSES):
+            raise ValueError(f"loss must be one of {LOSSES} or a callable (outputs, y) -> per-example loss, "
+                             f"got {loss!r}")
         variables = list(getattr(model, "trainable_variables", None) or [])
         if not variables:
             raise ValueError("model has no trainable variables: pass a built keras.Model (call it once, or build it "
@@ -116,19 +121,32 @@ class KerasModel(GenericNeuralNet):
         it = iter(params)
         values = [next(it) if frozen is None else frozen for frozen in self._frozen]
         out = self.model.stateless_call(values, self._state, x, **self._call_kwargs)[0]
-        if self.loss != "softmax" and len(out.shape) == 2 and out.shape[1] == 1:
+        if self.loss in ("sigmoid", "squared") and len(out.shape) == 2 and out.shape[1] == 1:
             out = out[:, 0]
         return out
 
     def _loss(self, outputs, y):
+        if callable(self.loss):
+            out = self.loss(outputs, y)
+            if out.shape.rank != 1:
+                raise ValueError(f"the loss callable must return one value per example, shape (batch,); got shape "
+                                 f"{out.shape}")
+            return out
         if self.loss == "softmax":
             return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=outputs)
         if self.loss == "sigmoid":
             return tf.nn.sigmoid_cross_entropy_with_logits(labels=y, logits=outputs)
-        return 0.5 * tf.square(outputs - y)
+        sq = 0.5 * tf.square(outputs - y)
+        return tf.reduce_sum(sq, axis=1) if sq.shape.rank == 2 else sq
+
+    @property
+    def multi_output_targets(self) -> bool:  # several outputs: the squared loss, or your own
+        return callable(self.loss) or self.loss == "squared"
 
     def _encode_targets(self, y):
         y = np.asarray(y)
+        if callable(self.loss):
+            return y.astype(np.int32) if np.issubdtype(y.dtype, np.integer) else y.astype(self.dtype)
         if self.loss == "softmax":
             outputs = getattr(self.model, "outputs", None)
             k = outputs[0].shape[-1] if outputs else None
@@ -146,6 +164,8 @@ class KerasModel(GenericNeuralNet):
         activations must not share cached ``s_test`` vectors."""
         ident = super()._cache_identity()
         ident["model"] = architecture_fingerprint(self.model)
+        if callable(self.loss):
+            ident["loss"] = function_fingerprint(self.loss)
         return ident
 
     # ------------------------------------------------------------------ convenience
@@ -184,3 +204,14 @@ def architecture_fingerprint(model) -> str:
                 cfg = None
             parts.append(f"{layer.name}:{type(layer).__qualname__}:{cfg}")
         return "\n".join(parts)
+
+
+def function_fingerprint(fn) -> str:
+    """A string that changes with a function's code: its qualified name and source, or its
+    bytecode and constants where the source cannot be read."""
+    name = f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
+    try:
+        return name + "\n" + inspect.getsource(fn)
+    except (OSError, TypeError):
+        code = getattr(fn, "__code__", None)
+        return name if code is None else f"{name}\n{code.co_code.hex()}\n{code.co_consts!r}"

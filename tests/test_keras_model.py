@@ -170,3 +170,50 @@ def test_s_test_cache_tells_architectures_apart(digits, tmp_path):
                                    rtol=1e-10, atol=1e-12)
     assert np.linalg.norm(got["tanh"] - got["sigmoid"]) > 1e-3 * np.linalg.norm(got["tanh"])
     assert len(list(tmp_path.glob("s_test-*.npz"))) == 2
+
+
+def test_callable_loss_equals_the_built_in_one(multiclass_model, digits):
+    """loss=callable: a user's cross-entropy gives the built-in softmax model's influence."""
+    import tensorflow as tf
+
+    X, y = digits
+
+    def cross_entropy(logits, labels):
+        return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+
+    builtin = KerasModel(dense_softmax(64, 10), loss="softmax", weight_decay=0.01).fit(X[:400], y[:400])
+    custom = KerasModel(dense_softmax(64, 10), loss=cross_entropy, weight_decay=0.01).fit(X[:400], y[:400])
+    np.testing.assert_allclose(custom.theta_, builtin.theta_, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(custom.influence_up_loss(X[400:402], y[400:402], solver="exact"),
+                               builtin.influence_up_loss(X[400:402], y[400:402], solver="exact"), rtol=1e-5, atol=1e-9)
+    with pytest.raises(ValueError, match="one value per example"):
+        KerasModel(dense_softmax(64, 10), loss=lambda out, t: tf.reduce_sum(out)).set_training_data(
+            X[:20], y[:20]).objective()
+    with pytest.raises(ValueError, match="callable"):
+        KerasModel(dense_softmax(64, 10), loss="hinge")
+
+
+def test_squared_loss_with_several_outputs_is_a_sum_over_outputs(digits):
+    """Two regression outputs: the loss is sum_k (f_k - y_k)^2 / 2, so the Hessian of the
+    objective over a linear model's weights is the closed form X^T X / n (x) I_2 + wd."""
+    X, _ = digits
+    X = X[:150]
+    Y = np.stack([X[:, :8].sum(axis=1), X[:, 8:16].mean(axis=1)], axis=1)
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((64,), dtype="float64")
+    net = keras.Model(inp, keras.layers.Dense(2, use_bias=False, dtype="float64")(inp))
+    m = KerasModel(net, loss="squared", weight_decay=0.1).fit(X, Y)
+    W = m.theta_.reshape(64, 2)
+    np.testing.assert_allclose(m.losses(X, Y), 0.5 * np.sum((X @ W - Y) ** 2, axis=1), rtol=1e-10)
+    H = np.kron(X.T @ X / len(X), np.eye(2)) + 0.1 * np.eye(128)  # theta = W.ravel(): (input, output) order
+    np.testing.assert_allclose(m.hessian(), H, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(W, np.linalg.solve(X.T @ X / len(X) + 0.1 * np.eye(64), X.T @ Y / len(X)),
+                               rtol=1e-6, atol=1e-8)
+    # influence with a single test example given unbatched, against the closed form
+    x, t = X[3], Y[3]
+    grad = lambda xi, yi: np.outer(xi, xi @ W - yi).ravel()  # noqa: E731 -- d/dW of sum_k (f_k - y_k)^2 / 2
+    g_train = np.stack([grad(X[i], Y[i]) + 0.1 * W.ravel() for i in range(len(X))])
+    want = -g_train @ np.linalg.solve(H, grad(x, t))
+    np.testing.assert_allclose(m.influence_up_loss(x, t, solver="exact"), want, rtol=1e-7, atol=1e-10)
+    with pytest.raises(ValueError, match="targets must have shape"):
+        m.losses(X[:5], Y[:5, :1])
