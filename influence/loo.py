@@ -15,6 +15,10 @@ script's top level); a Dask cluster works the same way::
 With the default local pool the model (with its training data) is shipped once per
 worker process and each point is a task; with another executor it is shipped once per
 chunk of points.
+
+Group removal: :func:`retrain_test_losses` re-fits without whole groups of points, and
+:func:`linear_datamodeling_score` uses it to score how influence adds up over random
+subsets (the LDS).
 """
 from __future__ import annotations
 
@@ -101,7 +105,7 @@ def _collect(futures, chunks, total, progress) -> np.ndarray:
 
 def _retrain_in_local_pool(model, groups, X_test, y_test, n_jobs, threads) -> np.ndarray:
     """Retrain in :func:`~influence.parallel.local_pool` workers (the model travels once per
-    worker; one task per point). A model the workers cannot rebuild from its pickle (e.g. a
+    worker; one task per group, i.e. per point for leave-one-out). A model the workers cannot rebuild from its pickle (e.g. a
     subclassed Keras model whose class Keras cannot look up) is retrained in this process
     instead, with a warning."""
     try:
