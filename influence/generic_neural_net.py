@@ -45,9 +45,9 @@ loss); positive predicted change on removal = helpful.
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -788,7 +788,8 @@ class GenericNeuralNet:
         return -self.influence_scores(s, indices, include_regularizer)
 
     def influence_matrix(self, X_test, y_test, indices=None, solver="cg", include_regularizer: bool = True,
-                         out=None, test_chunk: int | None = None, **solver_options) -> np.ndarray:
+                         out=None, test_chunk: int | None = None, resume: bool = False,
+                         **solver_options) -> np.ndarray:
         """``I_up,loss(z_i, z_test_k)`` for every test point ``k`` and training point ``i``: shape (k, m).
 
         Each test point separately (not their mean, as :meth:`influence_up_loss` takes):
@@ -802,6 +803,12 @@ class GenericNeuralNet:
         (``np.load(out, mmap_mode="r")`` reads it later); the file appears only when
         complete. ``test_chunk`` solves that many test points at a time (default: all at
         once), so memory is O(p * test_chunk + chunk * p) besides the output.
+
+        ``resume=True`` (with ``out``) makes a long run restartable: the rows are written
+        to ``<out>.partial.npy`` with a checkpoint ``<out>.partial.json`` after each test
+        chunk, and a later call with the same model, data, test points, indices, solver
+        settings and ``test_chunk`` computes only the chunks still missing. Both files
+        are kept if the run fails, and replaced by ``out`` when it completes.
         """
         self._require_fit()
         X_test, y_test = self.as_batch(X_test, y_test)
@@ -812,26 +819,64 @@ class GenericNeuralNet:
             raise ValueError("test_chunk must be >= 1")
         tc = k if test_chunk is None else int(test_chunk)
         idx = self._check_indices(indices)
-        chunk = max(1, min(len(idx), self._rows_per_chunk()))
         if out is not None and Path(out).suffix != ".npy":
             raise ValueError(f"out must be a path ending in .npy, got {out!r}")
-        with (atomic_path(out, suffix=".npy") if out is not None else _no_path()) as tmp:
-            result = (np.empty((k, len(idx))) if tmp is None else
-                      np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float64, shape=(k, len(idx))))
-            for t in range(0, k, tc):
-                V = self.test_gradients(X_test[t:t + tc], y_test[t:t + tc])
-                res = self.inverse_hvp(V.T, solver, **solver_options)
-                logger.info("influence_matrix: %s solve for %d test points, %d iterations, relative residual %.2g",
-                            res.solver, len(V), res.iterations, res.residual)
-                S = res.x
-                for j in _progress(range(0, len(idx), chunk), total=-(-len(idx) // chunk), desc="influence_matrix",
-                                   enabled=self.progress and tmp is not None):
-                    G = self.per_example_gradients(idx[j:j + chunk], include_regularizer)
-                    result[t:t + tc, j:j + chunk] = -(G @ S).T
-            if tmp is not None:
+        if resume and out is None:
+            raise ValueError("resume=True needs out=<path>.npy to write to")
+        if out is None:
+            return self._fill_influence_matrix(np.empty((k, len(idx))), X_test, y_test, idx, tc, set(),
+                                               include_regularizer, solver, solver_options)
+        if not resume:
+            with atomic_path(out, suffix=".npy") as tmp:
+                result = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float64, shape=(k, len(idx)))
+                self._fill_influence_matrix(result, X_test, y_test, idx, tc, set(), include_regularizer, solver,
+                                            solver_options)
                 result.flush()
                 del result
-        return result if out is None else np.load(out, mmap_mode="r")
+            return np.load(out, mmap_mode="r")
+        out = Path(out)
+        partial, checkpoint = out.with_name(out.name + ".partial.npy"), out.with_name(out.name + ".partial.json")
+        key = hash_arrays(self._cache_identity(), self.theta_, self.data_fingerprint_, X_test, y_test, idx,
+                          include_regularizer, self._get_solver(solver, solver_options).config(), tc)
+        done = _read_checkpoint(checkpoint, key) if partial.is_file() else None
+        if done is None:
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            result, done = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float64, shape=(k, len(idx))), set()
+            _write_checkpoint(checkpoint, key, done)
+        else:
+            result = np.load(partial, mmap_mode="r+")
+            logger.info("influence_matrix: resuming %s, %d of %d test chunks already done", partial, len(done),
+                        -(-k // tc))
+        self._fill_influence_matrix(result, X_test, y_test, idx, tc, done, include_regularizer, solver,
+                                    solver_options, checkpoint=(checkpoint, key))
+        result.flush()
+        del result
+        os.replace(partial, out)
+        checkpoint.unlink()
+        return np.load(out, mmap_mode="r")
+
+    def _fill_influence_matrix(self, result, X_test, y_test, idx, tc, done, include_regularizer, solver,
+                               solver_options, checkpoint=None):
+        """Rows of the influence matrix, one multi-column solve per chunk of ``tc`` test
+        points not in ``done`` (their start rows); checkpointed after each chunk."""
+        chunk = max(1, min(len(idx), self._rows_per_chunk()))
+        for t in range(0, len(X_test), tc):
+            if t in done:
+                continue
+            V = self.test_gradients(X_test[t:t + tc], y_test[t:t + tc])
+            res = self.inverse_hvp(V.T, solver, **solver_options)
+            logger.info("influence_matrix: %s solve for %d test points, %d iterations, relative residual %.2g",
+                        res.solver, len(V), res.iterations, res.residual)
+            S = res.x
+            for j in _progress(range(0, len(idx), chunk), total=-(-len(idx) // chunk), desc="influence_matrix",
+                               enabled=self.progress and isinstance(result, np.memmap)):
+                G = self.per_example_gradients(idx[j:j + chunk], include_regularizer)
+                result[t:t + tc, j:j + chunk] = -(G @ S).T
+            if checkpoint is not None:
+                result.flush()
+                done.add(t)
+                _write_checkpoint(*checkpoint, done)
+        return result
 
     def predicted_loss_diffs(self, X_test, y_test, indices=None, solver="cg", **solver_options) -> np.ndarray:
         """Predicted change in test loss when each training point is removed: ``-I_up,loss / n``."""
@@ -892,9 +937,22 @@ class GenericNeuralNet:
 CURVATURES = ("hessian", "gauss-newton")
 
 
-@contextlib.contextmanager
-def _no_path():
-    yield None
+def _read_checkpoint(path: Path, key: str) -> set | None:
+    """The test-chunk start rows recorded as done in a checkpoint for ``key`` (None: no
+    usable checkpoint, e.g. another computation's)."""
+    import json
+
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return set(info["done"]) if info.get("key") == key else None
+
+
+def _write_checkpoint(path: Path, key: str, done: set) -> None:
+    from .utils import write_json
+
+    write_json(path, {"key": key, "done": sorted(done)})
 
 
 def _check_curvature(curvature: str) -> str:

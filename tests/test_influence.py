@@ -385,3 +385,51 @@ def test_most_influential_names_helpful_and_harmful_by_retraining(binary_model, 
     np.testing.assert_array_equal(rs.helpful, sub[np.argsort(-change[sub])[:3]])
     with pytest.raises(ValueError, match="k must"):
         m.most_influential(x, y, k=0)
+
+
+def test_influence_matrix_resumes_after_a_failure(multiclass_model, digits, tmp_path, monkeypatch):
+    """resume=True: a run that fails after its first test chunk keeps its rows and a
+    checkpoint; the next call solves only the missing chunks and gives the same matrix."""
+    m = multiclass_model.clone()
+    m.set_training_data(multiclass_model.X_train_np_, multiclass_model.y_train_np_).set_theta(multiclass_model.theta_)
+    X, y = digits
+    Xte, yte = X[400:407], y[400:407]
+    idx = np.arange(0, 400, 5)
+    want = m.influence_matrix(Xte, yte, indices=idx, solver="exact")
+    path = tmp_path / "I.npy"
+    solves = []
+    real = m.inverse_hvp
+
+    def failing_after_one(v, *a, **kw):
+        if solves:
+            raise RuntimeError("interrupted")
+        solves.append(v.shape[1])
+        return real(v, *a, **kw)
+
+    monkeypatch.setattr(m, "inverse_hvp", failing_after_one)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        m.influence_matrix(Xte, yte, indices=idx, solver="exact", out=path, test_chunk=3, resume=True)
+    assert not path.exists()
+    assert (tmp_path / "I.npy.partial.npy").is_file() and (tmp_path / "I.npy.partial.json").is_file()
+
+    def counting(v, *a, **kw):
+        solves.append(v.shape[1])
+        return real(v, *a, **kw)
+
+    monkeypatch.setattr(m, "inverse_hvp", counting)
+    got = m.influence_matrix(Xte, yte, indices=idx, solver="exact", out=path, test_chunk=3, resume=True)
+    assert solves == [3, 3, 1]  # the first chunk was not solved again
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["I.npy"]
+    # another computation (different test points) never reuses a stale checkpoint
+    solves.clear()
+    monkeypatch.setattr(m, "inverse_hvp", failing_after_one)
+    with pytest.raises(RuntimeError):
+        m.influence_matrix(Xte[:6], yte[:6], indices=idx, solver="exact", out=path, test_chunk=3, resume=True)
+    monkeypatch.setattr(m, "inverse_hvp", counting)
+    solves.clear()
+    other = m.influence_matrix(Xte[1:7], yte[1:7], indices=idx, solver="exact", out=path, test_chunk=3, resume=True)
+    assert solves == [3, 3]
+    np.testing.assert_allclose(other, want[1:7], rtol=1e-12, atol=1e-15)
+    with pytest.raises(ValueError, match="resume=True needs out"):
+        m.influence_matrix(Xte, yte, resume=True)
