@@ -217,3 +217,6 @@ def test_squared_loss_with_several_outputs_is_a_sum_over_outputs(digits):
     np.testing.assert_allclose(m.influence_up_loss(x, t, solver="exact"), want, rtol=1e-7, atol=1e-10)
     with pytest.raises(ValueError, match="targets must have shape"):
         m.losses(X[:5], Y[:5, :1])
+    # outputs linear in theta: the Gauss-Newton matrix is the same closed form
+    m.curvature = "gauss-newton"
+    np.testing.assert_allclose(m.hessian(), H, rtol=1e-8, atol=1e-10)
