@@ -14,9 +14,10 @@ Gauss-Newton matrix when the model's ``curvature`` is "gauss-newton"), and retur
 ``damping`` d corresponds to ``damping = d * scale`` here.) ``damping="auto"`` follows
 Koh's rule for non-convex models (influence-release #6): no damping where ``H`` is
 positive definite, else 1.5 times the magnitude of its smallest eigenvalue (Lanczos on
-HVPs; the explicit Hessian's for the exact solver), tripled up to
-``AUTO_DAMPING_RETRIES`` times while CG still meets negative curvature. The value used is
-``SolveResult.damping``.
+HVPs, good to about 1e-4 of the largest eigenvalue, which is the least damping used
+where the smallest is not clearly positive; the explicit Hessian's eigenvalues for the
+exact solver), tripled up to ``AUTO_DAMPING_RETRIES`` times while CG still meets
+negative curvature. The value used is ``SolveResult.damping``.
 """
 from __future__ import annotations
 
@@ -121,6 +122,7 @@ def conjugate_gradient(matvec: Callable[[np.ndarray], np.ndarray], b: np.ndarray
 
 AUTO_DAMPING_FACTOR = 1.5   # damping="auto": this times |smallest eigenvalue| where it is negative
 AUTO_DAMPING_RETRIES = 4    # ... tripled at most this often while CG meets negative curvature
+AUTO_DAMPING_LANCZOS_TOL = 1e-4  # Lanczos tolerance: eigenvalues good to about this times lambda_max
 
 
 class InverseHVPSolver:
@@ -138,29 +140,32 @@ class InverseHVPSolver:
         else:
             self.damping = float(damping)
 
-    def eigenvalue_bounds(self, model) -> tuple[float, float]:
-        """(smallest, largest) eigenvalue of H, for ``damping="auto"``: Lanczos on HVPs."""
-        return model.hessian_eigenvalue_bounds()
+    def eigenvalue_bounds(self, model) -> tuple[float, float, float]:
+        """(smallest, largest) eigenvalue of H and the absolute accuracy of the smallest,
+        for ``damping="auto"``: Lanczos on HVPs, good to about ``tol * lambda_max``."""
+        lmin, lmax = model.hessian_eigenvalue_bounds(tol=AUTO_DAMPING_LANCZOS_TOL)
+        return lmin, lmax, AUTO_DAMPING_LANCZOS_TOL * abs(lmax)
 
     def _solve_auto_damping(self, model, v) -> SolveResult:
-        """Koh's rule: damping 0 where H is positive definite, else 1.5 |smallest eigenvalue|;
-        raised while CG meets negative curvature (Lanczos's estimate is good to ~1e-4 of
-        the spectrum's width): to 3x, and to at least 1e-3 of the largest eigenvalue. The
-        eigenvalues are cached on the model for the current theta, data and curvature."""
+        """Koh's rule: damping 0 where H is surely positive definite (smallest eigenvalue
+        above the estimate's accuracy), else 1.5 |smallest eigenvalue| but at least that
+        accuracy; raised 3x while CG still meets negative curvature. The eigenvalues are
+        cached on the model for the current theta, data and curvature."""
         from .utils import hash_arrays
 
         key = (hash_arrays(model.theta_), model.data_fingerprint_, model.curvature, self.name == "exact")
         cached = getattr(model, "_eigenvalue_bounds_cache", None)
         if cached is None or cached[0] != key:
             model._eigenvalue_bounds_cache = (key, self.eigenvalue_bounds(model))
-        lmin, lmax = model._eigenvalue_bounds_cache[1]
+        lmin, lmax, accuracy = model._eigenvalue_bounds_cache[1]
         solver = copy.copy(self)
-        solver.damping = 0.0 if lmin > 0 else AUTO_DAMPING_FACTOR * -lmin
-        logger.info("damping='auto': smallest eigenvalue %.3g, damping %.3g", lmin, solver.damping)
+        solver.damping = 0.0 if lmin > accuracy else max(AUTO_DAMPING_FACTOR * -lmin, accuracy)
+        logger.info("damping='auto': smallest eigenvalue %.3g (+- %.2g), damping %.3g", lmin, accuracy,
+                    solver.damping)
         res = solver._solve(model, v)
         retries = 0
         while res.info.get("negative_curvature") and retries < AUTO_DAMPING_RETRIES:
-            solver.damping = max(3 * solver.damping, 1e-3 * abs(lmax))
+            solver.damping = max(3 * solver.damping, accuracy)
             retries += 1
             logger.warning("damping='auto': CG met negative curvature, damping raised to %.3g", solver.damping)
             res = solver._solve(model, v)
@@ -201,9 +206,9 @@ class ExactSolver(InverseHVPSolver):
 
     name = "exact"
 
-    def eigenvalue_bounds(self, model) -> tuple[float, float]:
+    def eigenvalue_bounds(self, model) -> tuple[float, float, float]:
         w = np.linalg.eigvalsh(model.hessian())
-        return float(w[0]), float(w[-1])
+        return float(w[0]), float(w[-1]), 1e-12 * abs(float(w[-1]))
 
     def _solve(self, model, v):
         from .utils import hash_arrays

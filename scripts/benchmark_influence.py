@@ -248,7 +248,12 @@ def stage_costs(label, model, fit_args, x_test, y_test, solvers, loo_index=None)
         model.curvature = opts.pop("curvature", "hessian")
         res, t_s = timed(model.s_test, x_test, y_test, solver=name, use_cache=False, **opts)
         stage = f"s_test by {name}" + (" (Gauss-Newton)" if model.curvature == "gauss-newton" else "")
-        rows.append((label, n, p, stage, t_s, f"iterations {res.iterations}, residual {res.residual:.1e}"))
+        note = f"iterations {res.iterations}, residual {res.residual:.1e}"
+        if opts.get("damping") == "auto":
+            stage += " (damping='auto')"
+            note += (f"; smallest eigenvalue (Lanczos) {res.info['smallest_eigenvalue']:.3g}, damping used "
+                     f"{res.damping:.3g} after {res.info['damping_retries']} raises")
+        rows.append((label, n, p, stage, t_s, note))
         model.curvature = "hessian"
         s_x = res.x if s_x is None else s_x
     model.influence_scores(s_x)
@@ -307,7 +312,8 @@ def per_model_table(args):
                                     AllCNN(adam_steps=2000, learning_rate=1e-3, retrain_steps=1000),
                                     (d.train.x[small], d.train.y[small]), d.test.x[6558:6559], d.test.y[6558:6559],
                                     [("cg", {"damping": 0.01, "tol": 1e-8}),
-                                     ("cg", {"damping": 0.01, "tol": 1e-8, "curvature": "gauss-newton"})])
+                                     ("cg", {"damping": 0.01, "tol": 1e-8, "curvature": "gauss-newton"}),
+                                     ("cg", {"damping": "auto", "tol": 1e-8})])
             else:
                 print(f"unknown model {name!r}", file=sys.stderr)
         except DataError as exc:

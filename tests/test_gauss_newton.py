@@ -136,7 +136,8 @@ def test_gauss_newton_influence_predicts_leave_one_out_on_a_full_mlp(digits):
 def test_auto_damping_on_a_non_convex_cnn(small_cnn, tmp_path):
     """damping="auto" on a CNN whose Hessian is indefinite: Lanczos finds the negative
     eigenvalue, CG on H + 1.5|lambda_min| I converges to numpy's solve (and the s_test
-    cache keeps it); with G, which is positive semi-definite, next to no damping is added."""
+    cache keeps it); with G, which is positive semi-definite, at most the eigenvalue
+    estimate's accuracy (1e-4 of the largest) is added."""
     m = small_cnn
     w = np.linalg.eigvalsh(m.hessian())
     assert w[0] < -0.01
@@ -151,4 +152,4 @@ def test_auto_damping_on_a_non_convex_cnn(small_cnn, tmp_path):
     again = cached.s_test(x0, y0, solver="cg", damping="auto", tol=1e-12)  # from the disk cache
     assert again.damping == res.damping and np.array_equal(again.x, res.x) and again.info["damping_auto"]
     gn = with_curvature(m, "gauss-newton").inverse_hvp(v, "cg", damping="auto", tol=1e-12)
-    assert gn.damping <= 1e-6 * gn.info["largest_eigenvalue"] and gn.converged
+    assert gn.damping <= 1.0001e-4 * gn.info["largest_eigenvalue"] and gn.converged  # at most Lanczos's accuracy

@@ -299,7 +299,7 @@ def test_auto_damping_is_raised_when_cg_still_meets_negative_curvature(indefinit
     meets negative curvature and the damping is raised until H + damping I is definite."""
     m = indefinite_model
     w = np.linalg.eigvalsh(m.hessian())
-    monkeypatch.setattr(m, "hessian_eigenvalue_bounds", lambda: (0.1 * float(w[0]), float(w[-1])))
+    monkeypatch.setattr(m, "hessian_eigenvalue_bounds", lambda tol: (0.1 * float(w[0]), float(w[-1])))
     m._eigenvalue_bounds_cache = None
     v = np.random.default_rng(10).standard_normal(m.n_params)
     res = m.inverse_hvp(v, "cg", damping="auto")
@@ -310,13 +310,27 @@ def test_auto_damping_is_raised_when_cg_still_meets_negative_curvature(indefinit
     m._eigenvalue_bounds_cache = None
 
 
+def test_auto_damping_where_the_estimate_cannot_tell_the_sign(indefinite_model, monkeypatch):
+    """A Lanczos estimate that is positive but within its accuracy (1e-4 lambda_max) of zero
+    does not prove H definite: the damping is that accuracy, not zero."""
+    from influence.solvers import AUTO_DAMPING_LANCZOS_TOL
+
+    m = indefinite_model
+    lmax = 10.0 / AUTO_DAMPING_LANCZOS_TOL  # accuracy 10, above the true |lambda_min|
+    monkeypatch.setattr(m, "hessian_eigenvalue_bounds", lambda tol: (0.5 * tol * lmax, lmax))
+    m._eigenvalue_bounds_cache = None
+    res = m.inverse_hvp(np.ones(m.n_params), "cg", damping="auto")
+    assert res.damping == pytest.approx(10.0) and res.info["damping_retries"] == 0 and res.converged
+    m._eigenvalue_bounds_cache = None
+
+
 def test_auto_damping_eigenvalues_are_cached_per_theta(indefinite_model, monkeypatch):
     m = indefinite_model.clone()
     m.set_training_data(indefinite_model.X_train_np_, indefinite_model.y_train_np_).set_theta(indefinite_model.theta_)
     v = np.ones(m.n_params)
     first = m.inverse_hvp(v, "cg", damping="auto")
 
-    def refuse():
+    def refuse(tol):
         raise AssertionError("eigenvalues recomputed for the same theta")
 
     monkeypatch.setattr(m, "hessian_eigenvalue_bounds", refuse)
