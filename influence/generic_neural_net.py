@@ -650,7 +650,10 @@ class GenericNeuralNet:
         """(smallest, largest) eigenvalue of H (or G, see ``curvature``) by Lanczos (ARPACK) on HVPs.
 
         A negative smallest eigenvalue means H is not positive definite at theta
-        (non-convex model or not at a minimum): use damping at least its magnitude.
+        (non-convex model or not at a minimum): use damping at least its magnitude. Both
+        come from ``eigsh`` at tolerance ``tol``, so the smallest is good only to about
+        ``tol * largest`` in absolute terms: a small positive value does not prove H
+        positive definite (``damping="auto"`` allows for this).
         """
         import scipy.sparse.linalg as spla
 
