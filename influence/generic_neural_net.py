@@ -285,6 +285,11 @@ class GenericNeuralNet:
             self._data_fingerprint = hash_arrays(self.X_train_np_, self.y_train_np_)
         return self._data_fingerprint
 
+    @property
+    def state_key_(self) -> tuple:
+        """What a cached solve depends on: theta, the training data and the curvature."""
+        return hash_arrays(self.theta_), self.data_fingerprint_, self.curvature
+
     def set_theta(self, theta) -> "GenericNeuralNet":
         theta = np.asarray(theta, dtype=self.dtype).reshape(-1)
         if theta.shape != (self.n_params,):

@@ -178,7 +178,7 @@ def leave_one_out(model, X_test, y_test, indices, predicted=None, executor: Exec
         info["control_test_loss"] = base
         info["control_drift"] = base - info["fitted_test_loss"]
     losses = retrain_test_losses(model, [[i] for i in indices], X_test, y_test, executor, n_jobs,
-                                 threads_per_worker).mean(axis=1) if len(indices) else np.zeros(0)
+                                 threads_per_worker).mean(axis=1)
     wall = time.perf_counter() - t0
     result = LOOResult(indices=indices, actual=losses - base, predicted=predicted, base_loss=base, wall_time_s=wall,
                        info=info)

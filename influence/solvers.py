@@ -151,9 +151,7 @@ class InverseHVPSolver:
         above the estimate's accuracy), else 1.5 |smallest eigenvalue| but at least that
         accuracy; raised 3x while CG still meets negative curvature. The eigenvalues are
         cached on the model for the current theta, data and curvature."""
-        from .utils import hash_arrays
-
-        key = (hash_arrays(model.theta_), model.data_fingerprint_, model.curvature, self.name == "exact")
+        key = (*model.state_key_, self.name == "exact")
         cached = getattr(model, "_eigenvalue_bounds_cache", None)
         if cached is None or cached[0] != key:
             model._eigenvalue_bounds_cache = (key, self.eigenvalue_bounds(model))
@@ -211,9 +209,7 @@ class ExactSolver(InverseHVPSolver):
         return float(w[0]), float(w[-1]), 1e-12 * abs(float(w[-1]))
 
     def _solve(self, model, v):
-        from .utils import hash_arrays
-
-        key = (hash_arrays(model.theta_), self.damping, model.data_fingerprint_, model.curvature)
+        key = (*model.state_key_, self.damping)
         cached = getattr(model, "_cholesky_cache", None)
         if cached is None or cached[0] != key:
             H = model.hessian() + self.damping * np.eye(model.n_params)
@@ -398,11 +394,10 @@ class ArnoldiSolver(InverseHVPSolver):
 
     def eigenpairs(self, model) -> tuple[np.ndarray, np.ndarray]:
         """``(lambda, V)``: the ``rank`` largest eigenvalues (descending) and eigenvectors."""
-        from .utils import hash_arrays
 
         p = model.n_params
         rank = min(self.rank, p)
-        key = (hash_arrays(model.theta_), model.data_fingerprint_, model.curvature, rank, self.tol, self.seed,
+        key = (*model.state_key_, rank, self.tol, self.seed,
                self.maxiter)
         cached = getattr(model, "_eigen_cache", None)
         if cached is not None and cached[0] == key:

@@ -218,8 +218,8 @@ def lds_table(model, data, args):
     for label, (name, opts) in methods.items():
         matrices[label], seconds[label] = timed(model.influence_matrix, xs, ys, solver=name, **opts)
     V = model.test_gradients(xs, ys)
-    matrices["no Hessian (H = I: gradient dot products)"], seconds["no Hessian (H = I: gradient dot products)"] = \
-        timed(lambda: np.stack([-model.influence_scores(v) for v in V]))
+    plain = "no Hessian (H = I: gradient dot products)"
+    matrices[plain], seconds[plain] = timed(lambda: np.stack([-model.influence_scores(v) for v in V]))
     lds, t_refit = timed(linear_datamodeling_score, model, xs, ys, matrices, n_subsets=args.lds_subsets,
                          fraction=0.5, seed=0)
     print(f"\nLDS over {args.lds_subsets} re-fits without a random half ({t_refit:.0f} s), "

@@ -88,7 +88,7 @@ def test_experiment_quick_end_to_end(name, tmp_path):
 
     data = shared_data_dir()
     if data is None:
-        pytest.skip("no data directory (set INFLUENCE_DATA_DIR)")
+        pytest.skip(reason="no data directory (set INFLUENCE_DATA_DIR)")
     out = subprocess.run([sys.executable, str(REPO / "scripts" / f"{name}.py"), "--quick", "--data-dir", str(data),
                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, out.stderr[-3000:]
