@@ -394,7 +394,6 @@ class ArnoldiSolver(InverseHVPSolver):
 
     def eigenpairs(self, model) -> tuple[np.ndarray, np.ndarray]:
         """``(lambda, V)``: the ``rank`` largest eigenvalues (descending) and eigenvectors."""
-
         p = model.n_params
         rank = min(self.rank, p)
         key = (*model.state_key_, rank, self.tol, self.seed,
