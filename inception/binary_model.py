@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from influence.logistic import BinaryLogisticRegression
+from influence.models.logistic import BinaryLogisticRegression
 
 
 class BinaryInceptionModel(BinaryLogisticRegression):

@@ -175,7 +175,7 @@ def load_inception(weights: str | os.PathLike | None = None, data_dir=None, veri
     ``weights``: a path to the project's ``.npz`` (default: ``<data_dir>/inception/...npz``),
     a Keras notop ``.h5`` file, or ``"imagenet"`` (Keras's own download, needs internet).
     """
-    from influence.data import DataError, resolve_data_dir
+    from influence.datasets.manifest import DataError, resolve_data_dir
 
     if weights is None:
         weights = resolve_data_dir(data_dir) / DEFAULT_WEIGHTS

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from influence.data import resolve_data_dir
-from influence.dogfish import DogFishData, load_dogfish
+from influence.datasets.manifest import resolve_data_dir
+from influence.datasets.dogfish import DogFishData, load_dogfish
 
 from .features import cached_features
 from .model import DEFAULT_WEIGHTS, load_inception, weights_fingerprint

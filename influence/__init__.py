@@ -7,9 +7,15 @@ Fit a model, then ask which training points a prediction depends on::
     diffs = model.predicted_loss_diffs(X_test[:1], y_test[:1], solver="cg")
 
 Your own Keras model: ``KerasModel(keras_model, loss="softmax", trainable=["last_layer"])``
-(see :mod:`influence.keras_model`). See :mod:`influence.generic_neural_net` for the
+(see :mod:`influence.models.keras_model`). See :mod:`influence.generic_neural_net` for the
 conventions (objective, signs, 1/n).
-Names are imported on first use, so ``python -m influence.data`` does not load TensorFlow.
+
+Where things are: the core here (``generic_neural_net``: the base class; ``curvature``,
+``influence_quantities``, ``kernels``, ``result_store``: its parts; ``refit_validation``:
+LOO, group re-fits and the LDS; ``parallel``, ``utils``, ``experiment``), and by concept
+``solvers/`` (one module per inverse-HVP method), ``models/``, ``datasets/`` and
+``applications/`` (attack, mislabel repair, influence components).
+Names are imported on first use, so ``python -m influence.datasets`` does not load TensorFlow.
 """
 import importlib
 import os as _os
@@ -19,13 +25,13 @@ _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TF's C++ start-up ch
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "DataError": "data",
+    "DataError": "datasets.manifest",
     "GenericNeuralNet": "generic_neural_net", "ParamBlock": "generic_neural_net",
-    "InfluenceRanking": "generic_neural_net",
-    "LogisticRegression": "logistic", "BinaryLogisticRegression": "logistic",
-    "SmoothHingeSVM": "smooth_hinge", "AllCNN": "all_cnn", "KerasModel": "keras_model",
-    "LOOResult": "loo", "leave_one_out": "loo", "LDSResult": "loo", "linear_datamodeling_score": "loo",
-    "retrain_test_losses": "loo",
+    "InfluenceRanking": "influence_quantities",
+    "LogisticRegression": "models.logistic", "BinaryLogisticRegression": "models.logistic",
+    "SmoothHingeSVM": "models.smooth_hinge", "AllCNN": "models.all_cnn", "KerasModel": "models.keras_model",
+    "LOOResult": "refit_validation", "leave_one_out": "refit_validation", "LDSResult": "refit_validation",
+    "linear_datamodeling_score": "refit_validation", "retrain_test_losses": "refit_validation",
     "CGSolver": "solvers", "ExactSolver": "solvers", "InverseHVPSolver": "solvers", "LissaSolver": "solvers",
     "ArnoldiSolver": "solvers",
     "LissaDivergenceError": "solvers", "NotPositiveDefiniteError": "solvers", "SolveResult": "solvers",

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .data import DataError
+from .datasets.manifest import DataError
 from .utils import atomic_path, save_npz, write_json
 
 logger = logging.getLogger(__name__)
@@ -31,14 +31,22 @@ logger = logging.getLogger(__name__)
 EXIT_DATA_MISSING = 2
 
 
+def summary_line(doc: str | None) -> str:
+    """The first non-empty line of a docstring: what a script reproduces, in one line."""
+    return next((ln.strip() for ln in (doc or "").splitlines() if ln.strip()), "")
+
+
 def experiment_parser(name: str, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"scripts/{name}.py", description=description)
+    """The contract's flags; ``description`` may be the script's whole docstring (its first line is used)."""
+    parser = argparse.ArgumentParser(prog=f"scripts/{name}.py", description=summary_line(description))
     parser.add_argument("--data-dir", default=None,
                         help="folder holding the datasets (default: $INFLUENCE_DATA_DIR or ./data)")
-    parser.add_argument("--out", default=f"output/{name}", help="output folder (default: output/%(prog)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for every random choice")
+    parser.add_argument("--out", default=f"output/{name}",
+                        help=f"folder for metrics.json, arrays.npz and the figures (default: output/{name})")
+    parser.add_argument("--seed", type=int, default=0, help="seed for every random choice (default: 0)")
     parser.add_argument("--quick", action="store_true", help="reduced run of a few minutes (used by CI)")
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        type=str.upper, help="how much the run logs (default: INFO)")
     return parser
 
 
@@ -103,12 +111,16 @@ class Experiment:
 
 def run(name: str, description: str, main: Callable[[Experiment], None],
         add_arguments: Callable[[argparse.ArgumentParser], None] | None = None, argv=None) -> int:
-    """Parse the standard flags, set up logging and matplotlib, and run ``main``."""
+    """Parse the standard flags, set up logging and matplotlib, and run ``main``.
+
+    Nothing here imports TensorFlow, so ``--help`` answers at once; scripts import the
+    library inside ``main``.
+    """
     parser = experiment_parser(name, description)
     if add_arguments:
         add_arguments(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import matplotlib
     matplotlib.use("Agg")
     try:

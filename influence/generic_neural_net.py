@@ -25,66 +25,26 @@ non-convex network, or away from a minimum), and CG needs no damping heuristic. 
 exactly when the outputs are linear in ``theta`` (the logistic models, the SVM, a
 network's last layer over frozen features).
 
-Influence quantities (Koh & Liang 2017, Sec. 2), for a training point ``z`` and test
-point(s) ``z_test`` (several test points: their mean loss)::
-
-    I_up,params(z)       = -H^-1 g(z)
-    I_up,loss(z, z_test) = -grad L(z_test)^T H^-1 g(z) = -s_test . g(z)
-                           (influence_matrix: each of many test points, one multi-column solve)
-    predicted change in test loss when z is removed  = -I_up,loss(z, z_test) / n
-    I_pert,loss(z, z_test) = d/dx I_up,loss(z, z_test)        (x = the input of z)
-    self-influence       = I_up,loss(z, z)
-
-with ``s_test = H^-1 grad L(z_test)`` (test loss without the regulariser) and the
-training gradient ``g(z) = grad [L(z, theta) + (wd/2)||theta_decay||^2]``. Including the
-regulariser in ``g`` makes "remove z" exactly "up-weight z's share of the objective by
--1/n", which is what retraining on n-1 points with the objective normalised by n-1
-does (the original code's convention). Pass ``include_regularizer=False`` to use the
-bare loss gradient. Positive ``I_up,loss`` = harmful (up-weighting raises the test
-loss); positive predicted change on removal = helpful.
+The influence quantities built on it are in :mod:`influence.influence_quantities`;
+the inverse-HVP solvers in :mod:`influence.solvers`.
 """
 from __future__ import annotations
 
 import inspect
 import logging
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import scipy.optimize
 import tensorflow as tf
 
-from .utils import atomic_path, hash_arrays
+from .curvature import CurvatureMixin, check_curvature
+from .influence_quantities import InfluenceMixin
+from .kernels import compile_kernels
+from .utils import hash_arrays, progress
 
 logger = logging.getLogger(__name__)
-
-
-class _DropPforWhileLoopWarnings(logging.Filter):
-    """vectorized_map cannot vectorise some ops (e.g. Conv2DBackpropFilter) and warns once
-    per trace; the per-example gradients are still right, so the warning only clutters logs."""
-
-    def filter(self, record):
-        return "uses a while_loop" not in record.getMessage()
-
-
-tf.get_logger().addFilter(_DropPforWhileLoopWarnings())
-
-
-@dataclass(frozen=True)
-class InfluenceRanking:
-    """Training points ranked by their predicted effect on a test loss when removed.
-
-    ``helpful``: indices, most helpful first (removal raises the test loss by
-    ``helpful_change`` > 0); ``harmful``: most harmful first (removal lowers it:
-    ``harmful_change`` < 0). See :meth:`GenericNeuralNet.most_influential`.
-    """
-
-    helpful: np.ndarray
-    helpful_change: np.ndarray
-    harmful: np.ndarray
-    harmful_change: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -100,17 +60,7 @@ class ParamBlock:
         return int(np.prod(self.shape)) if self.shape else 1
 
 
-def _progress(iterable, total=None, desc=None, enabled=True):
-    if not enabled:
-        return iterable
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        return iterable
-    return tqdm(iterable, total=total, desc=desc, leave=False)
-
-
-class GenericNeuralNet:
+class GenericNeuralNet(CurvatureMixin, InfluenceMixin):
     """Base class: a differentiable model with a flat parameter vector and influence tools.
 
     Subclasses implement :meth:`_param_blocks` (shapes), :meth:`_forward` (outputs from
@@ -151,7 +101,7 @@ class GenericNeuralNet:
                  cache_dir: str | None = None, seed: int = 0, max_hessian_params: int = 10000,
                  progress: bool = False, curvature: str = "hessian", strategy=None):
         self.weight_decay = float(weight_decay)
-        self.curvature = _check_curvature(curvature)
+        self.curvature = check_curvature(curvature)
         self.dtype = dtype
         self.batch_size = int(batch_size)
         self.cache_dir = cache_dir
@@ -343,108 +293,10 @@ class GenericNeuralNet:
         return {b.name: t.numpy() for b, t in zip(self.blocks_, self.unflatten(tf.constant(self.theta_)))}
 
     # ------------------------------------------------------------------ compiled kernels
+    # ------------------------------------------------------------------ compiled kernels
     def _compile(self):
-        """Build the tf.function kernels; each takes theta and a batch explicitly."""
-        dt = self.tf_dtype
-        mask = tf.constant(self.decay_mask_, dtype=dt)
-        wd = tf.constant(self.weight_decay, dtype=dt)
-        self._mask_tf = mask
-
-        def losses(theta, x, y):
-            return self._loss(self._forward(self.unflatten(theta), x), y)
-
-        def loss_sum_and_grad(theta, x, y):
-            with tf.GradientTape() as tape:
-                tape.watch(theta)
-                total = tf.reduce_sum(losses(theta, x, y))
-            return total, tape.gradient(total, theta)
-
-        def hvp_sum(theta, x, y, v):
-            # double backprop: grad_theta( grad_theta(sum L) . v )
-            with tf.GradientTape() as outer:
-                outer.watch(theta)
-                _, g = loss_sum_and_grad(theta, x, y)
-                gv = tf.reduce_sum(g * tf.stop_gradient(v))
-            return outer.gradient(gv, theta)
-
-        def hvp_sum_many(theta, x, y, V):
-            # V: (p, k); returns (p, k) = sum_i H_i V, vectorised over the k columns
-            with tf.GradientTape() as outer:
-                outer.watch(theta)
-                _, g = loss_sum_and_grad(theta, x, y)
-                gV = tf.linalg.matvec(tf.stop_gradient(V), g, transpose_a=True)
-            return tf.transpose(outer.jacobian(gV, theta, experimental_use_pfor=True))
-
-        def gnvp_sum(theta, x, y, v):
-            # sum_i J_i^T [d2L/df2] J_i v: forward mode for J v, the outputs' loss Hessian on
-            # it by double backprop through the loss only, reverse mode for J^T
-            with tf.GradientTape() as tape:
-                tape.watch(theta)
-                with tf.autodiff.ForwardAccumulator(theta, v) as acc:
-                    out = self._forward(self.unflatten(theta), x)
-                jv = tf.stop_gradient(acc.jvp(out, unconnected_gradients=tf.UnconnectedGradients.ZERO))
-            f = tf.stop_gradient(out)
-            with tf.GradientTape() as outer:
-                outer.watch(f)
-                with tf.GradientTape() as inner:
-                    inner.watch(f)
-                    total = tf.reduce_sum(self._loss(f, y))
-                gjv = tf.reduce_sum(inner.gradient(total, f) * jv)
-            hjv = tf.stop_gradient(outer.gradient(gjv, f, unconnected_gradients=tf.UnconnectedGradients.ZERO))
-            return tape.gradient(out, theta, output_gradients=hjv,
-                                 unconnected_gradients=tf.UnconnectedGradients.ZERO)
-
-        def gnvp_sum_many(theta, x, y, V):
-            return tf.transpose(tf.vectorized_map(lambda v: gnvp_sum(theta, x, y, v), tf.transpose(V)))
-
-        def per_example_grads(theta, x, y):
-            def one(args):
-                xi, yi = args
-                return loss_sum_and_grad(theta, xi[None], yi[None])[1]
-            return tf.vectorized_map(one, (x, y))
-
-        def jvp_losses(theta, x, y, s):
-            # s . grad L(z_i) for every i in the batch: one forward-mode pass
-            with tf.autodiff.ForwardAccumulator(theta, s) as acc:
-                out = losses(theta, x, y)
-            return acc.jvp(out, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-
-        def input_grad_of_score(theta, x, y, s):
-            # d/dx_i [ s . grad_theta L(z_i) ] for every i (each score depends on x_i only)
-            with tf.GradientTape() as outer:
-                outer.watch(x)
-                _, g = loss_sum_and_grad(theta, x, y)
-                score = tf.reduce_sum(g * tf.stop_gradient(s))
-            return outer.gradient(score, x)
-
-        def lissa_loop(theta, X, Y, v, idx, scale, damping, limit, gauss_newton):
-            curv_sum = gnvp_sum if gauss_newton else hvp_sum
-            depth = tf.shape(idx)[0]
-            b = tf.cast(tf.shape(idx)[1], dt)
-
-            def cond(j, est, norm):
-                return (j < depth) & tf.math.is_finite(norm) & (norm < limit)
-
-            def body(j, est, norm):
-                xb = tf.gather(X, idx[j])
-                yb = tf.gather(Y, idx[j])
-                hv = curv_sum(theta, xb, yb, est) / b + wd * mask * est + damping * est
-                est = v + est - hv / scale
-                return j + 1, est, tf.norm(est)
-
-            return tf.while_loop(cond, body, (tf.constant(0), v, tf.norm(v)))
-
-        fn = lambda f: tf.function(f, reduce_retracing=True)  # noqa: E731
-        self._tf_losses = fn(losses)
-        self._tf_loss_sum_and_grad = fn(loss_sum_and_grad)
-        self._tf_hvp_sum = fn(hvp_sum)
-        self._tf_hvp_sum_many = fn(hvp_sum_many)
-        self._tf_gnvp_sum = fn(gnvp_sum)
-        self._tf_gnvp_sum_many = fn(gnvp_sum_many)
-        self._tf_per_example_grads = fn(per_example_grads)
-        self._tf_jvp_losses = fn(jvp_losses)
-        self._tf_input_grad_of_score = fn(input_grad_of_score)
-        self._tf_lissa_loop = fn(lissa_loop)
+        """Build the tf.function kernels (:func:`influence.kernels.compile_kernels`)."""
+        compile_kernels(self)
 
     # ------------------------------------------------------------------ batching helpers
     def _theta_tf(self, theta=None) -> tf.Tensor:
@@ -475,7 +327,7 @@ class GenericNeuralNet:
         n = self.n_train_ if indices is None else len(indices)
         batches = self._train_batches(indices, batch_size)
         total, parts = None, []
-        for x, y in _progress(batches, total=len(self._slices(n, batch_size)), desc=desc,
+        for x, y in progress(batches, total=len(self._slices(n, batch_size)), desc=desc,
                               enabled=self.progress and desc is not None):
             out = self._run_on_replicas(kernel, theta, x, y, extra, reduce)
             if reduce == "sum":
@@ -600,90 +452,6 @@ class GenericNeuralNet:
             out += self.weight_decay * self.decay_mask_ * self.theta_
         return out
 
-    def hvp(self, v: np.ndarray, indices=None) -> np.ndarray:
-        """``H v`` (or ``H V`` for a (p, k) matrix), H = Hessian of the objective.
-
-        With ``curvature="gauss-newton"``: ``G v`` (module docstring). With ``indices``, the
-        loss part is averaged over those training points only (a sub-sampled Hessian, as
-        LiSSA uses); the regulariser is always included.
-        """
-        self._require_fit()
-        v = np.asarray(v, dtype=self.dtype)
-        if v.shape[0] != self.n_params or v.ndim not in (1, 2):
-            raise ValueError(f"v must have shape ({self.n_params},) or ({self.n_params}, k), got {v.shape}")
-        if not np.all(np.isfinite(v)):
-            raise ValueError("v contains NaN or infinite values")
-        th = self._theta_tf()
-        vt = tf.constant(v)
-        if _check_curvature(self.curvature) == "gauss-newton":
-            kernel = self._tf_gnvp_sum if v.ndim == 1 else self._tf_gnvp_sum_many
-        else:
-            kernel = self._tf_hvp_sum if v.ndim == 1 else self._tf_hvp_sum_many
-        idx = None if indices is None else self._check_indices(indices)
-        n = self.n_train_ if idx is None else len(idx)
-        out = self._map_train(kernel, th, vt, indices=idx)
-        mask = self.decay_mask_ if v.ndim == 1 else self.decay_mask_[:, None]
-        return out / n + self.weight_decay * mask * v
-
-    def hessian(self) -> np.ndarray:
-        """Explicit (p, p) Hessian of the objective, built from batched HVPs (cached per theta).
-
-        With ``curvature="gauss-newton"``: the Gauss-Newton matrix ``G`` instead.
-        """
-        self._check_hessian_size()
-        key = hash_arrays(self.theta_, self.curvature)
-        if self._hessian_cache is not None and self._hessian_cache[0] == key:
-            return self._hessian_cache[1]
-        p = self.n_params
-        chunk = min(p, 128)  # columns per batched HVP
-        H = np.empty((p, p))
-        for j in _progress(range(0, p, chunk), total=-(-p // chunk), desc="Hessian", enabled=self.progress):
-            E = np.zeros((p, min(chunk, p - j)))
-            E[np.arange(j, j + E.shape[1]), np.arange(E.shape[1])] = 1.0
-            H[:, j:j + E.shape[1]] = self.hvp(E)
-        H = 0.5 * (H + H.T)
-        self._hessian_cache = (key, H)
-        return H
-
-    def _check_hessian_size(self):
-        self._require_fit()
-        if self.n_params > self.max_hessian_params:
-            raise ValueError(f"explicit Hessian refused for p = {self.n_params} > max_hessian_params = "
-                             f"{self.max_hessian_params}; use the 'cg' or 'lissa' solver")
-
-    def hessian_eigenvalue_bounds(self, tol: float = 1e-4, maxiter: int | None = None) -> tuple[float, float]:
-        """(smallest, largest) eigenvalue of H (or G, see ``curvature``) by Lanczos (ARPACK) on HVPs.
-
-        A negative smallest eigenvalue means H is not positive definite at theta
-        (non-convex model or not at a minimum): use damping at least its magnitude. Both
-        come from ``eigsh`` at tolerance ``tol``, so the smallest is good only to about
-        ``tol * largest`` in absolute terms: a small positive value does not prove H
-        positive definite (``damping="auto"`` allows for this).
-        """
-        import scipy.sparse.linalg as spla
-
-        self._require_fit()
-        p = self.n_params
-        if p <= 2:
-            w = np.linalg.eigvalsh(self.hessian())
-            return float(w[0]), float(w[-1])
-        op = spla.LinearOperator((p, p), matvec=lambda v: self.hvp(np.ravel(v)), dtype=np.float64)
-        v0 = np.random.default_rng(self.seed).standard_normal(p)
-        maxiter = maxiter or max(100, 10 * p)
-        lmax = spla.eigsh(op, k=1, which="LA", tol=tol, v0=v0, maxiter=maxiter, return_eigenvectors=False)[0]
-        # smallest via the largest of (lmax I - H), which converges faster than which="SA"
-        shifted = spla.LinearOperator((p, p), matvec=lambda v: lmax * np.ravel(v) - self.hvp(np.ravel(v)),
-                                      dtype=np.float64)
-        top = spla.eigsh(shifted, k=1, which="LA", tol=tol, v0=v0, maxiter=maxiter, return_eigenvectors=False)[0]
-        lmin = float(lmax - top)
-        if lmin < 0 and self.curvature == "hessian":
-            logger.warning("Hessian has a negative eigenvalue (%.3g): the objective is not convex at theta; "
-                           "use damping of at least %.3g for CG or LiSSA, or curvature='gauss-newton'", lmin, -lmin)
-        elif lmin < 0:
-            logger.warning("Gauss-Newton matrix has a negative eigenvalue (%.3g), which only round-off can give "
-                           "(or a loss that is not convex in the outputs)", lmin)
-        return lmin, float(lmax)
-
     # ------------------------------------------------------------------ training helpers
     def minimize_lbfgs(self, theta0: np.ndarray, tol: float = 1e-8, maxiter: int = 5000,
                        newton_polish: bool = True) -> np.ndarray:
@@ -727,268 +495,3 @@ class GenericNeuralNet:
         finally:
             self.theta_ = saved
         return theta
-
-    # ------------------------------------------------------------------ influence
-    def test_gradient(self, X_test, y_test) -> np.ndarray:
-        """``grad L(z_test)``: gradient of the mean test loss, without the regulariser."""
-        return self.loss_gradient(*self.as_batch(X_test, y_test))
-
-    def test_gradients(self, X_test, y_test) -> np.ndarray:
-        """``grad L(z_test_k)`` for each test point separately, shape (k, p); vectorised."""
-        self._require_fit()
-        X_test, y_test = self._check_xy(X_test, y_test, "X_test")
-        th = self._theta_tf()
-        if len(X_test) == 0:
-            return np.zeros((0, self.n_params))
-        bs = min(self.batch_size, self._rows_per_chunk())
-        kernel = self._tf_per_example_grads
-        return np.concatenate([kernel(th, tf.constant(X_test[sl]), tf.constant(y_test[sl])).numpy()
-                               for sl in self._slices(len(X_test), bs)])
-
-    def _get_solver(self, solver, solver_options):
-        from .solvers import get_solver
-        return get_solver(solver, **(solver_options or {}))
-
-    def inverse_hvp(self, v, solver="cg", **solver_options):
-        """Solve ``(H + damping I) x = v``; returns a :class:`~influence.solvers.SolveResult`."""
-        self._require_fit()
-        return self._get_solver(solver, solver_options).solve(self, np.asarray(v, dtype=self.dtype))
-
-    def s_test(self, X_test, y_test, solver="cg", use_cache: bool = True, **solver_options):
-        """``s_test = H^-1 grad L(z_test)`` and the solve's diagnostics.
-
-        Cached on disk under ``cache_dir`` (when set), keyed by a hash of the model
-        configuration, theta, the training data, the test points and the solver settings.
-        """
-        self._require_fit()
-        solver_obj = self._get_solver(solver, solver_options)
-        v = self.test_gradient(X_test, y_test)
-        key = None
-        if self.cache_dir is not None and use_cache:
-            key = hash_arrays(self._cache_identity(), self.theta_, self.data_fingerprint_, np.asarray(X_test),
-                              np.asarray(y_test), solver_obj.config())
-            cached = _load_cached(Path(self.cache_dir) / f"s_test-{key}.npz", key)
-            if cached is not None:
-                logger.info("s_test loaded from cache %s", key[:12])
-                return cached
-        result = solver_obj.solve(self, v)
-        if key is not None:
-            _save_cached(Path(self.cache_dir) / f"s_test-{key}.npz", key, result)
-        return result
-
-    def influence_scores(self, s: np.ndarray, indices=None, include_regularizer: bool = True) -> np.ndarray:
-        """``s . g(z_i)`` for the given training indices, via forward-mode JVPs (no n x p matrix)."""
-        self._require_fit()
-        idx = self._check_indices(indices)
-        s = np.asarray(s, dtype=self.dtype).reshape(-1)
-        if s.shape != (self.n_params,):
-            raise ValueError(f"s must have {self.n_params} entries")
-        out = self._map_train(self._tf_jvp_losses, self._theta_tf(), tf.constant(s), reduce="concat",
-                              indices=None if indices is None else idx, desc="scores")
-        if include_regularizer:
-            out = out + self.weight_decay * float(np.dot(self.decay_mask_ * self.theta_, s))
-        return out
-
-    def influence_up_loss(self, X_test, y_test, indices=None, solver="cg",
-                          include_regularizer: bool = True, **solver_options) -> np.ndarray:
-        """``I_up,loss(z_i, z_test) = -s_test . g(z_i)`` for training points ``indices`` (default all)."""
-        s = self.s_test(X_test, y_test, solver=solver, **solver_options).x
-        return -self.influence_scores(s, indices, include_regularizer)
-
-    def influence_matrix(self, X_test, y_test, indices=None, solver="cg", include_regularizer: bool = True,
-                         out=None, test_chunk: int | None = None, resume: bool = False,
-                         **solver_options) -> np.ndarray:
-        """``I_up,loss(z_i, z_test_k)`` for every test point ``k`` and training point ``i``: shape (k, m).
-
-        Each test point separately (not their mean, as :meth:`influence_up_loss` takes):
-        one multi-right-hand-side solve ``S = (H + damping I)^-1 [grad L(z_test_1) ...
-        grad L(z_test_k)]`` (p, k), then ``I = -(G S)^T`` with the training gradients ``G``
-        formed in chunks of rows, so memory stays at O(chunk * p + k * m).
-        Divide by ``-n`` for the predicted change in each test loss on removal.
-
-        For matrices larger than memory: ``out`` (a path ending in ``.npy``) writes the
-        matrix there, chunk by chunk, and returns it opened read-only as a memory map
-        (``np.load(out, mmap_mode="r")`` reads it later); the file appears only when
-        complete. ``test_chunk`` solves that many test points at a time (default: all at
-        once), so memory is O(p * test_chunk + chunk * p) besides the output.
-
-        ``resume=True`` (with ``out``) makes a long run restartable: the rows are written
-        to ``<out>.partial.npy`` with a checkpoint ``<out>.partial.json`` after each test
-        chunk, and a later call with the same model, data, test points, indices, solver
-        settings and ``test_chunk`` computes only the chunks still missing. Both files
-        are kept if the run fails, and replaced by ``out`` when it completes.
-        """
-        self._require_fit()
-        X_test, y_test = self.as_batch(X_test, y_test)
-        k = len(X_test)
-        if k == 0:
-            raise ValueError("no test points given")
-        if test_chunk is not None and int(test_chunk) < 1:
-            raise ValueError("test_chunk must be >= 1")
-        tc = k if test_chunk is None else int(test_chunk)
-        idx = self._check_indices(indices)
-        if out is not None and Path(out).suffix != ".npy":
-            raise ValueError(f"out must be a path ending in .npy, got {out!r}")
-        if resume and out is None:
-            raise ValueError("resume=True needs out=<path>.npy to write to")
-        if out is None:
-            return self._fill_influence_matrix(np.empty((k, len(idx))), X_test, y_test, idx, tc, set(),
-                                               include_regularizer, solver, solver_options)
-        if not resume:
-            with atomic_path(out, suffix=".npy") as tmp:
-                result = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float64, shape=(k, len(idx)))
-                self._fill_influence_matrix(result, X_test, y_test, idx, tc, set(), include_regularizer, solver,
-                                            solver_options)
-                result.flush()
-                del result
-            return np.load(out, mmap_mode="r")
-        out = Path(out)
-        partial, checkpoint = out.with_name(out.name + ".partial.npy"), out.with_name(out.name + ".partial.json")
-        key = hash_arrays(self._cache_identity(), self.theta_, self.data_fingerprint_, X_test, y_test, idx,
-                          include_regularizer, self._get_solver(solver, solver_options).config(), tc)
-        done = _read_checkpoint(checkpoint, key) if partial.is_file() else None
-        if done is None:
-            partial.parent.mkdir(parents=True, exist_ok=True)
-            result, done = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float64, shape=(k, len(idx))), set()
-            _write_checkpoint(checkpoint, key, done)
-        else:
-            result = np.load(partial, mmap_mode="r+")
-            logger.info("influence_matrix: resuming %s, %d of %d test chunks already done", partial, len(done),
-                        -(-k // tc))
-        self._fill_influence_matrix(result, X_test, y_test, idx, tc, done, include_regularizer, solver,
-                                    solver_options, checkpoint=(checkpoint, key))
-        result.flush()
-        del result
-        os.replace(partial, out)
-        checkpoint.unlink()
-        return np.load(out, mmap_mode="r")
-
-    def _fill_influence_matrix(self, result, X_test, y_test, idx, tc, done, include_regularizer, solver,
-                               solver_options, checkpoint=None):
-        """Rows of the influence matrix, one multi-column solve per chunk of ``tc`` test
-        points not in ``done`` (their start rows); checkpointed after each chunk."""
-        chunk = max(1, min(len(idx), self._rows_per_chunk()))
-        for t in range(0, len(X_test), tc):
-            if t in done:
-                continue
-            V = self.test_gradients(X_test[t:t + tc], y_test[t:t + tc])
-            res = self.inverse_hvp(V.T, solver, **solver_options)
-            logger.info("influence_matrix: %s solve for %d test points, %d iterations, relative residual %.2g",
-                        res.solver, len(V), res.iterations, res.residual)
-            S = res.x
-            for j in _progress(range(0, len(idx), chunk), total=-(-len(idx) // chunk), desc="influence_matrix",
-                               enabled=self.progress and isinstance(result, np.memmap)):
-                G = self.per_example_gradients(idx[j:j + chunk], include_regularizer)
-                result[t:t + tc, j:j + chunk] = -(G @ S).T
-            if checkpoint is not None:
-                result.flush()
-                done.add(t)
-                _write_checkpoint(*checkpoint, done)
-        return result
-
-    def predicted_loss_diffs(self, X_test, y_test, indices=None, solver="cg", **solver_options) -> np.ndarray:
-        """Predicted change in test loss when each training point is removed: ``-I_up,loss / n``."""
-        return -self.influence_up_loss(X_test, y_test, indices, solver, **solver_options) / self.n_train_
-
-    def most_influential(self, X_test, y_test, k: int = 10, indices=None, solver="cg",
-                         **solver_options) -> "InfluenceRanking":
-        """The ``k`` most helpful and ``k`` most harmful training points for the test loss.
-
-        Ranked by the predicted change in test loss on removal, ``-I_up,loss / n``:
-        removing a *helpful* point raises the test loss (positive change), removing a
-        *harmful* one lowers it (negative change). Points whose change has the other sign
-        are never listed, so either list may be shorter than ``k``.
-        """
-        if int(k) < 1:
-            raise ValueError("k must be >= 1")
-        idx = self._check_indices(indices)
-        change = self.predicted_loss_diffs(X_test, y_test, idx, solver, **solver_options)
-        up, down = np.argsort(-change, kind="stable"), np.argsort(change, kind="stable")
-        up, down = up[change[up] > 0][:k], down[change[down] < 0][:k]
-        return InfluenceRanking(helpful=idx[up], helpful_change=change[up], harmful=idx[down],
-                                harmful_change=change[down])
-
-    def influence_up_params(self, indices, solver="cg", include_regularizer: bool = True,
-                            **solver_options) -> np.ndarray:
-        """``I_up,params(z_i) = -H^-1 g(z_i)``, shape (m, p); one multi-RHS solve."""
-        G = self.per_example_gradients(indices, include_regularizer)
-        return -self.inverse_hvp(G.T, solver, **solver_options).x.T
-
-    def influence_pert_loss(self, X_test, y_test, indices, solver="cg", **solver_options) -> np.ndarray:
-        """``I_pert,loss(z_i, z_test) = d/dx_i I_up,loss(z_i, z_test)``, shape (m, *x_shape).
-
-        The regulariser part of ``g`` does not depend on x, so it drops out.
-        """
-        s = self.s_test(X_test, y_test, solver=solver, **solver_options).x
-        return self.score_input_gradients(s, indices)
-
-    def score_input_gradients(self, s, indices) -> np.ndarray:
-        """``-d/dx_i (s . grad L(z_i))`` for the given training indices."""
-        idx = self._check_indices(indices)
-        st = tf.constant(np.asarray(s, dtype=self.dtype))
-        return -self._map_train(self._tf_input_grad_of_score, self._theta_tf(), st, reduce="concat", indices=idx)
-
-    def self_influence(self, indices=None, solver="exact", include_regularizer: bool = True,
-                       **solver_options) -> np.ndarray:
-        """``I_up,loss(z_i, z_i) = -g(z_i)^T H^-1 g(z_i)``; batched multi-RHS solves."""
-        idx = self._check_indices(indices)
-        out = np.empty(len(idx))
-        chunk = max(1, min(len(idx), self._rows_per_chunk(), 1024))
-        solver_obj = self._get_solver(solver, solver_options)
-        for j in range(0, len(idx), chunk):
-            G = self.per_example_gradients(idx[j:j + chunk], include_regularizer)
-            X = solver_obj.solve(self, G.T).x
-            out[j:j + chunk] = -np.einsum("pm,mp->m", X, G)
-        return out
-
-
-CURVATURES = ("hessian", "gauss-newton")
-
-
-def _read_checkpoint(path: Path, key: str) -> set | None:
-    """The test-chunk start rows recorded as done in a checkpoint for ``key`` (None: no
-    usable checkpoint, e.g. another computation's)."""
-    import json
-
-    try:
-        info = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return set(info["done"]) if info.get("key") == key else None
-
-
-def _write_checkpoint(path: Path, key: str, done: set) -> None:
-    from .utils import write_json
-
-    write_json(path, {"key": key, "done": sorted(done)})
-
-
-def _check_curvature(curvature: str) -> str:
-    if curvature not in CURVATURES:
-        raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
-    return curvature
-
-
-def _load_cached(path: Path, key: str):
-    from .solvers import SolveResult
-
-    if not path.is_file():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            if str(f["key"]) != key:
-                return None
-            import json
-            info = json.loads(str(f["info"]))
-            return SolveResult(x=f["x"], **info)
-    except Exception as exc:  # a broken cache file is recomputed, never trusted
-        logger.warning("ignoring unreadable cache file %s (%s)", path, exc)
-        return None
-
-
-def _save_cached(path: Path, key: str, result) -> None:
-    import json
-
-    info = {k: v for k, v in result.as_dict().items() if k != "x"}
-    with atomic_path(path, suffix=".npz") as tmp:
-        np.savez(tmp, key=key, x=result.x, info=json.dumps(info, default=float))

@@ -1,7 +1,7 @@
 """Local worker processes for retraining loops (LOO, the spam repeats).
 
 Python's own ``spawn`` pool starts each worker by re-running the caller's main script,
-so a script that calls :func:`~influence.loo.leave_one_out` at top level (without
+so a script that calls :func:`~influence.refit_validation.leave_one_out` at top level (without
 ``if __name__ == "__main__":``) starts its whole job again in every worker, which then
 dies while the parent blocks forever. The pool here is loky's (vendored by joblib, which
 scikit-learn already needs): its workers never import ``__main__``, and what is sent to

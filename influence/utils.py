@@ -1,4 +1,4 @@
-"""Small helpers shared by the library: atomic file writes, hashing, seeding."""
+"""Small helpers shared by the library: atomic file writes, hashing, progress bars."""
 from __future__ import annotations
 
 import contextlib
@@ -76,3 +76,14 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def progress(iterable, total=None, desc=None, enabled=True):
+    """``iterable`` wrapped in a tqdm bar when ``enabled`` (and tqdm is installed)."""
+    if not enabled:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        return iterable
+    return tqdm(iterable, total=total, desc=desc, leave=False)

@@ -30,12 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import tensorflow as tf  # noqa: E402
-
-from influence import LogisticRegression  # noqa: E402
-from influence.mnist import load_mnist  # noqa: E402
+from influence.datasets.mnist import load_mnist
 
 
 def timed(fn, *a, **kw):
@@ -45,9 +40,11 @@ def timed(fn, *a, **kw):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--test-idx", type=int, default=8)
+    parser = argparse.ArgumentParser(prog="scripts/benchmark_influence.py", description=__doc__.split("\n")[0])
+    parser.add_argument("--data-dir", default=None,
+                        help="folder holding the datasets (default: $INFLUENCE_DATA_DIR or ./data)")
+    parser.add_argument("--test-idx", type=int, default=8,
+                        help="MNIST test point whose influences are timed (default: 8, as Fig 2)")
     parser.add_argument("--loop-subset", type=int, default=1000, help="points timed in the loop baseline")
     parser.add_argument("--skip-exact", action="store_true", help="skip the explicit 7,840 x 7,840 Hessian")
     parser.add_argument("--matrix-tests", type=int, default=10,
@@ -57,11 +54,14 @@ def main(argv=None):
     parser.add_argument("--lds-subsets", type=int, default=50,
                         help="re-fits without random halves for the LDS of each solver (0: skip)")
     parser.add_argument("--lds-tests", type=int, default=10, help="test points (the first ones) for the LDS")
-    parser.add_argument("--out", default="output/BENCHMARK.md", help="where the timing table is written")
+    parser.add_argument("--out", default="output/BENCHMARK.md", help="where the timing table is written (default: output/BENCHMARK.md)")
     parser.add_argument("--models", nargs="*", default=["binary_lr", "smooth_hinge", "hospital", "spam", "inception"],
                         help="experiment models for the per-model table (add 'cnn' for the CNN; none: skip)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    import tensorflow as tf
+
+    from influence import LogisticRegression
 
     data = load_mnist(args.data_dir)
     model = LogisticRegression(n_classes=10, weight_decay=0.01)
@@ -150,7 +150,6 @@ def main(argv=None):
           f"(JVP {t_jvp:.3f} s vs loop {t_loop:.1f} s)")
     print(f"speed-up over vectorised per-example gradients: {t_vec / t_jvp:.1f}x")
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from influence.experiment import software_versions
     from influence.utils import atomic_path
 
@@ -268,32 +267,32 @@ def stage_costs(label, model, fit_args, x_test, y_test, solvers, loo_index=None)
 def per_model_table(args):
     """Stage costs for each experiment's model whose data is present (see the module docstring)."""
     from influence import BinaryLogisticRegression
-    from influence.data import DataError
-    from influence.smooth_hinge import SmoothHingeSVM
+    from influence.datasets.manifest import DataError
+    from influence.models.smooth_hinge import SmoothHingeSVM
 
     rows = []
     cg = ("cg", {"tol": 1e-10})
     for name in args.models or []:
         try:
             if name == "binary_lr":
-                from influence.mnist import load_binary_mnist
+                from influence.datasets.mnist import load_binary_mnist
                 d = load_binary_mnist(args.data_dir)
                 rows += stage_costs("binary LR, MNIST 1 vs 7 (Fig 1)", BinaryLogisticRegression(weight_decay=0.01),
                                     (d.train.x, d.train.y), d.test.x[30:31], d.test.y[30:31], [("exact", {}), cg])
             elif name == "smooth_hinge":
-                from influence.mnist import load_binary_mnist
+                from influence.datasets.mnist import load_binary_mnist
                 d = load_binary_mnist(args.data_dir, signed=True)
                 rows += stage_costs("smooth-hinge SVM t=0.001 (Fig 3)", SmoothHingeSVM(temp=0.001, weight_decay=0.01),
                                     (d.train.x, d.train.y), d.test.x[1597:1598], d.test.y[1597:1598],
                                     [("exact", {}), cg])
             elif name == "hospital":
-                from influence.hospital import load_hospital
+                from influence.datasets.hospital import load_hospital
                 d = load_hospital(args.data_dir)
                 rows += stage_costs("binary LR, hospital 127 features (Sec 5.3)",
                                     BinaryLogisticRegression(weight_decay=1e-4), (d.X_train, d.y_train),
                                     d.X_test[:1], d.y_test[:1], [("exact", {}), ("cg", {"tol": 1e-10, "maxiter": 5000})])
             elif name == "spam":
-                from influence.spam import load_spam
+                from influence.datasets.spam import load_spam
                 d = load_spam(args.data_dir, cache_dir=Path(args.out).parent / "cache")
                 rows += stage_costs("binary LR, Enron1 bag of words (Fig 6)", BinaryLogisticRegression(weight_decay=1e-4),
                                     (d.X_train, d.y_train), d.X_test[:1], d.y_test[:1], [("exact", {}), cg])
@@ -304,8 +303,8 @@ def per_model_table(args):
                                     (prep.F_train, prep.data.y_train), prep.F_test[:1], prep.data.y_test[:1],
                                     [("exact", {}), cg])
             elif name == "cnn":
-                from influence.all_cnn import AllCNN
-                from influence.mnist import load_mnist
+                from influence.models.all_cnn import AllCNN
+                from influence.datasets.mnist import load_mnist
                 d = load_mnist(args.data_dir, flatten=False)
                 small = np.sort(np.random.default_rng(0).choice(len(d.train), len(d.train) // 10, replace=False))
                 rows += stage_costs("all-conv CNN, 5.5k MNIST (Fig 2 right; 2k Adam steps)",

@@ -22,14 +22,10 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from influence import LogisticRegression, leave_one_out, linear_datamodeling_score  # noqa: E402
-from influence.experiment import run  # noqa: E402
+from influence.experiment import run
 
 NAME = "demo_digits"
 logger = logging.getLogger(NAME)
@@ -44,7 +40,7 @@ def keras_last_layer(X_train, y_train, X_test, y_test, xt, yt, n_remove, seed):
     """A Keras MLP trained by Keras; influence of its last layer (KerasModel); LOO check."""
     import keras
 
-    from influence import KerasModel
+    from influence import KerasModel, leave_one_out
 
     keras.utils.set_random_seed(seed)
     net = keras.Sequential([keras.Input((X_train.shape[1],)), keras.layers.Dense(32, activation="tanh"),
@@ -62,6 +58,7 @@ def keras_last_layer(X_train, y_train, X_test, y_test, xt, yt, n_remove, seed):
 
 
 def main(exp):
+    from influence import LogisticRegression, leave_one_out, linear_datamodeling_score
     import matplotlib.pyplot as plt
     import scipy.stats as st
     from sklearn.datasets import load_digits
@@ -149,4 +146,4 @@ def main(exp):
 
 
 if __name__ == "__main__":
-    sys.exit(run(NAME, __doc__.split("\n")[1], main, add_arguments))
+    sys.exit(run(NAME, __doc__, main, add_arguments))

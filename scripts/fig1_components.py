@@ -3,7 +3,7 @@
 
 Binary logistic regression (weight decay 0.01, no bias) on MNIST 1s vs 7s. For one test
 point (default: index 30 of the 1-vs-7 test set) the influence I_up,loss of every
-training point is compared with three ablations (see influence.components): without the
+training point is compared with three ablations (see influence.applications.components): without the
 training-loss term, without H (identity instead of H^-1), and without both. Panels:
 each ablation against the full influence (training points with the test point's label in
 green, the other label in red), the test image, and the most harmful training image of
@@ -13,16 +13,11 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from influence import BinaryLogisticRegression  # noqa: E402
-from influence.components import influence_components, top_k_overlap  # noqa: E402
-from influence.experiment import run  # noqa: E402
-from influence.mnist import load_binary_mnist  # noqa: E402
+from influence.datasets.mnist import load_binary_mnist
+from influence.experiment import run
 
 NAME = "fig1_components"
 logger = logging.getLogger(NAME)
@@ -31,10 +26,13 @@ VARIANTS = {"no_train_loss": "without train loss", "no_hessian": "without H", "n
 
 def add_arguments(parser):
     parser.add_argument("--test-idx", type=int, default=30, help="index into the 1-vs-7 test set (paper: 30)")
-    parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--weight-decay", type=float, default=0.01,
+                        help="L2 weight decay wd (default: 0.01, the paper's)")
 
 
 def main(exp):
+    from influence import BinaryLogisticRegression
+    from influence.applications.components import influence_components, top_k_overlap
     import matplotlib.pyplot as plt
 
     args = exp.args
@@ -81,4 +79,4 @@ def main(exp):
 
 
 if __name__ == "__main__":
-    sys.exit(run(NAME, __doc__.split("\n")[1], main, add_arguments))
+    sys.exit(run(NAME, __doc__, main, add_arguments))

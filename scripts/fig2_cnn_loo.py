@@ -3,7 +3,7 @@
 
 Model: the all-convolutional AllCNN (2,616 parameters, tanh, weight decay 0.001) on the
 paper's small MNIST, a seeded random 10% (5,500 images) of the 55,000 training images.
-Training (see influence.all_cnn): minibatch Adam (batch 500, the learning rate divided
+Training (see influence.models.all_cnn): minibatch Adam (batch 500, the learning rate divided
 by 10 after 50% and 75% of the steps; 1e-3 for the 5k-step CPU schedule, the paper's
 1e-4 with --paper-schedule). Influence: CG on H + 0.01 I (the paper's damping) for one
 test point (default 6558); if Lanczos finds an eigenvalue of H below -damping/2, the
@@ -34,17 +34,12 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 
 import numpy as np
 import scipy.stats
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from influence import leave_one_out  # noqa: E402
-from influence.all_cnn import AllCNN  # noqa: E402
-from influence.experiment import run  # noqa: E402
-from influence.mnist import load_mnist  # noqa: E402
+from influence.datasets.mnist import load_mnist
+from influence.experiment import run
 
 NAME = "fig2_cnn_loo"
 logger = logging.getLogger(NAME)
@@ -53,14 +48,16 @@ logger = logging.getLogger(NAME)
 def add_arguments(parser):
     parser.add_argument("--test-idx", type=int, default=6558, help="index into the MNIST test set (paper: 6558)")
     parser.add_argument("--num-remove", type=int, default=None, help="default 100 (--quick: 10)")
-    parser.add_argument("--damping", type=float, default=0.01)
+    parser.add_argument("--damping", type=float, default=0.01,
+                        help="damping added to H for CG (default: 0.01, the paper's)")
     parser.add_argument("--learning-rate", type=float, default=None,
                         help="Adam learning rate (default 1e-3 for the short CPU schedule; 1e-4 with --paper-schedule)")
     parser.add_argument("--adam-steps", type=int, default=None, help="default 5000 (--quick: 1000)")
     parser.add_argument("--lbfgs-iter", type=int, default=0,
                         help="full-batch L-BFGS iterations after Adam (default 0: the Adam state is what re-training "
                              "continues)")
-    parser.add_argument("--retrain", default="adam", choices=["adam", "lbfgs"])
+    parser.add_argument("--retrain", default="adam", choices=["adam", "lbfgs"],
+                        help="how each LOO re-fit continues from the fitted weights (default: adam)")
     parser.add_argument("--retrain-steps", type=int, default=None, help="Adam steps per LOO re-training "
                         "(default 1000, --quick: 300, --paper-schedule: 30000)")
     parser.add_argument("--retrain-lr", type=float, default=None,
@@ -69,13 +66,16 @@ def add_arguments(parser):
     parser.add_argument("--retrain-iter", type=int, default=100, help="L-BFGS iterations per LOO re-training "
                         "with --retrain lbfgs")
     parser.add_argument("--paper-schedule", action="store_true", help="500k Adam steps as the original (GPU)")
-    parser.add_argument("--dtype", default="float64", choices=["float32", "float64"])
-    parser.add_argument("--jobs", type=int, default=None)
+    parser.add_argument("--dtype", default="float64", choices=["float32", "float64"],
+                        help="floating type of the network (default: float64)")
+    parser.add_argument("--jobs", type=int, default=None, help="parallel re-training processes (default: all CPUs)")
     parser.add_argument("--no-gauss-newton", action="store_true",
                         help="skip the second prediction with the Gauss-Newton matrix")
 
 
 def main(exp):
+    from influence import leave_one_out
+    from influence.models.all_cnn import AllCNN
     import matplotlib.pyplot as plt
 
     args = exp.args
@@ -168,4 +168,4 @@ def main(exp):
 
 
 if __name__ == "__main__":
-    sys.exit(run(NAME, __doc__.split("\n")[1], main, add_arguments))
+    sys.exit(run(NAME, __doc__, main, add_arguments))

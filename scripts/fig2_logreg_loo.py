@@ -15,15 +15,11 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from influence import LogisticRegression, leave_one_out  # noqa: E402
-from influence.experiment import run  # noqa: E402
-from influence.mnist import load_mnist  # noqa: E402
+from influence.datasets.mnist import load_mnist
+from influence.experiment import run
 
 NAME = "fig2_logreg_loo"
 logger = logging.getLogger(NAME)
@@ -33,7 +29,8 @@ def add_arguments(parser):
     parser.add_argument("--test-idx", type=int, default=8, help="index into the MNIST test set (paper: 8)")
     parser.add_argument("--num-remove", type=int, default=None, help="training points to retrain without "
                         "(default 500, --quick 50)")
-    parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--weight-decay", type=float, default=0.01,
+                        help="L2 weight decay wd (default: 0.01, the paper's)")
     parser.add_argument("--jobs", type=int, default=None, help="parallel retraining processes (default: all CPUs)")
 
 
@@ -50,6 +47,7 @@ def scatter(ax, actual, predicted, title, r):
 
 
 def main(exp):
+    from influence import LogisticRegression, leave_one_out
     import matplotlib.pyplot as plt
 
     args = exp.args
@@ -115,4 +113,4 @@ def main(exp):
 
 
 if __name__ == "__main__":
-    sys.exit(run(NAME, __doc__.split("\n")[1], main, add_arguments))
+    sys.exit(run(NAME, __doc__, main, add_arguments))

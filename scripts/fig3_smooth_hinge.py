@@ -17,16 +17,11 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from influence import leave_one_out  # noqa: E402
-from influence.experiment import run  # noqa: E402
-from influence.mnist import load_binary_mnist  # noqa: E402
-from influence.smooth_hinge import SmoothHingeSVM, smooth_hinge  # noqa: E402
+from influence.datasets.mnist import load_binary_mnist
+from influence.experiment import run
 
 NAME = "fig3_smooth_hinge"
 logger = logging.getLogger(NAME)
@@ -36,11 +31,13 @@ TEMPS = (0.0, 0.001, 0.1)
 def add_arguments(parser):
     parser.add_argument("--test-idx", type=int, default=1597, help="index into the 1-vs-7 test set (paper: 1597)")
     parser.add_argument("--num-remove", type=int, default=None, help="default 100 (--quick: 30)")
-    parser.add_argument("--weight-decay", type=float, default=0.01)
-    parser.add_argument("--jobs", type=int, default=None)
+    parser.add_argument("--weight-decay", type=float, default=0.01, help="L2 weight decay wd (default: 0.01)")
+    parser.add_argument("--jobs", type=int, default=None, help="parallel re-training processes (default: all CPUs)")
 
 
 def main(exp):
+    from influence import leave_one_out
+    from influence.models.smooth_hinge import SmoothHingeSVM, smooth_hinge
     import matplotlib.pyplot as plt
     import scipy.stats as st
 
@@ -106,4 +103,4 @@ def main(exp):
 
 
 if __name__ == "__main__":
-    sys.exit(run(NAME, __doc__.split("\n")[1], main, add_arguments))
+    sys.exit(run(NAME, __doc__, main, add_arguments))

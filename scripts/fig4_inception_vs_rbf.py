@@ -2,13 +2,13 @@
 """Fig 4: which training images an Inception-feature model vs an RBF SVM relies on (dog vs fish).
 
 Data: 900 training and 300 test ImageNet photos per class (English springer = dog = 0,
-tench = fish = 1; see influence.dogfish), 299x299 RGB.
+tench = fish = 1; see influence.datasets.dogfish), 299x299 RGB.
 Models (both weight decay 0.001):
   * Inception: binary logistic regression (no bias) on the 2048-d Inception v3 features
     (inception.BinaryInceptionModel); only the top layer is theta.
   * RBF SVM: RBF kernel on raw pixels in [-1, 1] (gamma = 0.05 / n_train, as the original),
     made explicit by the Cholesky factor of the train+test kernel matrix, then a linear
-    smooth-hinge SVM (t = 0.001) on those features (influence.rbf).
+    smooth-hinge SVM (t = 0.001) on those features (influence.models.rbf).
 Influence: exact Hessian solves (2048 and n_train parameters). For the chosen test image
 -- by rule, the correctly classified (by both models) test fish with the highest
 Inception test loss -- the figure plots -I_up,loss / n against the Euclidean pixel
@@ -26,9 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from influence.experiment import run  # noqa: E402
+from influence.experiment import run
 
 NAME = "fig4_inception_vs_rbf"
 logger = logging.getLogger(NAME)
@@ -66,8 +64,8 @@ def main(exp):
     import matplotlib.pyplot as plt
 
     from inception import BinaryInceptionModel, prepare_dogfish
-    from influence.rbf import rbf_kernel_from_distances, squared_distances, cholesky_features
-    from influence.smooth_hinge import SmoothHingeSVM
+    from influence.models.rbf import rbf_kernel_from_distances, squared_distances, cholesky_features
+    from influence.models.smooth_hinge import SmoothHingeSVM
 
     args = exp.args
     n_train = args.n_train or (100 if args.quick else 900)
@@ -178,4 +176,4 @@ def main(exp):
 
 
 if __name__ == "__main__":
-    sys.exit(run(NAME, __doc__.split("\n")[1], main, add_arguments))
+    sys.exit(run(NAME, __doc__, main, add_arguments))

@@ -4,13 +4,13 @@
 Model: the dog-vs-fish Inception model of Fig 4 (logistic regression, weight decay 0.001,
 on 2048-d Inception v3 features; only the top layer is theta), end to end from pixels.
 For each target -- a seeded sample of the correctly classified test images (default 100;
---all for every one) -- the attack of influence.attack perturbs 1, then (from the start
+--all for every one) -- the attack of influence.applications.attack perturbs 1, then (from the start
 again) 2 training images: signed steps along d I_up,loss / d pixels through the whole
 network, projected to stay within half an 8-bit level of the original image (so the
 saved uint8 image is unchanged), re-computing the attacked images' features and
 re-training the top model after each step, until the target's prediction flips, the
 images reach a fixed point, or the iteration cap (paper: 100). Candidates: the training
-images with the largest pixel gradient (see influence.attack for the candidate pool).
+images with the largest pixel gradient (see influence.applications.attack for the candidate pool).
 
 Step: 0.1 of an 8-bit level per iteration (--step-levels). A step of 0.02 in [-1, 1] units
 (2.6 levels) exceeds the +-0.5-level box, so every step lands on a corner of the box and
@@ -49,9 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from influence.experiment import run  # noqa: E402
+from influence.experiment import run
 
 NAME = "fig5_training_set_attack"
 MARGIN_BINS = ((0, 2), (2, 4), (4, 6), (6, 8), (8, np.inf))
@@ -83,7 +81,8 @@ def add_arguments(parser):
                              "([1st] and [2nd] tries); flip_rate_1_either counts a target flipped by either one")
     parser.add_argument("--multi", type=int, default=0,
                         help="also run the multi-target mode: one training image against this many test images")
-    parser.add_argument("--inception-weights", default=None)
+    parser.add_argument("--inception-weights", default=None,
+                        help="Inception v3 weights file (default: the data directory's)")
     parser.add_argument("--cache-dir", default=None, help="default: <out>/../cache")
 
 
@@ -111,7 +110,7 @@ def main(exp):
     from tqdm.auto import tqdm
 
     from inception import BinaryInceptionModel, prepare_dogfish
-    from influence.attack import TrainingSetAttack
+    from influence.applications.attack import TrainingSetAttack
 
     args = exp.args
     logging.getLogger("influence.generic_neural_net").setLevel(logging.WARNING)  # one re-fit per iteration
@@ -307,4 +306,4 @@ def main(exp):
 
 
 if __name__ == "__main__":
-    sys.exit(run(NAME, __doc__.split("\n")[1], main, add_arguments))
+    sys.exit(run(NAME, __doc__, main, add_arguments))

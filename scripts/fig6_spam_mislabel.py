@@ -25,12 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from influence.experiment import run  # noqa: E402
-from influence.logistic import fit_binary_logistic  # noqa: E402
-from influence.mislabel import STRATEGIES, binary_accuracy, run_repeat_jobs  # noqa: E402
-from influence.spam import load_spam  # noqa: E402
+from influence.datasets.spam import load_spam
+from influence.experiment import run
 
 NAME = "fig6_spam_mislabel"
 logger = logging.getLogger(NAME)
@@ -39,15 +35,18 @@ LABELS = {"influence": "Influence", "loss": "Loss", "random": "Random"}
 
 def add_arguments(parser):
     parser.add_argument("--repeats", type=int, default=None, help="default 40 (--quick: 3)")
-    parser.add_argument("--flip-fraction", type=float, default=0.1)
-    parser.add_argument("--weight-decay", type=float, default=1e-4)
+    parser.add_argument("--flip-fraction", type=float, default=0.1,
+                        help="fraction of training labels flipped (default: 0.1, the paper's)")
+    parser.add_argument("--weight-decay", type=float, default=1e-4, help="L2 weight decay wd (default: 1e-4)")
     parser.add_argument("--splits", type=int, default=8,
                         help="train/test splits the repeats are spread over (default 8; 1 = the paper's single "
                              "split, drawn with --seed)")
-    parser.add_argument("--jobs", type=int, default=None)
+    parser.add_argument("--jobs", type=int, default=None, help="parallel processes for the repeats (default: all CPUs)")
 
 
 def main(exp):
+    from influence.models.logistic import fit_binary_logistic
+    from influence.applications.mislabel import STRATEGIES, binary_accuracy, run_repeat_jobs
     import matplotlib.pyplot as plt
     import scipy.sparse
 
@@ -136,4 +135,4 @@ def main(exp):
 
 
 if __name__ == "__main__":
-    sys.exit(run(NAME, __doc__.split("\n")[1], main, add_arguments))
+    sys.exit(run(NAME, __doc__, main, add_arguments))

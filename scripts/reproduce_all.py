@@ -90,7 +90,6 @@ def fmt(v):
 
 
 def write_report(path: Path, rows: list[dict], args) -> None:
-    sys.path.insert(0, str(REPO))
     from influence.experiment import software_versions
     from influence.utils import atomic_path
 
@@ -127,11 +126,13 @@ def write_report(path: Path, rows: list[dict], args) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="scripts/reproduce_all.py", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="reduced runs (minutes each)")
-    parser.add_argument("--data-dir", default=None, help="default: $INFLUENCE_DATA_DIR or ./data")
-    parser.add_argument("--out", default="output", help="root of the experiments' output folders")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data-dir", default=None,
+                        help="folder holding the datasets (default: $INFLUENCE_DATA_DIR or ./data)")
+    parser.add_argument("--out", default="output",
+                        help="root of the experiments' output folders and REPORT.md (default: output)")
+    parser.add_argument("--seed", type=int, default=0, help="seed passed to every experiment (default: 0)")
     parser.add_argument("--force", action="store_true", help="rerun experiments that are up to date")
     parser.add_argument("--only", nargs="*", default=None, help="run only these experiments")
     args = parser.parse_args(argv)

@@ -18,15 +18,11 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from influence import BinaryLogisticRegression  # noqa: E402
-from influence.experiment import run  # noqa: E402
-from influence.hospital import CHILD_FEATURE, load_hospital, remove_rows  # noqa: E402
+from influence.datasets.hospital import CHILD_FEATURE, load_hospital, remove_rows
+from influence.experiment import run
 
 NAME = "sec53_hospital_readmission"
 logger = logging.getLogger(NAME)
@@ -35,10 +31,11 @@ logger = logging.getLogger(NAME)
 def add_arguments(parser):
     parser.add_argument("--split-seed", type=int, default=1, help="seed of the balanced train/test draw")
     parser.add_argument("--num-remove", type=int, default=20, help="non-readmitted training children to remove")
-    parser.add_argument("--weight-decay", type=float, default=1e-4)
+    parser.add_argument("--weight-decay", type=float, default=1e-4, help="L2 weight decay wd (default: 1e-4)")
 
 
 def main(exp):
+    from influence import BinaryLogisticRegression
     import matplotlib.pyplot as plt
 
     args = exp.args
@@ -134,4 +131,4 @@ def main(exp):
 
 
 if __name__ == "__main__":
-    sys.exit(run(NAME, __doc__.split("\n")[1], main, add_arguments))
+    sys.exit(run(NAME, __doc__, main, add_arguments))

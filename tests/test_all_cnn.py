@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from conftest import fit_tiny_cnn
-from influence.all_cnn import AllCNN
+from influence.models.all_cnn import AllCNN
 
 
 def test_parameter_count_and_layout():

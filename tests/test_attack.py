@@ -49,7 +49,7 @@ def test_pixel_gradient_matches_finite_differences(setup):
 
 
 def test_projection_never_leaves_the_box():
-    from influence.attack import box_around, project
+    from influence.applications.attack import box_around, project
 
     rng = np.random.default_rng(1)
     x0 = rng.uniform(-1, 1, (3, 5, 5, 3))
@@ -66,7 +66,7 @@ def test_projection_never_leaves_the_box():
 
 
 def test_attack_perturbs_within_half_a_level_and_retrains(setup):
-    from influence.attack import TrainingSetAttack
+    from influence.applications.attack import TrainingSetAttack
 
     model, X, F, y, pixels, pre = setup
     theta0 = model.theta_.copy()
@@ -96,7 +96,7 @@ def test_feature_gradient_norms_match_autodiff(setup):
     """The closed-form ||d I_up,loss / d f_j|| used to pool candidates equals autodiff's."""
     import tensorflow as tf
 
-    from influence.attack import TrainingSetAttack
+    from influence.applications.attack import TrainingSetAttack
 
     model, X, F, y, _, pre = setup
     s = model.s_test(F[:1], y[:1], solver="exact", use_cache=False).x
@@ -116,7 +116,7 @@ def test_feature_gradient_norms_match_autodiff(setup):
 def test_preconditioned_s_test_on_attacked_features_equals_exact_solve(setup):
     """s_test during an attack (features of two images changed, model re-fitted) by CG
     preconditioned with the unattacked Hessian equals a Cholesky solve of the current one."""
-    from influence.attack import TrainingSetAttack
+    from influence.applications.attack import TrainingSetAttack
 
     model, X, F, y, _, pre = setup
     theta0 = model.theta_.copy()

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from conftest import shared_data_dir
-from influence import data as data_mod
-from influence.data import DataError, DataFile, Dataset, dataset_path, fetch, resolve_data_dir, verify
-from influence.mnist import IMAGE_MAGIC, LABEL_MAGIC, load_mnist, read_idx
+from influence.datasets import manifest as data_mod
+from influence.datasets.manifest import DataError, DataFile, Dataset, dataset_path, fetch, resolve_data_dir, verify
+from influence.datasets.mnist import IMAGE_MAGIC, LABEL_MAGIC, load_mnist, read_idx
 
 
 def write_idx(path, arr, magic):
@@ -26,7 +26,7 @@ def test_data_dir_resolution(monkeypatch, tmp_path):
 
 
 def test_missing_data_dir_and_file_say_how_to_fetch(tmp_path):
-    with pytest.raises(DataError, match="does not exist.*python -m influence.data fetch mnist"):
+    with pytest.raises(DataError, match="does not exist.*python -m influence.datasets fetch mnist"):
         load_mnist(tmp_path / "nope")
     (tmp_path / "mnist").mkdir()
     with pytest.raises(DataError, match="missing data file .*train-images-idx3-ubyte.gz"):

@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 
 from conftest import shared_data_dir
-from influence.data import DataError
-from influence.hospital import (CATEGORIES, CHILD_FEATURE, NUMERIC, encode, feature_names, load_hospital, read_raw,
+from influence.datasets.manifest import DataError
+from influence.datasets.hospital import (CATEGORIES, CHILD_FEATURE, NUMERIC, encode, feature_names, load_hospital, read_raw,
                                 remove_rows)
 
 

@@ -15,7 +15,7 @@ needs_weights = pytest.mark.skipif(WEIGHTS is None or not WEIGHTS.is_file(), rea
 
 # ---------------------------------------------------------------- RBF features
 def test_rbf_cholesky_features_reproduce_kernel():
-    from influence.rbf import cholesky_features, rbf_features, rbf_kernel_from_distances, squared_distances
+    from influence.models.rbf import cholesky_features, rbf_features, rbf_kernel_from_distances, squared_distances
 
     rng = np.random.default_rng(0)
     Xtr, Xte = rng.uniform(-1, 1, (40, 6, 6, 3)), rng.uniform(-1, 1, (15, 6, 6, 3))
@@ -34,7 +34,7 @@ def test_rbf_cholesky_features_reproduce_kernel():
 
 
 def test_rbf_rejects_bad_input():
-    from influence.rbf import cholesky_features, rbf_kernel_from_distances
+    from influence.models.rbf import cholesky_features, rbf_kernel_from_distances
 
     with pytest.raises(ValueError):
         cholesky_features(np.ones((3, 4)))
@@ -73,7 +73,7 @@ def test_inception_loads_every_weight_and_counts_parameters():
 
 def test_inception_missing_or_mismatched_weights_raise_clear_errors(tmp_path):
     from inception.model import WeightsError, load_inception
-    from influence.data import DataError
+    from influence.datasets.manifest import DataError
 
     with pytest.raises(DataError, match="missing Inception weights"):
         load_inception(data_dir=tmp_path)
@@ -173,7 +173,7 @@ def make_dogfish_tar(path, n_per=(6, 5), gray_every=4):
 
 
 def test_dogfish_loader_on_generated_archive(tmp_path):
-    from influence.dogfish import load_dogfish
+    from influence.datasets.dogfish import load_dogfish
 
     (tmp_path / "data" / "dogfish").mkdir(parents=True)
     make_dogfish_tar(tmp_path / "data" / "dogfish" / "imagenette_tench_springer.tar")
@@ -193,8 +193,8 @@ def test_dogfish_loader_on_generated_archive(tmp_path):
 
 
 def test_dogfish_loader_errors(tmp_path):
-    from influence.data import DataError
-    from influence.dogfish import load_dogfish
+    from influence.datasets.manifest import DataError
+    from influence.datasets.dogfish import load_dogfish
 
     with pytest.raises(DataError, match="missing data file"):
         load_dogfish(tmp_path)

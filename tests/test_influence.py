@@ -292,7 +292,7 @@ def test_loo_falls_back_to_this_process_when_workers_cannot_rebuild_the_model(bi
     m = _OnlyInThisProcess(weight_decay=0.01).fit(Xtr[:120], ytr[:120])
     idx = np.array([0, 5, 9])
     serial = leave_one_out(m, Xte[:2], yte[:2], idx, n_jobs=1)
-    with caplog.at_level("WARNING", logger="influence.loo"):
+    with caplog.at_level("WARNING", logger="influence.refit_validation"):
         pooled = leave_one_out(m, Xte[:2], yte[:2], idx, n_jobs=2)
     assert "worker processes failed" in caplog.text and "retraining in this process" in caplog.text
     np.testing.assert_allclose(pooled.actual, serial.actual, rtol=1e-12, atol=1e-15)

@@ -126,7 +126,7 @@ def test_loo_with_an_unpicklable_keras_model_retrains_in_this_process(digits, ca
     net(X[:1])
     m = KerasModel(net, trainable=["head"], weight_decay=0.01).fit(X[:70], y[:70])
     serial = leave_one_out(m, X[75], y[75], [0, 1], n_jobs=1)
-    with caplog.at_level("WARNING", logger="influence.loo"):
+    with caplog.at_level("WARNING", logger="influence.refit_validation"):
         pooled = leave_one_out(m, X[75], y[75], [0, 1], n_jobs=2)
     assert "cannot be sent to worker processes" in caplog.text
     np.testing.assert_array_equal(pooled.actual, serial.actual)

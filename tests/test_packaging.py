@@ -47,7 +47,7 @@ def test_missing_data_exits_2_with_fetch_hint(tmp_path):
                           str(tmp_path / "none"), "--out", str(tmp_path / "o")], capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 2
-    assert "python -m influence.data fetch mnist" in out.stderr
+    assert "python -m influence.datasets fetch mnist" in out.stderr
     assert not (tmp_path / "o" / "metrics.json").exists()
 
 

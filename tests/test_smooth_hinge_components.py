@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 
 from influence import BinaryLogisticRegression
-from influence.components import influence_components, top_k_overlap
-from influence.smooth_hinge import SmoothHingeSVM, smooth_hinge
+from influence.applications.components import influence_components, top_k_overlap
+from influence.models.smooth_hinge import SmoothHingeSVM, smooth_hinge
 
 
 @pytest.fixture(scope="module")

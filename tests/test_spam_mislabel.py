@@ -7,9 +7,9 @@ import pytest
 
 from conftest import shared_data_dir
 from influence import BinaryLogisticRegression
-from influence.data import DataError
-from influence.mislabel import check_order, fix_checked, flip_labels, run_repeat
-from influence.spam import load_spam, read_emails
+from influence.datasets.manifest import DataError
+from influence.applications.mislabel import check_order, fix_checked, flip_labels, run_repeat
+from influence.datasets.spam import load_spam, read_emails
 
 HAM = ["Meeting moved to Monday, please bring the gas nomination reports.",
        "Attached are the revised volumes for the pipeline meetings.",
@@ -124,7 +124,7 @@ def test_check_orders_and_repeat(binary_digits):
 def test_sparse_fast_fit_matches_library_fit(binary_digits):
     import scipy.sparse
 
-    from influence.logistic import fit_binary_logistic
+    from influence.models.logistic import fit_binary_logistic
 
     Xtr, ytr, _, _ = binary_digits
     m = BinaryLogisticRegression(weight_decay=0.01).fit(Xtr, ytr)
@@ -140,7 +140,7 @@ def test_repeat_jobs_over_splits_equal_serial_dense_runs(binary_digits):
 
     import scipy.sparse
 
-    from influence.mislabel import run_repeat_jobs
+    from influence.applications.mislabel import run_repeat_jobs
 
     Xtr, ytr, Xte, yte = binary_digits
     X, y = np.vstack([Xtr, Xte]), np.concatenate([ytr, yte])

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import DataError, fetch_hint, resolve_data_dir
-from .utils import hash_arrays, save_npz, sha256_file
+from .manifest import DataError, fetch_hint, resolve_data_dir
+from ..utils import hash_arrays, save_npz, sha256_file
 
 logger = logging.getLogger(__name__)
 

@@ -5,8 +5,8 @@ The data directory is chosen, in order, by an explicit argument (scripts pass
 current directory. Code never downloads during tests or experiments: a missing or corrupt
 file raises :class:`DataError` naming the file and the command that fetches it::
 
-    python -m influence.data fetch mnist --data-dir data/
-    python -m influence.data verify mnist --data-dir data/
+    python -m influence.datasets fetch mnist --data-dir data/
+    python -m influence.datasets verify mnist --data-dir data/
 
 Each dataset's files are listed in :data:`MANIFEST` with their public URLs and
 checksums. For gzip files the checksum is of the *decompressed* bytes, so re-compressed
@@ -127,7 +127,7 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
 
 def fetch_hint(dataset: str, data_dir: Path) -> str:
     return (
-        f"Get it with `python -m influence.data fetch {dataset} --data-dir {data_dir}` "
+        f"Get it with `python -m influence.datasets fetch {dataset} --data-dir {data_dir}` "
         f"(needs internet), or point --data-dir / ${ENV_VAR} at a folder that holds "
         f"{MANIFEST[dataset].folder}/ (see data/README.md)."
     )
@@ -225,8 +225,9 @@ def fetch(dataset: str, data_dir: str | os.PathLike | None = None, force: bool =
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m influence.data", description=__doc__.split("\n")[0])
-    parser.add_argument("command", choices=["fetch", "verify", "list"])
+    parser = argparse.ArgumentParser(prog="python -m influence.datasets", description=__doc__.split("\n")[0])
+    parser.add_argument("command", choices=["fetch", "verify", "list"],
+                        help="fetch: download and check; verify: check what is there; list: files, URLs, checksums")
     parser.add_argument("datasets", nargs="*", help=f"dataset names: {', '.join(MANIFEST)} (default: all)")
     parser.add_argument("--data-dir", default=None, help=f"default: ${ENV_VAR} or ./{DEFAULT_DATA_DIR}")
     parser.add_argument("--force", action="store_true", help="download again even if present")

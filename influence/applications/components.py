@@ -21,7 +21,7 @@ import numpy as np
 
 def influence_components(model, x_test, y_test, solver="exact", **solver_options) -> dict[str, np.ndarray]:
     """I_up,loss of every training point and its three ablations (arrays of length n)."""
-    from .logistic import BinaryLogisticRegression
+    from ..models.logistic import BinaryLogisticRegression
 
     if not isinstance(model, BinaryLogisticRegression):
         raise TypeError("influence_components is defined for BinaryLogisticRegression")

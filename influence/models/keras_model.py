@@ -48,7 +48,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import tensorflow as tf  # noqa: E402
 
-from .generic_neural_net import GenericNeuralNet, ParamBlock  # noqa: E402
+from ..generic_neural_net import GenericNeuralNet, ParamBlock  # noqa: E402
 
 LOSSES = ("softmax", "sigmoid", "squared")
 

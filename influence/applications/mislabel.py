@@ -21,7 +21,7 @@ from concurrent.futures import Executor
 
 import numpy as np
 
-from .parallel import limit_threads, local_pool
+from ..parallel import limit_threads, local_pool
 
 STRATEGIES = ("influence", "loss", "random")
 
@@ -64,14 +64,14 @@ def run_repeat(X_train, y_train, X_test, y_test, seed: int, flip_fraction: float
                weight_decay: float, tol: float = 1e-8) -> dict:
     """One repeat; returns arrays of shape (len(STRATEGIES), len(check_fractions)).
 
-    Fits use :func:`~influence.logistic.fit_binary_logistic` on a sparse copy of the
+    Fits use :func:`~influence.models.logistic.fit_binary_logistic` on a sparse copy of the
     features (the bag-of-words matrix is ~1% dense); influence uses the TF model at the
     fitted parameters, whose gradient norm is checked. ``X_train``/``X_test`` may be
     dense arrays or scipy.sparse matrices.
     """
     import scipy.sparse
 
-    from .logistic import BinaryLogisticRegression, fit_binary_logistic
+    from ..models.logistic import BinaryLogisticRegression, fit_binary_logistic
 
     rng = np.random.default_rng(seed)
     y_noisy, flipped = flip_labels(y_train, flip_fraction, rng)

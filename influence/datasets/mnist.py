@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .data import MANIFEST, DataError, dataset_path, fetch_hint, file_checksum, resolve_data_dir
+from .manifest import MANIFEST, DataError, dataset_path, fetch_hint, file_checksum, resolve_data_dir
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def load_mnist(data_dir=None, flatten: bool = True, verify: bool = True, dtype=n
     """Load MNIST with the paper's 55,000 / 5,000 / 10,000 train / validation / test split.
 
     ``verify`` checks the decompressed bytes of each file against the manifest's SHA-256.
-    Raises :class:`~influence.data.DataError` for missing or corrupt files.
+    Raises :class:`~influence.datasets.manifest.DataError` for missing or corrupt files.
     """
     root = resolve_data_dir(data_dir)
     arrays = {}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from .generic_neural_net import GenericNeuralNet, ParamBlock
+from ..generic_neural_net import GenericNeuralNet, ParamBlock
 
 
 class ConvexClassifier(GenericNeuralNet):

@@ -77,7 +77,7 @@ class TrainingSetAttack:
     """Iterative I_pert,loss attack on a top model over frozen features.
 
     ``model``: a fitted :class:`inception.BinaryInceptionModel` (or any
-    :class:`~influence.logistic.BinaryLogisticRegression` with ``attach``-ed
+    :class:`~influence.models.logistic.BinaryLogisticRegression` with ``attach``-ed
     ``features(inputs)`` and ``influence_from_inputs(s, inputs, y, with_gradient=True)``),
     fitted on ``features_train``. ``inputs_train``: the training images in model-input
     units (e.g. ``preprocessing(uint8)``). ``level``: one 8-bit level in those units;
@@ -115,7 +115,7 @@ class TrainingSetAttack:
         """``H^-1 grad L(z_test)`` (mean over the targets): exact solve, or CG warm-started at ``x0``."""
         if self.solver == "exact":
             return model.s_test(f_test, y_test, solver="exact", use_cache=False).x
-        from .solvers import conjugate_gradient
+        from ..solvers import conjugate_gradient
         s, _, _ = conjugate_gradient(model.hvp, model.test_gradient(f_test, y_test), tol=1e-10, maxiter=2000, x0=x0,
                                      preconditioner=self._precondition)
         return s

@@ -37,7 +37,8 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import tensorflow as tf  # noqa: E402
 
-from .generic_neural_net import GenericNeuralNet, ParamBlock, _progress  # noqa: E402
+from ..generic_neural_net import GenericNeuralNet, ParamBlock  # noqa: E402
+from ..utils import progress  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +161,7 @@ class AllCNN(GenericNeuralNet):
             raise ValueError(f"learning_rates must have {steps} entries")
         rng = np.random.default_rng(self.seed if seed is None else seed)
         order, pos = rng.permutation(n), 0
-        for start in _progress(range(0, steps, chunk), total=-(-steps // chunk), desc=desc,
+        for start in progress(range(0, steps, chunk), total=-(-steps // chunk), desc=desc,
                                enabled=self.progress and desc is not None):
             k = min(chunk, steps - start)
             batches = np.empty((k, b), dtype=np.int32)

@@ -19,7 +19,7 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
-from .generic_neural_net import ParamBlock
+from ..generic_neural_net import ParamBlock
 from .logistic import ConvexClassifier
 
 

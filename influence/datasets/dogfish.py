@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import DataError, fetch_hint, resolve_data_dir
-from .utils import atomic_path, hash_arrays, sha256_file, write_json
+from .manifest import DataError, fetch_hint, resolve_data_dir
+from ..utils import atomic_path, hash_arrays, sha256_file, write_json
 
 logger = logging.getLogger(__name__)
 

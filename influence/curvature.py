@@ -1,0 +1,113 @@
+"""Curvature of the training objective: HVPs, the explicit Hessian and its extreme eigenvalues.
+
+``hvp`` gives ``H v = (1/n) sum_i nabla^2 L(z_i) v + wd * mask * v`` (or, with
+``curvature="gauss-newton"``, ``G v``, see :mod:`influence.generic_neural_net`) from
+batched double backprop over the training set; everything the solvers need.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import tensorflow as tf
+
+from .utils import hash_arrays, progress
+
+logger = logging.getLogger(__name__)
+
+CURVATURES = ("hessian", "gauss-newton")
+
+
+def check_curvature(curvature: str) -> str:
+    if curvature not in CURVATURES:
+        raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
+    return curvature
+
+
+class CurvatureMixin:
+    """``hvp``, ``hessian`` and ``hessian_eigenvalue_bounds`` for :class:`GenericNeuralNet`."""
+
+    def hvp(self, v: np.ndarray, indices=None) -> np.ndarray:
+        """``H v`` (or ``H V`` for a (p, k) matrix), H = Hessian of the objective.
+
+        With ``curvature="gauss-newton"``: ``G v`` (module docstring). With ``indices``, the
+        loss part is averaged over those training points only (a sub-sampled Hessian, as
+        LiSSA uses); the regulariser is always included.
+        """
+        self._require_fit()
+        v = np.asarray(v, dtype=self.dtype)
+        if v.shape[0] != self.n_params or v.ndim not in (1, 2):
+            raise ValueError(f"v must have shape ({self.n_params},) or ({self.n_params}, k), got {v.shape}")
+        if not np.all(np.isfinite(v)):
+            raise ValueError("v contains NaN or infinite values")
+        th = self._theta_tf()
+        vt = tf.constant(v)
+        if check_curvature(self.curvature) == "gauss-newton":
+            kernel = self._tf_gnvp_sum if v.ndim == 1 else self._tf_gnvp_sum_many
+        else:
+            kernel = self._tf_hvp_sum if v.ndim == 1 else self._tf_hvp_sum_many
+        idx = None if indices is None else self._check_indices(indices)
+        n = self.n_train_ if idx is None else len(idx)
+        out = self._map_train(kernel, th, vt, indices=idx)
+        mask = self.decay_mask_ if v.ndim == 1 else self.decay_mask_[:, None]
+        return out / n + self.weight_decay * mask * v
+
+    def hessian(self) -> np.ndarray:
+        """Explicit (p, p) Hessian of the objective, built from batched HVPs (cached per theta).
+
+        With ``curvature="gauss-newton"``: the Gauss-Newton matrix ``G`` instead.
+        """
+        self._check_hessian_size()
+        key = hash_arrays(self.theta_, self.curvature)
+        if self._hessian_cache is not None and self._hessian_cache[0] == key:
+            return self._hessian_cache[1]
+        p = self.n_params
+        chunk = min(p, 128)  # columns per batched HVP
+        H = np.empty((p, p))
+        for j in progress(range(0, p, chunk), total=-(-p // chunk), desc="Hessian", enabled=self.progress):
+            E = np.zeros((p, min(chunk, p - j)))
+            E[np.arange(j, j + E.shape[1]), np.arange(E.shape[1])] = 1.0
+            H[:, j:j + E.shape[1]] = self.hvp(E)
+        H = 0.5 * (H + H.T)
+        self._hessian_cache = (key, H)
+        return H
+
+    def _check_hessian_size(self):
+        self._require_fit()
+        if self.n_params > self.max_hessian_params:
+            raise ValueError(f"explicit Hessian refused for p = {self.n_params} > max_hessian_params = "
+                             f"{self.max_hessian_params}; use the 'cg' or 'lissa' solver")
+
+    def hessian_eigenvalue_bounds(self, tol: float = 1e-4, maxiter: int | None = None) -> tuple[float, float]:
+        """(smallest, largest) eigenvalue of H (or G, see ``curvature``) by Lanczos (ARPACK) on HVPs.
+
+        A negative smallest eigenvalue means H is not positive definite at theta
+        (non-convex model or not at a minimum): use damping at least its magnitude. Both
+        come from ``eigsh`` at tolerance ``tol``, so the smallest is good only to about
+        ``tol * largest`` in absolute terms: a small positive value does not prove H
+        positive definite (``damping="auto"`` allows for this).
+        """
+        import scipy.sparse.linalg as spla
+
+        self._require_fit()
+        p = self.n_params
+        if p <= 2:
+            w = np.linalg.eigvalsh(self.hessian())
+            return float(w[0]), float(w[-1])
+        op = spla.LinearOperator((p, p), matvec=lambda v: self.hvp(np.ravel(v)), dtype=np.float64)
+        v0 = np.random.default_rng(self.seed).standard_normal(p)
+        maxiter = maxiter or max(100, 10 * p)
+        lmax = spla.eigsh(op, k=1, which="LA", tol=tol, v0=v0, maxiter=maxiter, return_eigenvectors=False)[0]
+        # smallest via the largest of (lmax I - H), which converges faster than which="SA"
+        shifted = spla.LinearOperator((p, p), matvec=lambda v: lmax * np.ravel(v) - self.hvp(np.ravel(v)),
+                                      dtype=np.float64)
+        top = spla.eigsh(shifted, k=1, which="LA", tol=tol, v0=v0, maxiter=maxiter, return_eigenvectors=False)[0]
+        lmin = float(lmax - top)
+        if lmin < 0 and self.curvature == "hessian":
+            logger.warning("Hessian has a negative eigenvalue (%.3g): the objective is not convex at theta; "
+                           "use damping of at least %.3g for CG or LiSSA, or curvature='gauss-newton'", lmin, -lmin)
+        elif lmin < 0:
+            logger.warning("Gauss-Newton matrix has a negative eigenvalue (%.3g), which only round-off can give "
+                           "(or a loss that is not convex in the outputs)", lmin)
+        return lmin, float(lmax)
+
