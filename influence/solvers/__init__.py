@@ -6,7 +6,7 @@ Each solves ``(H + damping I) x = v`` for one or many right-hand sides and retur
 :class:`SolveResult` with its diagnostics::
 
     get_solver("exact")                       # Cholesky of the explicit Hessian
-    get_solver("cg", tol=1e-10)               # conjugate gradients on HVPs
+    get_solver("cg", tol=1e-10)               # conjugate gradients on HVPs (block CG for many columns)
     get_solver("lissa", scale=25, depth=5000) # stochastic Neumann series (Agarwal et al. 2017)
     get_solver("arnoldi", rank=50)            # top eigenpairs by Lanczos (Schioppa et al. 2022)
 """
@@ -14,14 +14,16 @@ from __future__ import annotations
 
 from .arnoldi import ArnoldiSolver
 from .base import (AUTO_DAMPING_FACTOR, AUTO_DAMPING_LANCZOS_TOL, AUTO_DAMPING_RETRIES, InverseHVPSolver,
-                   LissaDivergenceError, NotPositiveDefiniteError, SolveResult, relative_residual)
+                   LissaDivergenceError, NotPositiveDefiniteError, SolveResult, column_residuals,
+                   relative_residual)
+from .block_cg import block_conjugate_gradient
 from .cg import CGSolver, conjugate_gradient
 from .exact import ExactSolver
 from .lissa import LissaSolver
 
 __all__ = ["ArnoldiSolver", "CGSolver", "ExactSolver", "InverseHVPSolver", "LissaDivergenceError", "LissaSolver",
-           "NotPositiveDefiniteError", "SOLVERS", "SolveResult", "conjugate_gradient", "get_solver",
-           "relative_residual", "AUTO_DAMPING_FACTOR", "AUTO_DAMPING_LANCZOS_TOL", "AUTO_DAMPING_RETRIES"]
+           "NotPositiveDefiniteError", "SOLVERS", "SolveResult", "block_conjugate_gradient", "column_residuals",
+           "conjugate_gradient", "get_solver", "relative_residual", "AUTO_DAMPING_FACTOR", "AUTO_DAMPING_LANCZOS_TOL", "AUTO_DAMPING_RETRIES"]
 
 SOLVERS = {cls.name: cls for cls in (ExactSolver, CGSolver, LissaSolver, ArnoldiSolver)}
 

@@ -55,12 +55,17 @@ class SolveResult:
         return asdict(self)
 
 
-def relative_residual(model, x: np.ndarray, v: np.ndarray, damping: float) -> float:
-    """``max_k ||(H + damping I) x_k - v_k|| / ||v_k||``."""
+def column_residuals(model, x: np.ndarray, v: np.ndarray, damping: float) -> np.ndarray:
+    """``||(H + damping I) x_k - v_k|| / ||v_k||`` for each column ``k`` (a zero ``v_k``: the absolute norm)."""
     r = model.hvp(x) + damping * x - v
     num = np.linalg.norm(r, axis=0)
     den = np.linalg.norm(v, axis=0)
-    return float(np.max(num / np.where(den > 0, den, 1.0)))
+    return np.atleast_1d(num / np.where(den > 0, den, 1.0))
+
+
+def relative_residual(model, x: np.ndarray, v: np.ndarray, damping: float) -> float:
+    """``max_k ||(H + damping I) x_k - v_k|| / ||v_k||``."""
+    return float(np.max(column_residuals(model, x, v, damping)))
 
 
 AUTO_DAMPING_FACTOR = 1.5   # damping="auto": this times |smallest eigenvalue| where it is negative

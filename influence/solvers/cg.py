@@ -1,7 +1,8 @@
 """Conjugate gradients on ``H + damping I`` with full-data HVPs (Koh & Liang's main solver).
 
 Krylov iterations ``x_{k+1} = x_k + alpha_k p_k`` that minimise ``x^T (H + damping I) x / 2 - v^T x``;
-each iteration costs one HVP over the training set, shared by every right-hand side.
+each iteration costs one HVP over the training set. Several right-hand sides are solved
+by block CG (:mod:`.block_cg`), which shares one Krylov space among them.
 """
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from typing import Callable
 
 import numpy as np
 
-from .base import InverseHVPSolver, SolveResult, relative_residual
+from .base import InverseHVPSolver, SolveResult, column_residuals
+from .block_cg import block_conjugate_gradient
 
 logger = logging.getLogger(__name__)
 
@@ -67,35 +69,51 @@ def conjugate_gradient(matvec: Callable[[np.ndarray], np.ndarray], b: np.ndarray
 class CGSolver(InverseHVPSolver):
     """Conjugate gradients on ``H + damping I`` with full-data HVPs.
 
-    Parameters: ``tol`` (relative residual target), ``maxiter`` (default ``min(p, 1000)``),
-    ``preconditioner`` (optional callable ``r -> M^-1 r`` for a symmetric positive definite
-    ``M`` close to ``H + damping I``, e.g. a Cholesky solve with the Hessian of a nearby
-    model; it changes the iteration count, not the answer, so it is not part of the cache key).
-    Several right-hand sides share each batched HVP.
+    Parameters: ``tol`` (relative residual target per column), ``maxiter`` (iterations;
+    default ``min(p, 1000)``), ``preconditioner`` (optional callable ``R -> M^-1 R`` for a
+    symmetric positive definite ``M`` close to ``H + damping I``, applied to (p,) or
+    (p, k) arrays, e.g. a Cholesky solve with the Hessian of a nearby model; it changes
+    the iteration count, not the answer, so it is not part of the cache key), ``block``
+    (several right-hand sides: True, the default, solves them by block CG in one shared
+    Krylov space; False iterates each column on its own, sharing only the batched HVPs).
+    ``info`` holds ``negative_curvature``, and for several columns ``residuals`` (each
+    column's relative residual) and, for block CG, ``block_sizes`` (directions searched
+    per iteration) and ``hvp_columns`` (their sum: the HVP work).
     """
 
     name = "cg"
 
-    def __init__(self, damping: float = 0.0, tol: float = 1e-10, maxiter: int | None = None, preconditioner=None):
+    def __init__(self, damping: float = 0.0, tol: float = 1e-10, maxiter: int | None = None, preconditioner=None,
+                 block: bool = True):
         super().__init__(damping)
         self.tol = float(tol)
         self.maxiter = maxiter
         if preconditioner is not None and not callable(preconditioner):
             raise TypeError("preconditioner must be a callable r -> M^-1 r")
         self._preconditioner = preconditioner
+        self._block = bool(block)  # the same answer either way: not part of the cache key
 
     def _solve(self, model, v):
         maxiter = self.maxiter or min(model.n_params, 1000)
-        x, it, negative = conjugate_gradient(lambda u: model.hvp(u) + self.damping * u, v, self.tol, maxiter,
-                                             preconditioner=self._preconditioner)
+        matvec = lambda u: model.hvp(u) + self.damping * u  # noqa: E731
+        info = {}
+        if v.ndim == 2 and v.shape[1] > 1 and self._block:
+            x, it, negative, sizes = block_conjugate_gradient(matvec, v, self.tol, maxiter,
+                                                              preconditioner=self._preconditioner)
+            info.update(block=True, block_sizes=sizes, hvp_columns=int(sum(sizes)))
+        else:
+            x, it, negative = conjugate_gradient(matvec, v, self.tol, maxiter, preconditioner=self._preconditioner)
         if negative:
             hint = (" (or round-off: this model computes in %s; float64 gives the tightest solves)" % model.dtype
                     if model.dtype != "float64" else "")
             logger.warning("CG met negative curvature: H + %g I is not positive definite; raise damping, or use "
                            "the model's curvature='gauss-newton' (positive semi-definite)%s", self.damping, hint)
-        res = relative_residual(model, x, v, self.damping)
+        residuals = column_residuals(model, x, v, self.damping)
+        res = float(np.max(residuals))
+        if v.ndim == 2:
+            info["residuals"] = residuals.tolist()
         converged = res <= max(10 * self.tol, 1e-6)
         if not converged:
             logger.warning("CG stopped after %d iterations at relative residual %.2e", it, res)
         return SolveResult(x=x, solver=self.name, iterations=it, residual=res, converged=converged,
-                           damping=self.damping, info={"negative_curvature": negative})
+                           damping=self.damping, info={"negative_curvature": negative, **info})
