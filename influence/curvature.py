@@ -25,7 +25,11 @@ def check_curvature(curvature: str) -> str:
 
 
 class CurvatureMixin:
-    """``hvp``, ``hessian`` and ``hessian_eigenvalue_bounds`` for :class:`GenericNeuralNet`."""
+    """``hvp``, ``hessian``, ``hessian_eigenvalue_bounds`` and ``per_example_curvature`` for
+    :class:`GenericNeuralNet`."""
+
+    #: the outputs are linear in theta (then H = G, and per-example curvatures are exact)
+    linear_outputs = False
 
     def hvp(self, v: np.ndarray, indices=None) -> np.ndarray:
         """``H v`` (or ``H V`` for a (p, k) matrix), H = Hessian of the objective.
@@ -111,3 +115,41 @@ class CurvatureMixin:
                            "(or a loss that is not convex in the outputs)", lmin)
         return lmin, float(lmax)
 
+    def per_example_curvature(self, refine: int = 8) -> np.ndarray:
+        """Largest eigenvalue of each training point's loss Hessian ``nabla^2 L(z_i)`` (no regulariser), (n,).
+
+        One vectorised pass: for each point, the largest eigenvalue of ``J_i^T S_i J_i``
+        (``J_i``: Jacobian of the outputs, ``S_i = d^2 L / d f^2``) from a (k, k)
+        eigenproblem. That is the point's exact curvature when the outputs are linear in
+        theta (``linear_outputs``) or the model's ``curvature`` is "gauss-newton". Otherwise
+        it is only the Gauss-Newton part: the ``refine`` points with the largest values get
+        30 power iterations on their own Hessian, and every value is scaled by the largest
+        ratio found (at least 1). Cached for the current theta, data and curvature.
+        """
+        self._require_fit()
+        key = (*self.state_key_, int(refine))
+        cached = getattr(self, "_example_curvature_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        k = int(np.prod(self.outputs(self.X_train_np_[:1]).shape[1:]))
+        bs = max(1, min(self.batch_size, self._rows_per_chunk() // max(k, 1)))
+        lam = self._map_train(self._tf_per_example_gn_eigmax, self._theta_tf(), reduce="concat", batch_size=bs,
+                              desc="per-example curvature")
+        lam = np.maximum(lam, 0.0)
+        if not (self.linear_outputs or self.curvature == "gauss-newton") and refine > 0:
+            ratio = 1.0
+            rng = np.random.default_rng(self.seed)
+            for i in np.argsort(-lam)[:int(refine)]:
+                u = rng.standard_normal(self.n_params)
+                u /= np.linalg.norm(u)
+                for _ in range(30):
+                    w = self.hvp(u, indices=[i])
+                    est = float(np.linalg.norm(w))
+                    u = w / max(est, 1e-300)
+                if lam[i] > 0:
+                    ratio = max(ratio, est / lam[i])
+            logger.info("per-example curvature: Gauss-Newton part scaled by %.3g from power iterations on the %d "
+                        "largest", ratio, refine)
+            lam = lam * ratio
+        self._example_curvature_cache = (key, lam)
+        return lam

@@ -98,6 +98,38 @@ def compile_kernels(model) -> None:
             score = tf.reduce_sum(g * tf.stop_gradient(s))
         return outer.gradient(score, x)
 
+    def per_example_gn_eigmax(theta, x, y):
+        # largest eigenvalue of each example's J_i^T S_i J_i (S_i = d2L/df2 at f_i): that of the
+        # small (k, k) matrix S_i^1/2 (J_i J_i^T) S_i^1/2; exact per-example curvature when the
+        # outputs are linear in theta
+        out = model._forward(model.unflatten(theta), x)
+        k = 1
+        for dim in out.shape[1:]:
+            k *= int(dim)
+
+        def jac(xi):
+            with tf.GradientTape(persistent=True) as tape:
+                tape.watch(theta)
+                fi = tf.reshape(model._forward(model.unflatten(theta), xi[None]), [-1])
+                parts = [fi[j] for j in range(k)]
+            return tf.stack([tape.gradient(part, theta, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+                             for part in parts])
+
+        J = tf.vectorized_map(jac, x)                                    # (b, k, p)
+        K = tf.einsum("bip,bjp->bij", J, J)
+        f = tf.reshape(tf.stop_gradient(out), [-1, k])
+        with tf.GradientTape() as outer:
+            outer.watch(f)
+            with tf.GradientTape() as inner:
+                inner.watch(f)
+                total = tf.reduce_sum(model._loss(tf.reshape(f, tf.shape(out)), y))
+            g = inner.gradient(total, f)
+        S = outer.batch_jacobian(g, f, unconnected_gradients=tf.UnconnectedGradients.ZERO)  # (b, k, k)
+        w, U = tf.linalg.eigh(0.5 * (S + tf.linalg.matrix_transpose(S)))
+        root = tf.einsum("bij,bj,bkj->bik", U, tf.sqrt(tf.maximum(w, 0)), U)
+        M = root @ K @ root
+        return tf.linalg.eigvalsh(0.5 * (M + tf.linalg.matrix_transpose(M)))[:, -1]
+
     def lissa_loop(theta, X, Y, v, idx, scale, damping, limit, gauss_newton):
         curv_sum = gnvp_sum if gauss_newton else hvp_sum
         depth = tf.shape(idx)[0]
@@ -126,3 +158,4 @@ def compile_kernels(model) -> None:
     model._tf_jvp_losses = fn(jvp_losses)
     model._tf_input_grad_of_score = fn(input_grad_of_score)
     model._tf_lissa_loop = fn(lissa_loop)
+    model._tf_per_example_gn_eigmax = fn(per_example_gn_eigmax)

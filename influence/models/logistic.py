@@ -22,6 +22,8 @@ class ConvexClassifier(GenericNeuralNet):
     ``polish`` adds Newton-CG steps after L-BFGS on :meth:`fit` (gradient norm ~1e-10).
     """
 
+    linear_outputs = True
+
     def __init__(self, weight_decay: float = 0.01, tol: float = 1e-8, max_iter: int = 5000,
                  batch_size: int = 65536, polish: bool = True, **kwargs):
         super().__init__(weight_decay=weight_decay, batch_size=batch_size, **kwargs)

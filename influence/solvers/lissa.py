@@ -14,6 +14,10 @@ from .base import InverseHVPSolver, LissaDivergenceError, SolveResult, relative_
 logger = logging.getLogger(__name__)
 
 
+AUTO_SCALE_RESTARTS = 3  # scale="auto": how often the scale is raised (x4) after a divergence
+AUTO_SCALE_GROWTH = 4.0
+
+
 class LissaSolver(InverseHVPSolver):
     """LiSSA: the stochastic Neumann-series estimate of Agarwal et al. (2017).
 
@@ -24,8 +28,19 @@ class LissaSolver(InverseHVPSolver):
     where ``H_B`` is the Hessian of the objective on a minibatch ``B`` of ``batch_size``
     training points drawn uniformly with replacement (seeded). Then ``x ~= est / scale``,
     averaged over samples. The series converges when ``scale`` exceeds the largest
-    eigenvalue of every ``H_B + damping I``; ``scale="auto"`` sets it to
-    ``safety * lambda_max`` estimated by power iteration on sampled minibatch Hessians.
+    eigenvalue of every ``H_B + damping I`` it draws.
+
+    ``scale="auto"`` bounds exactly that: with ``c_i`` the largest eigenvalue of training
+    point ``i``'s loss Hessian (all points, one vectorised pass:
+    :meth:`~influence.curvature.CurvatureMixin.per_example_curvature`), Weyl's inequality
+    gives ``lambda_max(H_B) <= mean_{i in B} c_i + wd``, and the scale is ``safety`` times
+    the largest such bound over the very minibatches the samples will draw (+ damping).
+    The bound is exact for models whose outputs are linear in theta and for the
+    Gauss-Newton curvature; for other models ``c_i`` comes from the Gauss-Newton part
+    scaled by power iterations on the most curved points. Full batches (``batch_size``
+    None or >= n) use power iteration on the full matrix. Should the series still
+    diverge, the scale is raised ``AUTO_SCALE_GROWTH``-fold and the solve restarted, at
+    most ``AUTO_SCALE_RESTARTS`` times (``info["scale_restarts"]``).
     A NaN/inf or exploding estimate raises :class:`LissaDivergenceError`.
     """
 
@@ -45,38 +60,79 @@ class LissaSolver(InverseHVPSolver):
         self.safety = float(safety)
         self.divergence_factor = float(divergence_factor)
 
-    def estimate_scale(self, model, rng) -> float:
-        """``safety * max lambda_max(H_B + damping I)`` over a few sampled minibatches."""
-        n, b = model.n_train_, self.batch_size or model.n_train_
-        lam = 0.0
-        for _ in range(1 if b >= n else 8):
-            idx = None if b >= n else rng.integers(0, n, size=b)
+    def _batch(self, model) -> int:
+        return min(int(self.batch_size or model.n_train_), model.n_train_)
+
+    def _draw_batches(self, rng, n: int, b: int) -> np.ndarray:
+        """One sample's minibatches, (depth, b); the solve and the scale bound draw the same ones."""
+        return rng.integers(0, n, size=(self.depth, b)).astype(np.int32)
+
+    def estimate_scale(self, model) -> tuple[float, dict]:
+        """``safety`` times an upper bound on ``lambda_max(H_B + damping I)`` over every minibatch
+        ``B`` this solve will draw (class docstring), and how it was obtained."""
+        n, b = model.n_train_, self._batch(model)
+        damping = float(self.damping)
+        if b >= n:  # one deterministic series on the full matrix
+            rng = np.random.default_rng(self.seed)
             u = rng.standard_normal(model.n_params)
             u /= np.linalg.norm(u)
             for _ in range(30):
-                w = model.hvp(u, indices=idx) + self.damping * u
+                w = model.hvp(u) + damping * u
                 est = float(np.linalg.norm(w))
                 u = w / max(est, 1e-300)
-            lam = max(lam, est)
-        return self.safety * lam
+            return self.safety * est, {"scale_bound": est, "scale_bound_kind": "power iteration on the full matrix"}
+        curv = model.per_example_curvature()
+        rng = np.random.default_rng(self.seed)
+        worst = max(float(curv[self._draw_batches(rng, n, b)].mean(axis=1).max()) for _ in range(self.num_samples))
+        reg = model.weight_decay if np.any(model.decay_mask_) else 0.0
+        bound = worst + reg + damping
+        exact = model.linear_outputs or model.curvature == "gauss-newton"
+        return self.safety * bound, {
+            "scale_bound": bound, "largest_example_curvature": float(curv.max()),
+            "median_example_curvature": float(np.median(curv)),
+            "scale_bound_kind": "per-example curvature, exact" if exact else
+                                "per-example Gauss-Newton curvature, scaled by power iterations"}
 
     def _solve(self, model, v):
+        if self.scale != "auto":
+            return self._series(model, v, float(self.scale), {})
+        scale, info = self.estimate_scale(model)
+        first, restarts = scale, 0
+        while True:
+            try:
+                res = self._series(model, v, scale, info)
+                break
+            except LissaDivergenceError as exc:
+                if restarts >= AUTO_SCALE_RESTARTS:
+                    raise LissaDivergenceError(
+                        f"LiSSA diverged with scale='auto' (estimated {first:.4g}, raised to {scale:.4g} in "
+                        f"{restarts} restart(s)), batch_size={self._batch(model)}: {exc.args[0]} The curvature bound did not "
+                        f"hold (a non-convex model?); add damping, pass an explicit scale above {scale:.4g}, or "
+                        f"use solver='cg'.") from None
+                restarts += 1
+                scale *= AUTO_SCALE_GROWTH
+                logger.warning("LiSSA diverged with scale %.4g; restarting with scale %.4g (%d of %d)",
+                               scale / AUTO_SCALE_GROWTH, scale, restarts, AUTO_SCALE_RESTARTS)
+        res.info.update(scale_auto=True, scale_estimate=first, scale_restarts=restarts)
+        return res
+
+    def _series(self, model, v, scale: float, info: dict) -> SolveResult:
+        """The Neumann series for every column and sample at a fixed ``scale``."""
         import tensorflow as tf
 
         rng = np.random.default_rng(self.seed)
-        scale = self.estimate_scale(model, rng) if self.scale == "auto" else float(self.scale)
         cols = v if v.ndim == 2 else v[:, None]
-        n, b = model.n_train_, self.batch_size or model.n_train_
+        n, b = model.n_train_, self._batch(model)
         estimates = np.empty((self.num_samples, *cols.shape))
         th = model._theta_tf()
         for s in range(self.num_samples):
-            idx = rng.integers(0, n, size=(self.depth, b)).astype(np.int32) if b < n else None
+            idx = self._draw_batches(rng, n, b) if b < n else None
             for k in range(cols.shape[1]):
                 vk = cols[:, k]
                 limit = self.divergence_factor * max(np.linalg.norm(vk), 1e-300) * max(scale, 1.0)
                 if idx is not None:
-                    j, est, norm = model._tf_lissa_loop(th, model.X_train_, model.y_train_, tf.constant(vk), tf.constant(idx),
-                                                        tf.constant(scale, model.tf_dtype),
+                    j, est, norm = model._tf_lissa_loop(th, model.X_train_, model.y_train_, tf.constant(vk),
+                                                        tf.constant(idx), tf.constant(scale, model.tf_dtype),
                                                         tf.constant(self.damping, model.tf_dtype),
                                                         tf.constant(limit, model.tf_dtype),
                                                         model.curvature == "gauss-newton")
@@ -87,10 +143,13 @@ class LissaSolver(InverseHVPSolver):
                         est = vk + est - (model.hvp(est) + self.damping * est) / scale
                         j, norm = j + 1, np.linalg.norm(est)
                 if not np.isfinite(norm) or norm >= limit:
+                    what = (f"scale={scale:.4g}, batch_size={b}" + ("" if b < n else " (full batch)"))
+                    advice = ("" if self.scale == "auto" else
+                              " Pass scale='auto' (bounded from every training point's curvature), a larger scale,"
+                              " or add damping.")
                     raise LissaDivergenceError(
-                        f"LiSSA diverged after {j} of {self.depth} steps (norm {norm:.3g}) with scale={scale:.4g}: "
-                        f"scale must exceed the largest eigenvalue of the minibatch Hessians. Raise `scale` "
-                        f"(or pass scale='auto'), or add damping.")
+                        f"LiSSA diverged after {j} of {self.depth} steps (norm {norm:.3g}) with {what}: the scale "
+                        f"must exceed the largest eigenvalue of every minibatch Hessian (+ damping).{advice}")
                 estimates[s, :, k] = est / scale
         x = estimates.mean(axis=0)
         spread = 0.0
@@ -103,4 +162,4 @@ class LissaSolver(InverseHVPSolver):
             logger.warning("LiSSA estimate has relative residual %.2f: raise depth, or check scale (%.4g)",
                            res, scale)
         return SolveResult(x=x, solver=self.name, iterations=self.depth * self.num_samples, residual=res,
-                           converged=res < 0.1, damping=self.damping, spread=spread, info={"scale": scale})
+                           converged=res < 0.1, damping=self.damping, spread=spread, info={"scale": scale, **info})
