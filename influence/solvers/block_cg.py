@@ -38,7 +38,7 @@ def orthonormal_basis(W: np.ndarray, rank_tol: float = 1e-10) -> np.ndarray:
     return Q[:, :int(np.sum(d > rank_tol * d[0]))]
 
 
-def block_conjugate_gradient(matvec: Callable[[np.ndarray], np.ndarray], B: np.ndarray, tol: float = 1e-10,
+def block_conjugate_gradient(matvec: Callable[[np.ndarray], np.ndarray], B: np.ndarray, tol: float | np.ndarray = 1e-10,
                              maxiter: int = 1000,
                              preconditioner: Callable[[np.ndarray], np.ndarray] | None = None,
                              rank_tol: float = 1e-10):
@@ -46,7 +46,8 @@ def block_conjugate_gradient(matvec: Callable[[np.ndarray], np.ndarray], B: np.n
 
     ``matvec(P)`` returns ``A P`` for a (p, r) block; ``preconditioner(R)`` returns
     ``M^-1 R`` for a symmetric positive definite ``M``. Stops when every column has
-    ``||r_k|| <= tol * ||b_k||`` (zero columns: at once, solution 0), after ``maxiter``
+    ``||r_k|| <= tol * ||b_k||`` (``tol`` a number or one per column; zero columns: at once,
+    solution 0), after ``maxiter``
     block iterations, or on negative curvature.
     Returns ``(X, iterations, negative_curvature_seen, block_sizes)`` with the number of
     directions searched at each iteration.
@@ -56,7 +57,7 @@ def block_conjugate_gradient(matvec: Callable[[np.ndarray], np.ndarray], B: np.n
         raise ValueError(f"B must have shape (p, k), got {B.shape}")
     X = np.zeros_like(B)
     R = B.copy()
-    target = tol * np.linalg.norm(B, axis=0)
+    target = np.asarray(tol, dtype=np.float64) * np.linalg.norm(B, axis=0)
     active = np.linalg.norm(R, axis=0) > target
     pc = preconditioner if preconditioner is not None else (lambda M: M)
     negative, it, sizes = False, 0, []
