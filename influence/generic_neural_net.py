@@ -133,6 +133,28 @@ class GenericNeuralNet(CurvatureMixin, InfluenceMixin):
         """Minimise the objective from ``theta0``; default: L-BFGS, then Newton-CG polish."""
         return self.minimize_lbfgs(theta0)
 
+    #: the likelihood behind the loss ("softmax", "sigmoid", "squared"; None: none), whose
+    #: targets the Monte Carlo Fisher of the Kronecker-factored solvers samples
+    predictive: str | None = None
+
+    def _kfac_taps(self, params: list[tf.Tensor], x: tf.Tensor):
+        """``(outputs, taps)``: the forward pass with each Dense/Conv2D layer's input and
+        pre-activation exposed (:class:`~influence.models.keras_taps.Tap`), for the
+        Kronecker-factored solvers (``solver="kfac"`` / ``"ekfac"``)."""
+        raise NotImplementedError(f"{type(self).__name__} declares no Kronecker-factorable layers; use another solver")
+
+    def _sample_targets(self, outputs: tf.Tensor, seed: tf.Tensor, dtype) -> tf.Tensor:
+        """Targets drawn from the model's predictive distribution at ``outputs`` (stateless, seeded)."""
+        if self.predictive == "softmax":
+            return tf.cast(tf.random.stateless_categorical(outputs, 1, seed)[:, 0], dtype)
+        if self.predictive == "sigmoid":
+            u = tf.random.stateless_uniform(tf.shape(outputs), seed, dtype=outputs.dtype)
+            return tf.cast(u < tf.sigmoid(outputs), dtype)
+        if self.predictive == "squared":  # L = (f - y)^2 / 2: y ~ N(f, 1)
+            return tf.cast(outputs + tf.random.stateless_normal(tf.shape(outputs), seed, dtype=outputs.dtype), dtype)
+        raise ValueError(f"{type(self).__name__}: its loss is not a likelihood the Monte Carlo Fisher can sample "
+                         "from; use fisher='expectation'")
+
     def _retrain(self, theta0: np.ndarray) -> np.ndarray:
         """Re-fit after the training set changed (LOO); default: same as :meth:`_train`."""
         return self._train(theta0)

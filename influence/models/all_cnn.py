@@ -110,8 +110,16 @@ class AllCNN(GenericNeuralNet):
                 parts.append(rng.normal(0, 1.0 / np.sqrt(b.shape[0]), b.size))
         return np.concatenate(parts)
 
+    predictive = "softmax"
+
     def _forward(self, params, x):
         return self.keras_model_.stateless_call(params, [], x)[0]
+
+    def _kfac_taps(self, params, x):
+        from .keras_taps import chain_taps
+
+        block_of = {id(v): i for i, v in enumerate(self.keras_model_.trainable_variables)}
+        return chain_taps(self.keras_model_, params, [], x, block_of, {})
 
     def _loss(self, logits, y):
         return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)

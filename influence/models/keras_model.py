@@ -125,6 +125,22 @@ class KerasModel(GenericNeuralNet):
             out = out[:, 0]
         return out
 
+    @property
+    def predictive(self):  # the likelihood the Monte Carlo Fisher samples from (K-FAC)
+        return self.loss if self.loss in LOSSES else None
+
+    def _kfac_taps(self, params, x):
+        from .keras_taps import chain_taps
+
+        it = iter(params)
+        values = [next(it) if frozen is None else frozen for frozen in self._frozen]
+        selected = [v for v, sel in zip(self.model.trainable_variables, self._selected) if sel]
+        block_of = {id(v): i for i, v in enumerate(selected)}
+        out, taps = chain_taps(self.model, values, self._state, x, block_of, self._call_kwargs)
+        if self.loss in ("sigmoid", "squared") and len(out.shape) == 2 and out.shape[1] == 1:
+            out = out[:, 0]
+        return out, taps
+
     def _loss(self, outputs, y):
         if callable(self.loss):
             out = self.loss(outputs, y)

@@ -39,6 +39,13 @@ class ConvexClassifier(GenericNeuralNet):
     def _train(self, theta0):
         return self.minimize_lbfgs(theta0, tol=self.tol, maxiter=self.max_iter, newton_polish=self.polish)
 
+    def _kfac_taps(self, params, x):
+        """One Dense block: input ``x``, pre-activation = the outputs (bias as a second block, if any)."""
+        from .keras_taps import Tap
+
+        out = self._forward(params, x)
+        return out, [Tap("dense", x, out, 0, 1 if len(self.blocks_) > 1 else None, type(self).__name__)]
+
     def _retrain(self, theta0):
         # warm-started LOO re-fit: L-BFGS to max|grad| <= tol already changes the test
         # loss by < 1e-6 relative to the Newton-polished optimum; skip the polish
@@ -79,6 +86,8 @@ class LogisticRegression(ConvexClassifier):
             raise ValueError(f"class labels must lie in [0, {self.n_classes - 1}]")
         return y.astype(np.int32)
 
+    predictive = "softmax"
+
     def _forward(self, params, x):
         return tf.matmul(x, params[0])
 
@@ -102,6 +111,8 @@ class BinaryLogisticRegression(ConvexClassifier):
         if len(y) and not np.all((y == 0) | (y == 1)):
             raise ValueError("BinaryLogisticRegression labels must be 0 or 1")
         return y.astype(self.dtype)
+
+    predictive = "sigmoid"
 
     def _forward(self, params, x):
         return tf.linalg.matvec(x, params[0])

@@ -1,0 +1,351 @@
+"""Kronecker-factored curvature: K-FAC (Martens & Grosse 2015; KFC for convolutions, Grosse &
+Martens 2016) and EK-FAC (George et al. 2018), as inverse-HVP solvers.
+
+For a Dense or Conv2D layer with input ``a`` (a constant 1 appended when its bias is a
+parameter) and pre-activation output ``s``, the curvature block of its weights
+``W`` (rows: inputs, or im2col patch entries (kh, kw, c_in); columns: outputs) is
+approximated as::
+
+    G_W ~= A (x) S,   A = (1/n) sum_i sum_t a_it a_it^T,   S = (1/(n T)) sum_i sum_t g_it g_it^T
+
+(``t``: the T spatial positions of a convolution, T = 1 for Dense; ``(x)``: Kronecker
+product in the row-major order of ``W``). ``g`` is the gradient of the loss with respect
+to ``s`` for targets in expectation over the model's own predictive distribution
+(``fisher="expectation"``, default: with ``H_f = d^2 L/df^2 = R R^T`` at the outputs,
+one backward pass per column of ``R``; deterministic, the Gauss-Newton form, for every
+loss convex in the outputs), for targets sampled from it (``"mc"``, ``mc_samples`` per
+point, seeded: the Monte Carlo Fisher) or for the true labels (``"empirical"``).
+
+With ``A = Q_A diag(a) Q_A^T`` and ``S = Q_S diag(s) Q_S^T``, K-FAC's eigenvalues are
+``a_i s_j``; EK-FAC replaces them by the second moments of the per-example gradients in
+that eigenbasis, ``(1/n) sum_i (Q_A^T G_i Q_S)^2`` (one more pass), which is exactly
+``diag(Q^T G_W Q)``. A block's inverse-HVP is ``Q (Lambda + reg + damping)^-1 Q^T v``,
+applied as ``Q_A (Q_A^T V Q_S / (Lambda + ...)) Q_S^T`` without forming any Kronecker
+product; the regulariser ``wd * mask`` enters as its diagonal in the eigenbasis (exact
+when every row of the block is decayed). Blocks are independent: the curvature is
+block-diagonal over layers. The factors are computed once per fitted model and cached.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .base import InverseHVPSolver, SolveResult, relative_residual
+
+logger = logging.getLogger(__name__)
+
+FISHERS = ("expectation", "mc", "empirical")
+
+
+@dataclass
+class BlockFactors:
+    """The Kronecker factors of one layer and their eigendecompositions.
+
+    ``rows``: (block index, number of rows) of the stacked ``[kernel; bias]`` matrix;
+    ``A`` (d_in, d_in), ``S`` (d_out, d_out); ``qa``, ``qs`` eigenvectors; ``ea``, ``es``
+    eigenvalues; ``corrected``: EK-FAC's eigenvalues (d_in, d_out) once computed.
+    """
+
+    name: str
+    kind: str
+    kernel_block: int
+    bias_block: int | None
+    A: np.ndarray
+    S: np.ndarray
+    ea: np.ndarray = None
+    qa: np.ndarray = None
+    es: np.ndarray = None
+    qs: np.ndarray = None
+    corrected: np.ndarray | None = None
+
+
+def _as_positions(t, d):
+    """(batch, ..., d) -> (batch, T, d)."""
+    import tensorflow as tf
+
+    return tf.reshape(t, [tf.shape(t)[0], -1, d])
+
+
+def _tap_inputs(tap, kernel_shape, with_bias: bool):
+    """The tap's input as (batch, T, d_in) rows of W (im2col patches for Conv2D), 1 appended for a bias."""
+    import tensorflow as tf
+
+    if tap.kind == "conv2d":
+        kh, kw, strides, dilations, padding = tap.conv
+        a = tf.image.extract_patches(tap.a, sizes=[1, kh, kw, 1], strides=[1, *strides, 1],
+                                     rates=[1, *dilations, 1], padding=padding)
+    else:
+        a = tap.a
+    d_in = int(np.prod(kernel_shape[:-1])) if len(kernel_shape) > 1 else int(kernel_shape[0])
+    a = _as_positions(a, d_in)
+    if with_bias:
+        a = tf.concat([a, tf.ones_like(a[..., :1])], axis=-1)
+    return a
+
+
+def _kernel_matrix_shape(shape) -> tuple[int, int]:
+    return (int(np.prod(shape[:-1])), int(shape[-1])) if len(shape) > 1 else (int(shape[0]), 1)
+
+
+def compute_factors(model, fisher: str = "expectation", mc_samples: int = 1, seed: int = 0,
+                    corrected: bool = False) -> list[BlockFactors]:
+    """The Kronecker factors of every factorable layer of ``model`` (cached on the model)."""
+    if fisher not in FISHERS:
+        raise ValueError(f"fisher must be one of {FISHERS}, got {fisher!r}")
+    key = (*model.state_key_, fisher, int(mc_samples), int(seed))
+    cache = getattr(model, "_kfac_cache", None)
+    if cache is None or cache[0] != key:
+        t0 = time.perf_counter()
+        blocks = _factor_pass(model, fisher, int(mc_samples), int(seed))
+        for f in blocks:
+            f.ea, f.qa = np.linalg.eigh(f.A)
+            f.es, f.qs = np.linalg.eigh(f.S)
+        logger.info("K-FAC factors of %d layers in %.2fs (%s)", len(blocks), time.perf_counter() - t0, fisher)
+        model._kfac_cache = cache = (key, blocks)
+    blocks = cache[1]
+    if corrected and any(f.corrected is None for f in blocks):
+        t0 = time.perf_counter()
+        for f, lam in zip(blocks, _eigenvalue_pass(model, blocks, fisher, int(mc_samples), int(seed))):
+            f.corrected = lam
+        logger.info("EK-FAC eigenvalues in %.2fs", time.perf_counter() - t0)
+    return blocks
+
+
+def _check_coverage(model, taps):
+    covered = [t.kernel_block for t in taps] + [t.bias_block for t in taps if t.bias_block is not None]
+    missing = [b.name for i, b in enumerate(model.blocks_) if i not in covered]
+    if missing:
+        raise ValueError(f"Kronecker-factored curvature covers Dense and Conv2D layers only; parameters {missing} "
+                         f"belong to no factorable layer")
+
+
+def _targets_losses(model, out, y, fisher, mc_samples, seed):
+    """Inside the tape: the summed losses whose gradients are the backward signals (empirical,
+    Monte Carlo); none for the expectation form, which backpropagates ``R`` directly."""
+    import tensorflow as tf
+
+    if fisher == "empirical":
+        return [tf.reduce_sum(model._loss(out, y))]
+    if fisher == "mc":
+        return [tf.reduce_sum(model._loss(out, model._sample_targets(
+            tf.stop_gradient(out), tf.random.experimental.stateless_fold_in(seed, m), y.dtype)))
+            for m in range(mc_samples)]
+    return []
+
+
+def _backward_signals(model, tape, out, s_list, y, losses):
+    """The list (one entry per backward pass) of gradients w.r.t. every tap's pre-activation."""
+    import tensorflow as tf
+
+    if losses:
+        return [tape.gradient(total, s_list, unconnected_gradients=tf.UnconnectedGradients.ZERO) for total in losses]
+    k = 1
+    for dim in out.shape[1:]:
+        k *= int(dim)
+    f = tf.reshape(tf.stop_gradient(out), [-1, k])
+    with tf.GradientTape() as outer:
+        outer.watch(f)
+        with tf.GradientTape() as inner:
+            inner.watch(f)
+            total = tf.reduce_sum(model._loss(tf.reshape(f, tf.shape(out)), y))
+        g = inner.gradient(total, f)
+    Hf = outer.batch_jacobian(g, f, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    w, U = tf.linalg.eigh(0.5 * (Hf + tf.linalg.matrix_transpose(Hf)))
+    R = U * tf.sqrt(tf.maximum(w, 0))[:, None, :]          # R R^T = H_f, per example
+    return [tape.gradient(out, s_list, output_gradients=tf.reshape(R[:, :, c], tf.shape(out)),
+                          unconnected_gradients=tf.UnconnectedGradients.ZERO) for c in range(k)]
+
+
+def _make_kernels(model, fisher, mc_samples):
+    """tf.functions for one batch: factor sums, and the EK-FAC eigenvalue sums."""
+    import tensorflow as tf
+
+    def taps_and_signals(theta, x, y, seed):
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch(theta)  # records the forward pass, so gradients reach every pre-activation
+            out, taps = model._kfac_taps(model.unflatten(theta), x)
+            s_list = [t.s for t in taps]
+            losses = _targets_losses(model, out, y, fisher, mc_samples, seed)
+        signals = _backward_signals(model, tape, out, s_list, y, losses)
+        del tape
+        return taps, signals
+
+    def rows_and_grads(model_blocks, taps, signals):
+        outs = []
+        for i, tap in enumerate(taps):
+            shape = model_blocks[tap.kernel_block].shape
+            d_out = _kernel_matrix_shape(shape)[1]
+            a = _tap_inputs(tap, shape, tap.bias_block is not None)
+            gs = [_as_positions(sig[i], d_out) for sig in signals]
+            outs.append((a, gs))
+        return outs
+
+    blocks = model.blocks_
+
+    def factor_sums(theta, x, y, seed):
+        taps, signals = taps_and_signals(theta, x, y, seed)
+        sums = []
+        for a, gs in rows_and_grads(blocks, taps, signals):
+            T = tf.cast(tf.shape(a)[1], a.dtype)
+            A = tf.einsum("bti,btj->ij", a, a)
+            S = tf.add_n([tf.einsum("bti,btj->ij", g, g) for g in gs]) / T
+            sums.append((A, S))
+        return sums
+
+    def eigen_sums(theta, x, y, seed, qas, qss):
+        taps, signals = taps_and_signals(theta, x, y, seed)
+        sums = []
+        for (a, gs), qa, qs in zip(rows_and_grads(blocks, taps, signals), qas, qss):
+            ar = tf.einsum("bti,ij->btj", a, qa)
+            total = 0.0
+            for g in gs:
+                gr = tf.einsum("bti,ij->btj", g, qs)
+                if a.shape[1] == 1:
+                    total += tf.einsum("bi,bj->ij", tf.square(ar[:, 0]), tf.square(gr[:, 0]))
+                else:
+                    total += tf.reduce_sum(tf.square(tf.einsum("bti,btj->bij", ar, gr)), axis=0)
+            sums.append(total)
+        return sums
+
+    return (tf.function(factor_sums, reduce_retracing=True), tf.function(eigen_sums, reduce_retracing=True))
+
+
+def _batches(model, per_example_size: int):
+    bs = max(1, min(model.batch_size, int(2e7 // max(per_example_size, 1))))
+    return model._slices(model.n_train_, bs)
+
+
+def _batch_seed(seed, j):
+    import tensorflow as tf
+
+    return tf.constant([seed, j], dtype=tf.int32)
+
+
+def _factor_pass(model, fisher, mc_samples, seed) -> list[BlockFactors]:
+    from ..utils import progress
+
+    model._require_fit()
+    kernels = _kernel_cache(model, fisher, mc_samples)
+    th = model._theta_tf()
+    x0 = model.X_train_[:1]
+    _, taps = model._kfac_taps(model.unflatten(th), x0)
+    _check_coverage(model, taps)
+    size = sum(int(np.prod(t.s.shape[1:])) * 4 + int(np.prod(t.a.shape[1:])) * 4 for t in taps)
+    totals = None
+    slices = _batches(model, size)
+    for j, sl in enumerate(progress(slices, total=len(slices), desc="K-FAC factors", enabled=model.progress)):
+        out = kernels[0](th, model.X_train_[sl], model.y_train_[sl], _batch_seed(seed, j))
+        out = [(A.numpy(), S.numpy()) for A, S in out]
+        totals = out if totals is None else [(A0 + A, S0 + S) for (A0, S0), (A, S) in zip(totals, out)]
+    n = model.n_train_
+    m = mc_samples if fisher == "mc" else 1
+    return [BlockFactors(t.name, t.kind, t.kernel_block, t.bias_block, A / n, S / (n * m))
+            for t, (A, S) in zip(taps, totals)]
+
+
+def _eigenvalue_pass(model, blocks, fisher, mc_samples, seed) -> list[np.ndarray]:
+    import tensorflow as tf
+
+    from ..utils import progress
+
+    kernels = _kernel_cache(model, fisher, mc_samples)
+    th = model._theta_tf()
+    qas = [tf.constant(f.qa) for f in blocks]
+    qss = [tf.constant(f.qs) for f in blocks]
+    size = sum(f.A.shape[0] * f.S.shape[0] for f in blocks) * 2
+    totals = None
+    slices = _batches(model, size)
+    for j, sl in enumerate(progress(slices, total=len(slices), desc="EK-FAC eigenvalues", enabled=model.progress)):
+        out = [t.numpy() for t in kernels[1](th, model.X_train_[sl], model.y_train_[sl], _batch_seed(seed, j),
+                                             qas, qss)]
+        totals = out if totals is None else [a + b for a, b in zip(totals, out)]
+    m = mc_samples if fisher == "mc" else 1
+    return [t / (model.n_train_ * m) for t in totals]
+
+
+def _kernel_cache(model, fisher, mc_samples):
+    key = (fisher, mc_samples)
+    cache = getattr(model, "_kfac_kernels", None)
+    if cache is None or cache[0] != key:
+        model._kfac_kernels = cache = (key, _make_kernels(model, fisher, mc_samples))
+    return cache[1]
+
+
+class KFACSolver(InverseHVPSolver):
+    """K-FAC inverse-HVPs: block-diagonal ``A (x) S`` per Dense/Conv2D layer (module docstring).
+
+    Parameters: ``damping`` (added to every eigenvalue, or "auto"), ``fisher``
+    ("expectation", "mc", "empirical"), ``mc_samples`` and ``seed`` (the Monte Carlo
+    Fisher's targets). An approximation of ``H`` (exact for a single linear layer under
+    a loss whose output Hessian does not vary between points): the returned residual is
+    against the model's true ``H + damping I`` (or ``G``, see the model's ``curvature``).
+    """
+
+    name = "kfac"
+    corrected = False
+
+    def __init__(self, damping: float | str = 0.0, fisher: str = "expectation", mc_samples: int = 1, seed: int = 0):
+        super().__init__(damping)
+        if fisher not in FISHERS:
+            raise ValueError(f"fisher must be one of {FISHERS}, got {fisher!r}")
+        if int(mc_samples) < 1:
+            raise ValueError("mc_samples must be >= 1")
+        self.fisher = fisher
+        self.mc_samples = int(mc_samples)
+        self.seed = int(seed)
+
+    def factors(self, model) -> list[BlockFactors]:
+        return compute_factors(model, self.fisher, self.mc_samples, self.seed, corrected=self.corrected)
+
+    def eigenvalues(self, f: BlockFactors) -> np.ndarray:
+        """The block's eigenvalues in its Kronecker eigenbasis, (d_in, d_out)."""
+        return f.corrected if self.corrected else np.outer(f.ea, f.es)
+
+    def _block_slices(self, model, f):
+        offsets = np.cumsum([0] + [b.size for b in model.blocks_])
+        kb = model.blocks_[f.kernel_block]
+        d_in, d_out = _kernel_matrix_shape(kb.shape)
+        rows = [(slice(offsets[f.kernel_block], offsets[f.kernel_block + 1]), d_in, kb.decay)]
+        if f.bias_block is not None:
+            rows.append((slice(offsets[f.bias_block], offsets[f.bias_block + 1]), 1,
+                         model.blocks_[f.bias_block].decay))
+        return rows, d_out
+
+    def _solve(self, model, v):
+        blocks = self.factors(model)
+        cols = v if v.ndim == 2 else v[:, None]
+        x = np.zeros_like(cols)
+        smallest = np.inf
+        for f in blocks:
+            rows, d_out = self._block_slices(model, f)
+            mask = np.concatenate([np.full(r, float(decay)) for _, r, decay in rows])
+            reg = model.weight_decay * np.einsum("ij,i,ij->j", f.qa, mask, f.qa)  # diag(Q_A^T diag(m) Q_A)
+            lam = self.eigenvalues(f) + reg[:, None] + self.damping
+            smallest = min(smallest, float(lam.min()))
+            V = np.concatenate([cols[sl].reshape(r, d_out, -1) for sl, r, _ in rows], axis=0)  # (d_in', d_out, k)
+            Vr = np.einsum("ia,ijk,jb->abk", f.qa, V, f.qs)
+            Xr = Vr / lam[:, :, None]
+            X = np.einsum("ia,abk,jb->ijk", f.qa, Xr, f.qs)
+            start = 0
+            for sl, r, _ in rows:
+                x[sl] = X[start:start + r].reshape(-1, cols.shape[1])
+                start += r
+        if smallest <= 0:
+            logger.warning("%s: an eigenvalue plus regulariser and damping is %.3g <= 0; add damping", self.name,
+                           smallest)
+        x = x if v.ndim == 2 else x[:, 0]
+        res = relative_residual(model, x, v, self.damping)
+        return SolveResult(x=x, solver=self.name, iterations=1, residual=res, converged=res <= 1e-6,
+                           damping=self.damping, info={"blocks": [f.name for f in blocks], "fisher": self.fisher,
+                                                       "smallest_eigenvalue": smallest})
+
+
+class EKFACSolver(KFACSolver):
+    """EK-FAC: K-FAC's eigenbasis with the eigenvalues refitted to the per-example gradients'
+    second moments in it (George et al. 2018; module docstring)."""
+
+    name = "ekfac"
+    corrected = True
