@@ -56,6 +56,17 @@ def main(argv=None):
                              "(default: 1 100; none: skip)")
     parser.add_argument("--skip-lissa-auto", action="store_true",
                         help="skip the LiSSA scale='auto' rows (its per-example curvature bound and a solve)")
+    parser.add_argument("--kfac-tests", type=int, nargs="*", default=[1, 100],
+                        help="test-point counts for K-FAC / EK-FAC scoring on the Fig 2 model (default: 1 100; "
+                             "none: skip the K-FAC section)")
+    parser.add_argument("--lr-loo", default="output/fig2_logreg_loo",
+                        help="fig2_logreg_loo output whose stored re-fits K-FAC / EK-FAC are scored on "
+                             "(default: output/fig2_logreg_loo; skipped if absent)")
+    parser.add_argument("--cnn-loo", default="output/fig2_cnn_loo",
+                        help="fig2_cnn_loo output whose stored model and re-fits K-FAC / EK-FAC are scored on "
+                             "(default: output/fig2_cnn_loo; skipped if absent)")
+    parser.add_argument("--cnn-cg-tests", type=int, default=2,
+                        help="CNN test points solved by CG for the cost comparison (default: 2)")
     parser.add_argument("--lds-subsets", type=int, default=50,
                         help="re-fits without random halves for the LDS of each solver (0: skip)")
     parser.add_argument("--lds-tests", type=int, default=10, help="test points (the first ones) for the LDS")
@@ -145,8 +156,11 @@ def main(argv=None):
 
     if not args.skip_lissa_auto:
         rows += lissa_auto_rows(model, xt, yt, s_ref)
+    cg_times = {}
     for k in args.block_tests:
-        rows += block_cg_rows(model, data.test.x[:k], data.test.y[:k])
+        new_rows, cg_times[k] = block_cg_rows(model, data.test.x[:k], data.test.y[:k])
+        rows += new_rows
+    kfac_lines = kfac_section(model, data, args, cg_times) if args.kfac_tests else []
     lds_lines = lds_table(model, data, args) if args.lds_subsets > 0 else []
 
     width = max(len(r[0]) for r in rows)
@@ -171,6 +185,7 @@ def main(argv=None):
     lines += ["", f"Forward-mode scoring vs the per-example loop: {t_loop / t_jvp:.0f}x; vs vectorised "
                   f"per-example gradients: {t_vec / t_jvp:.1f}x.", ""]
     lines += lds_lines
+    lines += kfac_lines
     model_rows = per_model_table(args)
     if model_rows:
         lines += ["## Cost of each stage per experiment model", "",
@@ -227,13 +242,131 @@ def block_cg_rows(model, x_test, y_test):
     I_col, I_blk = scores(col.x), scores(blk.x)
     diff = float(np.max(np.abs(I_blk - I_col)) / np.max(np.abs(I_col)))
     label = f"influence_matrix solve, {k} test point{'s' if k > 1 else ''}"
+    timing = {"solve_s": t_blk, "scores": I_blk}
     how = "block CG" if k > 1 else "single-vector CG (block CG needs 2+ columns)"
     extra = f", {blk.info['hvp_columns']} HVP columns" if "hvp_columns" in blk.info else ""
     return [(f"{label}, CG column by column", t_col,
-             f"{col.iterations} iterations, max residual {col.residual:.1e}"),
+             f"{col.iterations} iterations, max residual {col.residual:.2e}"),
             (f"{label}, {how}", t_blk,
-             f"{blk.iterations} iterations{extra}, max residual {blk.residual:.1e}; {t_col / t_blk:.1f}x faster; "
-             f"scores of all {n} points: max relative difference {diff:.1e}")]
+             f"{blk.iterations} iterations{extra}, max residual {blk.residual:.2e}; {t_col / t_blk:.1f}x faster; "
+             f"scores of all {n} points: max relative difference {diff:.1e}")], timing
+
+
+def scores_of(model, S, chunk=2048):
+    """``-(G S)^T``: every training point's influence on each column's test point, (k, n)."""
+    n = model.n_train_
+    return np.concatenate([-(model.per_example_gradients(np.arange(i, min(i + chunk, n))) @ S).T
+                           for i in range(0, n, chunk)], axis=-1)
+
+
+def stored_loo(path):
+    """(arrays, metrics) of an experiment's output folder, or None."""
+    import json
+
+    path = Path(path)
+    if not (path / "arrays.npz").is_file() or not (path / "metrics.json").is_file():
+        return None
+    return dict(np.load(path / "arrays.npz")), json.loads((path / "metrics.json").read_text())
+
+
+def kfac_section(model, data, args, cg_times):
+    """K-FAC / EK-FAC on the Fig 2 logistic model (factor time, scoring 1 and 100 test points
+    beside block CG of this run, LOO Pearson on the stored re-fits) and on the Fig 2 CNN
+    from its stored fit and re-fits."""
+    import scipy.stats
+
+    from influence.solvers.kfac import compute_factors
+
+    lines = ["## Kronecker-factored curvature (K-FAC, EK-FAC)", "",
+             "| model | stage | seconds | notes |", "|---|---|---|---|"]
+    model._kfac_cache = None
+    _, t_fac = timed(compute_factors, model)
+    _, t_eig = timed(compute_factors, model, corrected=True)
+    lines.append(f"| Fig 2 LR | K-FAC factors (A, S and their eigenvectors; one pass) | {t_fac:.2f} | |")
+    lines.append(f"| Fig 2 LR | EK-FAC eigenvalues (one more pass) | {t_eig:.2f} | |")
+    for k in args.kfac_tests:
+        xs, ys = data.test.x[:k], data.test.y[:k]
+        V = model.test_gradients(xs, ys).T
+        for name in ("kfac", "ekfac"):
+            res, t_solve = timed(model.inverse_hvp, V, name)
+            I, t_score = timed(scores_of, model, res.x)
+            total = t_solve + t_score + t_fac + (t_eig if name == "ekfac" else 0)
+            note = f"residual {res.residual:.2g}"
+            if k in cg_times:
+                ref = cg_times[k]["scores"]
+                r = np.mean([np.corrcoef(a, b)[0, 1] for a, b in zip(I, ref)])
+                note += (f"; mean Pearson with CG's scores {r:.3f}; block CG solve alone {cg_times[k]['solve_s']:.1f} s"
+                         f" ({cg_times[k]['solve_s'] / total:.1f}x this total)")
+            lines.append(f"| Fig 2 LR | {name}: score all {model.n_train_} points for {k} test point(s), factors "
+                         f"included | {total:.2f} | solve {t_solve:.2f} s, scoring {t_score:.2f} s; {note} |")
+    stored = stored_loo(args.lr_loo)
+    if stored is not None:
+        arrays, metrics = stored
+        t = metrics["config"]["test_idx"]
+        idx, actual = arrays["removed_indices"], arrays["actual_loss_diffs"]
+        for name in ("kfac", "ekfac"):
+            pred = model.influence_scores(model.s_test(data.test.x[t:t + 1], data.test.y[t:t + 1], solver=name,
+                                                       use_cache=False).x)[idx] / model.n_train_
+            lines.append(f"| Fig 2 LR | {name}: LOO Pearson on the {len(idx)} stored re-fits of `{args.lr_loo}` | | "
+                         f"{scipy.stats.pearsonr(actual, pred)[0]:.4f} (CG {metrics['metrics']['pearson_cg']:.4f}) |")
+    lines += cnn_kfac_lines(args)
+    return lines + [""]
+
+
+def cnn_kfac_lines(args):
+    """EK-FAC / K-FAC on the stored Fig 2 CNN (theta, subset, damping) and its stored re-fits;
+    cost of 100 test points against CG on --cnn-cg-tests of them."""
+    import scipy.stats
+
+    from influence.datasets.mnist import load_mnist
+    from influence.models.all_cnn import AllCNN
+    from influence.solvers.kfac import compute_factors
+
+    stored = stored_loo(args.cnn_loo)
+    if stored is None:
+        return []
+    arrays, metrics = stored
+    cfg = metrics["config"]
+    d = load_mnist(args.data_dir, flatten=False)
+    sub = arrays["train_subset"]
+    model = AllCNN(weight_decay=0.001, dtype=cfg.get("dtype", "float64"))
+    model.set_training_data(d.train.x[sub], d.train.y[sub]).set_theta(arrays["theta"])
+    damping = cfg["damping"]
+    t = cfg["test_idx"]
+    xt, yt = d.test.x[t:t + 1], d.test.y[t:t + 1]
+    idx, actual = arrays["removed_indices"], arrays["actual_loss_diffs"]
+    m = metrics["metrics"]
+    lines = []
+    _, t_fac = timed(compute_factors, model)
+    _, t_eig = timed(compute_factors, model, corrected=True)
+    lines.append(f"| Fig 2 CNN | K-FAC factors; EK-FAC eigenvalues | {t_fac:.2f}; {t_eig:.2f} | p = {model.n_params}, "
+                 f"n = {model.n_train_} |")
+    for name in ("kfac", "ekfac"):
+        res = model.s_test(xt, yt, solver=name, damping=damping, use_cache=False)
+        pred = model.influence_scores(res.x)[idx] / model.n_train_
+        lines.append(f"| Fig 2 CNN | {name} (damping {damping}): LOO Pearson on the {len(idx)} stored re-fits | "
+                     f"{res.time_s:.2f} | {scipy.stats.pearsonr(actual, pred)[0]:.3f} / Spearman "
+                     f"{scipy.stats.spearmanr(actual, pred)[0]:.3f}; stored CG (H) {m['pearson']:.3f}, CG (G) "
+                     f"{m.get('pearson_gauss_newton', float('nan')):.3f}; residual {res.residual:.2g} |")
+    xs, ys = d.test.x[:100], d.test.y[:100]
+    V = model.test_gradients(xs, ys).T
+    res, t_solve = timed(model.inverse_hvp, V, "ekfac", damping=damping)
+    _, t_score = timed(scores_of, model, res.x, 512)
+    total = t_fac + t_eig + t_solve + t_score
+    lines.append(f"| Fig 2 CNN | ekfac: score all {model.n_train_} points for 100 test points, factors included | "
+                 f"{total:.1f} | solve {t_solve:.2f} s, scoring {t_score:.1f} s |")
+    k = args.cnn_cg_tests
+    if k > 0:
+        def cg_each():
+            S = [model.inverse_hvp(v, "cg", damping=damping, tol=1e-8, maxiter=2000) for v in V[:, :k].T]
+            return S, scores_of(model, np.stack([r.x for r in S], axis=1), 512)
+        (S, _), t_cg = timed(cg_each)
+        per = t_cg / k
+        lines.append(f"| Fig 2 CNN | CG (damping {damping}), {k} of those test points one at a time, with scoring | "
+                     f"{t_cg:.1f} | iterations {[r.iterations for r in S]}, residuals "
+                     f"{', '.join(f'{r.residual:.1e}' for r in S)}; {per:.1f} s per test point: 100 would take "
+                     f"~{100 * per:.0f} s, {100 * per / total:.0f}x EK-FAC's total (extrapolated from {k}) |")
+    return lines
 
 
 def arnoldi_rows(model, x_test, y_test, scores_ref, ranks):
