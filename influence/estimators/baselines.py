@@ -1,0 +1,47 @@
+"""Baselines without curvature: gradient dot product and cosine at the fitted parameters, random scores."""
+from __future__ import annotations
+
+import numpy as np
+
+from .base import Estimator, test_and_train_gradients
+
+
+class GradientDot(Estimator):
+    """``-grad L(z_test) . g(z_i)``: influence with the identity for ``H`` (``g`` includes the
+    regulariser's gradient, as ``I_up,loss`` does)."""
+
+    name = "grad_dot"
+
+    def influence_matrix(self, model, X_test, y_test, indices=None) -> np.ndarray:
+        G_test, idx, chunks = test_and_train_gradients(model, X_test, y_test, indices)
+        out = np.empty((len(G_test), len(idx)))
+        for sl, G in chunks:
+            out[:, sl] = -G_test @ G.T
+        return out
+
+
+class GradientCosine(Estimator):
+    """``-cos(grad L(z_test), g(z_i))``: the dot product with both gradients normalised."""
+
+    name = "grad_cos"
+
+    def influence_matrix(self, model, X_test, y_test, indices=None) -> np.ndarray:
+        G_test, idx, chunks = test_and_train_gradients(model, X_test, y_test, indices)
+        G_test = G_test / np.maximum(np.linalg.norm(G_test, axis=1, keepdims=True), 1e-300)
+        out = np.empty((len(G_test), len(idx)))
+        for sl, G in chunks:
+            out[:, sl] = -G_test @ (G / np.maximum(np.linalg.norm(G, axis=1, keepdims=True), 1e-300)).T
+        return out
+
+
+class RandomScores(Estimator):
+    """Seeded standard-normal scores: what an estimator must beat."""
+
+    name = "random"
+
+    def __init__(self, seed: int = 0):
+        self.seed = int(seed)
+
+    def influence_matrix(self, model, X_test, y_test, indices=None) -> np.ndarray:
+        X_test, _ = model.as_batch(X_test, y_test)
+        return np.random.default_rng(self.seed).standard_normal((len(X_test), len(model._check_indices(indices))))

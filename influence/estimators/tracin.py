@@ -1,0 +1,85 @@
+"""TracIn (TracInCP, Pruthi et al. 2020): first-order influence summed over training checkpoints.
+
+    TracInCP(z, z_test) = sum_k lr_k grad L(z_test; theta_k) . grad L(z; theta_k)
+
+is positive for a *proponent* (training on ``z`` lowered the test loss: helpful), so the
+estimator returns its negative, in ``I_up,loss``'s convention. Checkpoints are
+``(theta_k, lr_k)`` pairs: passed explicitly, recorded by a model's own training (the
+``checkpoints_`` attribute, e.g. ``AllCNN(checkpoints=10)``), or by
+:class:`TracInCheckpoints` on any Keras ``fit``. A model fitted by L-BFGS has none: the
+estimator is then the loss-gradient dot product at the fitted parameters
+(``used_ == "grad_dot_at_fit"``).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .base import Estimator, test_and_train_gradients
+
+
+class TracIn(Estimator):
+    """TracInCP over ``checkpoints`` (list of ``(theta, learning_rate)``; default: the model's)."""
+
+    name = "tracin"
+
+    def __init__(self, checkpoints: list | None = None):
+        self._checkpoints = checkpoints
+        self.used_ = None
+
+    def checkpoints_of(self, model) -> list:
+        cps = self._checkpoints if self._checkpoints is not None else getattr(model, "checkpoints_", None)
+        return list(cps or [])
+
+    def influence_matrix(self, model, X_test, y_test, indices=None) -> np.ndarray:
+        cps = self.checkpoints_of(model)
+        self.used_ = "tracin" if cps else "grad_dot_at_fit"
+        if not cps:
+            cps = [(model.theta_, 1.0)]
+        saved = model.theta_.copy()
+        total = None
+        try:
+            for theta, lr in cps:
+                model.set_theta(theta)
+                G_test, idx, chunks = test_and_train_gradients(model, X_test, y_test, indices,
+                                                               include_regularizer=False)
+                part = np.empty((len(G_test), len(idx)))
+                for sl, G in chunks:
+                    part[:, sl] = G_test @ G.T
+                total = float(lr) * part if total is None else total + float(lr) * part
+        finally:
+            model.set_theta(saved)
+        return -total
+
+
+def _keras_callback_base():
+    import keras
+
+    return keras.callbacks.Callback
+
+
+class TracInCheckpoints(_keras_callback_base()):
+    """A Keras callback that saves ``(weights, learning rate)`` every ``every`` epochs for TracIn.
+
+    ``model.fit(..., callbacks=[cb])``, then ``TracIn(cb.thetas(wrapper))`` with the
+    :class:`~influence.KerasModel` ``wrapper`` of the same model (its parameters of
+    interest are picked from each checkpoint).
+    """
+
+    def __init__(self, every: int = 1):
+        super().__init__()
+        self.every = int(every)
+        self.saved = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        if (epoch + 1) % self.every:
+            return
+        opt = self.model.optimizer
+        lr = opt.learning_rate
+        lr = float(lr(opt.iterations) if callable(lr) else np.asarray(lr))
+        self.saved.append(([v.numpy().copy() for v in self.model.trainable_variables], lr))
+
+    def thetas(self, wrapper) -> list:
+        """The checkpoints as ``(theta, lr)`` for ``wrapper`` (a :class:`~influence.KerasModel`)."""
+        selected = wrapper._selected
+        return [(np.concatenate([w.reshape(-1) for w, sel in zip(weights, selected) if sel]).astype(wrapper.dtype), lr)
+                for weights, lr in self.saved]

@@ -1,0 +1,130 @@
+"""TRAK (Park et al. 2023): attribution from randomly projected gradients of the model's margin.
+
+For each training point ``i`` and test point ``t``, with ``m`` the model output function
+(the log-odds of the true label: a binary model's signed logit ``(2y - 1) z``, a
+multiclass model's ``log p_y - log(1 - p_y)``; the smooth-hinge SVM's margin ``y z``)::
+
+    phi_i = P^T grad m(z_i; theta)          (P: p x proj_dim, seeded Gaussian, entries N(0, 1/proj_dim);
+                                              the identity when proj_dim >= p)
+    tau(t, i) = phi_t^T (Phi^T Phi + damping I)^-1 phi_i * Q_i,   Q_i = -dL/dm(z_i)  (= 1 - p_i, logistic)
+
+averaged over an ensemble of models trained from different seeds (one model for convex
+models, whose optimum does not depend on the seed). ``tau > 0`` marks a training point
+that supports the test prediction (helpful), so the estimator returns ``-tau``, in
+``I_up,loss``'s convention. Gradients are projected chunk by chunk: no n x p matrix.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .base import Estimator
+
+
+def gaussian_projection(p: int, proj_dim: int, seed: int = 0) -> np.ndarray | None:
+    """The (p, proj_dim) projection with N(0, 1/proj_dim) entries (``E[P P^T] = I``), or None
+    (the identity) when ``proj_dim >= p``."""
+    if proj_dim >= p:
+        return None
+    return np.random.default_rng(seed).standard_normal((p, proj_dim)) / np.sqrt(proj_dim)
+
+
+def _margin_kernel(model):
+    """tf.function ``(theta, x, y) -> (margins (b,), Q (b,), margin gradients (b, p))``, cached on the model."""
+    cached = getattr(model, "_trak_kernel", None)
+    if cached is not None:
+        return cached
+    import tensorflow as tf
+
+    from ..models.smooth_hinge import SmoothHingeSVM
+
+    if isinstance(model, SmoothHingeSVM):
+        temp = float(model.temp)
+
+        def margin(out, y):
+            return tf.cast(y, out.dtype) * out
+
+        def weight(m):  # -dL/dm of the smooth hinge t log(1 + exp((1 - m)/t))
+            return tf.sigmoid((1 - m) / temp) if temp > 0 else tf.cast(m < 1, m.dtype)
+    elif model.predictive == "sigmoid":
+        def margin(out, y):
+            return (2 * tf.cast(y, out.dtype) - 1) * tf.reshape(out, [-1])
+
+        def weight(m):
+            return 1 - tf.sigmoid(m)
+    elif model.predictive == "softmax":
+        def margin(out, y):
+            y = tf.cast(y, tf.int32)
+            z_y = tf.gather(out, y, batch_dims=1)
+            is_y = tf.one_hot(y, tf.shape(out)[1], dtype=out.dtype) > 0
+            others = tf.where(is_y, tf.constant(-np.inf, out.dtype), out)
+            return z_y - tf.reduce_logsumexp(others, axis=1)
+
+        def weight(m):
+            return 1 - tf.sigmoid(m)
+    else:
+        raise ValueError(f"TRAK needs a classifier (softmax or sigmoid outputs, or the smooth-hinge SVM); "
+                         f"{type(model).__name__} has predictive={model.predictive!r}")
+
+    def kernel(theta, x, y):
+        def one(args):
+            xi, yi = args
+            with tf.GradientTape() as tape:
+                tape.watch(theta)
+                m = margin(model._forward(model.unflatten(theta), xi[None]), yi[None])[0]
+            return m, tape.gradient(m, theta)
+        m, g = tf.vectorized_map(one, (x, y))
+        return m, weight(m), g
+
+    model._trak_kernel = tf.function(kernel, reduce_retracing=True)
+    return model._trak_kernel
+
+
+def projected_margin_gradients(model, X, y_encoded, P, chunk: int | None = None):
+    """``(phi (n, d), Q (n,))`` for examples ``X`` with encoded labels, projected by ``P`` chunk by chunk."""
+    import tensorflow as tf
+
+    kernel = _margin_kernel(model)
+    th = model._theta_tf()
+    c = chunk or max(1, min(model.batch_size, model._rows_per_chunk()))
+    phis, qs = [], []
+    for j in range(0, len(X), c):
+        _, q, g = kernel(th, tf.constant(X[j:j + c]), tf.constant(y_encoded[j:j + c]))
+        g = g.numpy()
+        phis.append(g if P is None else g @ P)
+        qs.append(q.numpy())
+    return np.concatenate(phis), np.concatenate(qs)
+
+
+class TRAK(Estimator):
+    """TRAK scores (module docstring). ``proj_dim`` (default 2048; the identity when >= p),
+    ``damping`` (added to ``Phi^T Phi``), ``seed`` (the projection; model ``k`` of an
+    ensemble uses ``seed + k``), ``models`` (an ensemble of fitted models on the same
+    training set; default: the model passed in)."""
+
+    name = "trak"
+
+    def __init__(self, proj_dim: int = 2048, damping: float = 0.0, seed: int = 0, models: list | None = None):
+        if int(proj_dim) < 1:
+            raise ValueError("proj_dim must be >= 1")
+        if not float(damping) >= 0:
+            raise ValueError("damping must be >= 0")
+        self.proj_dim = int(proj_dim)
+        self.damping = float(damping)
+        self.seed = int(seed)
+        self._models = models
+
+    def influence_matrix(self, model, X_test, y_test, indices=None) -> np.ndarray:
+        ensemble = list(self._models) if self._models else [model]
+        X_test, y_test = model.as_batch(X_test, y_test)
+        idx = model._check_indices(indices)
+        total = np.zeros((len(X_test), len(idx)))
+        for k, m in enumerate(ensemble):
+            if m.n_train_ != model.n_train_:
+                raise ValueError("every model of the ensemble must be fitted on the same training set")
+            P = gaussian_projection(m.n_params, self.proj_dim, self.seed + k)
+            Xt, yt = m._check_xy(X_test, y_test, "X_test")
+            phi_t, _ = projected_margin_gradients(m, Xt, yt, P)
+            Phi, Q = projected_margin_gradients(m, m.X_train_np_, m.y_train_.numpy(), P)
+            K = Phi.T @ Phi + self.damping * np.eye(Phi.shape[1])
+            total += (phi_t @ np.linalg.solve(K, Phi[idx].T)) * Q[idx]
+        return -total / len(ensemble)

@@ -1,0 +1,134 @@
+"""TracIn, TRAK and the gradient baselines: closed forms, a hand-summed TracIn, the projection's
+Johnson-Lindenstrauss property, and one sign convention shared with I_up,loss."""
+import os
+
+import numpy as np
+import pytest
+import scipy.stats
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+from influence.estimators import TRAK, TracIn, gaussian_projection, get_estimator  # noqa: E402
+
+
+def sigmoid(z):
+    return 1 / (1 + np.exp(-z))
+
+
+def test_trak_with_the_identity_projection_equals_the_closed_form(binary_model, binary_digits):
+    m = binary_model
+    _, _, Xte, yte = binary_digits
+    Xt, yt = Xte[:4], yte[:4]
+    w, X, y = m.theta_, m.X_train_np_, m.y_train_np_
+    sign = 2 * y - 1
+    Phi = sign[:, None] * X                      # d/dw of the signed logit (2y - 1) w.x
+    Q = 1 - sigmoid(sign * (X @ w))
+    phi_t = (2 * yt - 1)[:, None] * Xt
+    lam = 0.1
+    want = -(phi_t @ np.linalg.solve(Phi.T @ Phi + lam * np.eye(len(w)), Phi.T)) * Q
+    got = TRAK(proj_dim=m.n_params, damping=lam).influence_matrix(m, Xt, yt)
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+    # an ensemble of the same model twice is the same score; a subset of indices is a column subset
+    twice = TRAK(proj_dim=m.n_params, damping=lam, models=[m, m]).influence_matrix(m, Xt, yt)
+    np.testing.assert_allclose(twice, want, rtol=1e-9, atol=1e-12)
+    sub = TRAK(proj_dim=m.n_params, damping=lam).influence_matrix(m, Xt, yt, indices=[3, 0, 7])
+    np.testing.assert_allclose(sub, want[:, [3, 0, 7]], rtol=1e-9, atol=1e-12)
+
+
+def test_trak_multiclass_margin_is_the_log_odds(multiclass_model, digits):
+    """The multiclass margin log p_y - log(1 - p_y): its gradient by finite differences."""
+    from influence.estimators.trak import projected_margin_gradients
+
+    m = multiclass_model
+    X, y = digits
+    x, yy = X[-1:], y[-1:]
+    phi, Q = projected_margin_gradients(m, x, yy.astype(np.int32), None)
+
+    def log_odds(theta):
+        z = x @ theta.reshape(X.shape[1], -1)
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        return np.log(p[0, yy[0]]) - np.log1p(-p[0, yy[0]])
+
+    th = m.theta_
+    e = 1e-6
+    fd = np.array([(log_odds(th + e * u) - log_odds(th - e * u)) / (2 * e) for u in np.eye(len(th))[:40]])
+    np.testing.assert_allclose(phi[0, :40], fd, rtol=1e-5, atol=1e-8)
+    assert Q[0] == pytest.approx(1 - sigmoid(log_odds(th)), rel=1e-10)
+
+
+def test_gaussian_projection_preserves_inner_products():
+    """Johnson-Lindenstrauss: with P (p, d) of N(0, 1/d) entries, <P^T u, P^T v> - <u, v> has
+    standard deviation at most sqrt(2/d) |u| |v|; over 100 random pairs (fixed seed) every
+    error stays within 5 of those standard deviations, and the mean error is near zero."""
+    p, d = 3000, 400
+    P = gaussian_projection(p, d, seed=11)
+    assert P.shape == (p, d) and gaussian_projection(p, p) is None
+    rng = np.random.default_rng(12)
+    U, V = rng.standard_normal((100, p)), rng.standard_normal((100, p))
+    V[:50] = U[:50] + 0.5 * V[:50]  # correlated pairs too
+    scale = np.linalg.norm(U, axis=1) * np.linalg.norm(V, axis=1)
+    err = (np.sum((U @ P) * (V @ P), axis=1) - np.sum(U * V, axis=1)) / scale
+    assert np.max(np.abs(err)) <= 5 * np.sqrt(2 / d)
+    assert abs(np.mean(err)) <= 5 * np.sqrt(2 / d) / np.sqrt(len(err))
+    np.testing.assert_array_equal(P, gaussian_projection(p, d, seed=11))  # seeded
+
+
+def test_tracin_equals_the_hand_summed_checkpoints(digits):
+    import keras
+    import tensorflow as tf
+
+    from influence import KerasModel
+    from influence.estimators import TracInCheckpoints
+
+    X, y = digits
+    Xtr, ytr, Xt, yt = X[:120], y[:120], X[-3:], y[-3:]
+    keras.utils.set_random_seed(4)
+    net = keras.Sequential([keras.Input((64,), dtype="float64"), keras.layers.Dense(6, activation="tanh",
+                                                                                   dtype="float64"),
+                            keras.layers.Dense(10, dtype="float64")])
+    net.compile(keras.optimizers.SGD(0.05), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    cb = TracInCheckpoints()
+    net.fit(Xtr, ytr, epochs=3, batch_size=20, verbose=0, shuffle=False, callbacks=[cb])
+    assert len(cb.saved) == 3
+    wrapper = KerasModel(net, loss="softmax")
+    wrapper.set_training_data(Xtr, ytr)
+    got = TracIn(cb.thetas(wrapper)).influence_matrix(wrapper, Xt, yt)
+
+    def grads(weights, Xs, ys):
+        clone = keras.models.clone_model(net)
+        clone.set_weights(weights)
+        out = []
+        for xi, yi in zip(Xs, ys):
+            with tf.GradientTape() as tape:
+                loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=[int(yi)], logits=clone(xi[None]))
+            out.append(np.concatenate([g.numpy().ravel() for g in tape.gradient(loss, clone.trainable_variables)]))
+        return np.array(out)
+
+    want = sum(lr * grads(w, Xt, yt) @ grads(w, Xtr, ytr).T for w, lr in cb.saved)
+    np.testing.assert_allclose(got, -want, rtol=1e-8, atol=1e-12)
+    assert [lr for _, lr in cb.saved] == pytest.approx([0.05] * 3)
+
+
+@pytest.mark.parametrize("name,options", [("influence", {"solver": "cg"}), ("grad_dot", {}), ("grad_cos", {}),
+                                          ("tracin", {}), ("trak", {"proj_dim": 32, "damping": 0.01}),
+                                          ("random", {"seed": 1})])
+def test_every_estimator_shares_the_sign_of_influence(binary_model, binary_digits, name, options):
+    """On binary logistic regression, where exact influence is known: each estimator's scores
+    rank-correlate positively with I_up,loss (= -n times predicted_loss_diffs) on every test
+    point, the random baseline does not."""
+    m = binary_model
+    _, _, Xte, yte = binary_digits
+    Xt, yt = Xte[:5], yte[:5]
+    exact = np.stack([-m.n_train_ * m.predicted_loss_diffs(Xt[k:k + 1], yt[k:k + 1], solver="exact")
+                      for k in range(len(Xt))])
+    est = get_estimator(name, **options)
+    scores = est.influence_matrix(m, Xt, yt)
+    assert scores.shape == exact.shape
+    rho = [scipy.stats.spearmanr(a, b)[0] for a, b in zip(scores, exact)]
+    if name == "random":
+        assert np.mean(np.abs(rho)) < 0.2
+    else:
+        assert min(rho) > 0.2, rho
+    if name == "tracin":
+        assert est.used_ == "grad_dot_at_fit"  # fitted by L-BFGS: no checkpoints
