@@ -8,6 +8,8 @@ multiclass model's ``log p_y - log(1 - p_y)``; the smooth-hinge SVM's margin ``y
                                               the identity when proj_dim >= p)
     tau(t, i) = phi_t^T (Phi^T Phi + damping I)^-1 phi_i * Q_i,   Q_i = -dL/dm(z_i)  (= 1 - p_i, logistic)
 
+(a pseudo-inverse where ``Phi^T Phi`` is singular, e.g. pixels that are always 0)
+
 averaged over an ensemble of models trained from different seeds (one model for convex
 models, whose optimum does not depend on the seed). ``tau > 0`` marks a training point
 that supports the test prediction (helpful), so the estimator returns ``-tau``, in
@@ -125,6 +127,7 @@ class TRAK(Estimator):
             Xt, yt = m._check_xy(X_test, y_test, "X_test")
             phi_t, _ = projected_margin_gradients(m, Xt, yt, P)
             Phi, Q = projected_margin_gradients(m, m.X_train_np_, m.y_train_.numpy(), P)
-            K = Phi.T @ Phi + self.damping * np.eye(Phi.shape[1])
-            total += (phi_t @ np.linalg.solve(K, Phi[idx].T)) * Q[idx]
+            w, U = np.linalg.eigh(Phi.T @ Phi + self.damping * np.eye(Phi.shape[1]))
+            inv = np.where(w > 1e-12 * max(w.max(), 1e-300), 1 / np.where(w > 0, w, 1), 0.0)  # pseudo-inverse
+            total += (((phi_t @ U) * inv) @ (U.T @ Phi[idx].T)) * Q[idx]
         return -total / len(ensemble)
