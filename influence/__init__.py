@@ -25,7 +25,7 @@ _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TF's C++ start-up ch
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "DataError": "datasets.manifest",
+    "DataError": "datasets.manifest", "DataMissingError": "datasets.manifest",
     "GenericNeuralNet": "generic_neural_net", "ParamBlock": "generic_neural_net",
     "InfluenceRanking": "influence_quantities",
     "LogisticRegression": "models.logistic", "BinaryLogisticRegression": "models.logistic",

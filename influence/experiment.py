@@ -10,8 +10,9 @@ run is the default), and writes into ``--out``:
 - ``arrays.npz``: the raw arrays behind the figure;
 - ``<experiment>.png`` and ``.pdf``: the figure.
 
-Every file is written atomically. A missing dataset exits with status 2 and a message
-that says how to fetch it.
+Every file is written atomically. A missing dataset exits with status 2 ("data missing"),
+a corrupt or unreadable one with status 3 ("data unreadable"); both messages say how to
+fetch the data.
 """
 from __future__ import annotations
 
@@ -23,12 +24,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .datasets.manifest import DataError
+from .datasets.manifest import DataError, DataMissingError
 from .utils import atomic_path, save_npz, write_json
 
 logger = logging.getLogger(__name__)
 
 EXIT_DATA_MISSING = 2
+EXIT_DATA_UNREADABLE = 3
 
 
 def summary_line(doc: str | None) -> str:
@@ -123,9 +125,17 @@ def run(name: str, description: str, main: Callable[[Experiment], None],
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import matplotlib
     matplotlib.use("Agg")
+    out = Path(args.out)
+    created = not out.exists()
     try:
         main(Experiment(name, args))
-    except DataError as exc:
+    except DataMissingError as exc:
         print(f"[{name}] data missing: {exc}", file=sys.stderr)
         return EXIT_DATA_MISSING
+    except DataError as exc:
+        print(f"[{name}] data unreadable: {exc}", file=sys.stderr)
+        return EXIT_DATA_UNREADABLE
+    finally:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a run that wrote nothing leaves no empty folder behind
     return 0

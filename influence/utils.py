@@ -16,7 +16,8 @@ import numpy as np
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path next to ``path``; move it into place only on success.
 
-    A reader never sees a half-written file: either the old file or the new one.
+    A reader never sees a half-written file: either the old file or the new one. The file
+    is made readable by everyone (0644).
     ``suffix`` keeps an extension on the temporary name for writers that look at it
     (``np.savez`` appends ``.npz`` otherwise, matplotlib picks the format from it).
     """
@@ -27,6 +28,8 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if tmp_path.exists():
+            os.chmod(tmp_path, 0o644)  # mkstemp makes 0600; results are for everyone to read
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():

@@ -1,20 +1,27 @@
 #!/usr/bin/env python
 """Run every experiment of the reproduction and write output/REPORT.md.
 
-Each experiment script runs in its own process (``--quick`` passes through). An
+Each experiment script runs in its own process (``--quick`` passes through); its whole
+output goes to ``<out>/<experiment>/run.log`` and a heartbeat line (elapsed time and the
+script's latest progress or log line) is printed every ``--heartbeat`` seconds. An
 experiment whose data is missing is reported as skipped with the command that fetches
-it; a failing experiment is reported and the others still run. An experiment whose
-``metrics.json`` is newer than its script and the library is skipped unless ``--force``.
+it; corrupt or unreadable data, or any other error, is a failure, and the others still
+run. An experiment is "up to date" (not rerun, unless ``--force``) only when its last
+successful run had the same code (a hash of the library and the script), the same
+arguments and the same data files (size and modification time). ``--only`` reruns the
+named experiments and keeps the other rows of REPORT.md.
 Exit status: 0 if nothing failed (skips for missing data are not failures), 1 otherwise.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -36,18 +43,71 @@ EXPERIMENTS = [
 ]
 
 
-def is_up_to_date(out: Path, script: Path, quick: bool) -> bool:
-    metrics = out / "metrics.json"
-    if not metrics.is_file():
-        return False
+# the data behind each experiment, for the report (the dog-fish classes are a stand-in: data/README.md)
+STAND_IN = {"fig4_inception_vs_rbf": "stand-in dog/fish classes (Imagenette tench vs springer)",
+            "fig5_training_set_attack": "stand-in dog/fish classes (Imagenette tench vs springer)"}
+
+
+def data_files(datasets: list[str], data_dir: str | None) -> list[Path]:
+    """The files the experiment's datasets consist of (those that exist), from the manifest."""
+    from influence.datasets.manifest import MANIFEST, resolve_data_dir
+
+    root = resolve_data_dir(data_dir)
+    files = []
+    for name in datasets:
+        folder = root / MANIFEST[name].folder if name in MANIFEST else root / name
+        if folder.is_dir():
+            files += sorted(p for p in folder.rglob("*") if p.is_file())
+    return files
+
+
+def run_key(script: Path, cmd_args: list[str], datasets: list[str], data_dir: str | None) -> dict:
+    """What a result depends on: the code (hash of the library and the script), the arguments
+    and the data files (path, size, modification time)."""
+    h = hashlib.sha256()
+    for path in sorted([script, *(REPO / "influence").rglob("*.py"), *(REPO / "inception").rglob("*.py")]):
+        h.update(str(path.relative_to(REPO)).encode())
+        h.update(path.read_bytes())
+    data = [[str(p), p.stat().st_size, int(p.stat().st_mtime)] for p in data_files(datasets, data_dir)]
+    return {"code": h.hexdigest(), "args": cmd_args, "data": data}
+
+
+def is_up_to_date(out: Path, key: dict) -> bool:
+    """True when ``out`` holds a successful run (metrics.json) made with the same ``key``."""
     try:
-        if json.loads(metrics.read_text()).get("quick") != quick:
-            return False
-    except json.JSONDecodeError:
+        return (out / "metrics.json").is_file() and json.loads((out / "run_key.json").read_text()) == key
+    except (OSError, json.JSONDecodeError):
         return False
-    code = [script, *(REPO / "influence").rglob("*.py"), *(REPO / "inception").rglob("*.py")]
-    newest_code = max(p.stat().st_mtime for p in code)
-    return metrics.stat().st_mtime > newest_code
+
+
+def run_with_heartbeat(name: str, cmd: list[str], log_path: Path, every: float) -> tuple[int, str]:
+    """Run ``cmd``, writing its output to ``log_path`` and printing a heartbeat every ``every``
+    seconds; returns (exit status, the output's last 20 lines)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    last = {"line": "", "tail": []}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    def pump():
+        with open(log_path, "wb") as log:
+            while chunk := os.read(proc.stdout.fileno(), 65536):
+                log.write(chunk)
+                log.flush()
+                lines = [ln.strip() for ln in re.split(r"[\r\n]+", chunk.decode(errors="replace")) if ln.strip()]
+                if lines:
+                    last["line"] = lines[-1]
+                    last["tail"] = (last["tail"] + lines)[-20:]
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    t0 = time.perf_counter()
+    while True:
+        try:
+            proc.wait(timeout=every)
+            break
+        except subprocess.TimeoutExpired:
+            print(f"[{name}] {time.perf_counter() - t0:6.0f} s: {last['line'][:150]}", flush=True)
+    reader.join()
+    return proc.returncode, "\n".join(last["tail"])
 
 
 def check_target(value, target: str | None, metrics: dict | None = None):
@@ -55,7 +115,9 @@ def check_target(value, target: str | None, metrics: dict | None = None):
     if target is None or value is None:
         return None
     text = str(target).strip()
-    if isinstance(value, bool) or text.lower().startswith(("true", "false")):
+    if isinstance(value, bool) and not text.lower().startswith(("true", "false")):
+        value = int(value)  # e.g. "== 1"
+    elif isinstance(value, bool) or text.lower().startswith(("true", "false")):
         word = text.split()[0].lower() if text else ""
         return value is (word == "true") if word in ("true", "false") else None
     m = re.fullmatch(r"(>=|<=|>|<|==)\s*(\S+)(\s.*)?", text)
@@ -89,6 +151,29 @@ def fmt(v):
     return str(v)
 
 
+# each experiment's headline metric (metrics.json may name its own under "headline")
+HEADLINE = {"demo_digits": "loo_pearson_cg", "fig2_logreg_loo": "pearson_cg", "fig2_cnn_loo": "pearson",
+            "fig3_smooth_hinge": "pearson_t0.001", "fig4_inception_vs_rbf": "rbf_more_distance_driven",
+            "fig5_training_set_attack": "flip_rate_1", "sec53_hospital_readmission": "top4_are_children",
+            "fig6_spam_mislabel": "influence_ge_loss_at_every_fraction"}
+
+
+def headline(name: str, m: dict) -> tuple[str | None, str]:
+    """(metric, verdict) for the report's main table: meets / short / not comparable in quick
+    mode / no target."""
+    metrics, targets = m.get("metrics", {}), m.get("targets", {})
+    key = m.get("headline") or HEADLINE.get(name)
+    if key not in metrics:
+        key = next((k for k in metrics if k in targets), next((k for k in metrics if k in m.get("paper", {})),
+                                                            next(iter(metrics), None)))
+    if key is None:
+        return None, "–"
+    if m.get("quick"):
+        return key, "not comparable (quick mode)"
+    ok = check_target(metrics[key], targets.get(key), metrics)
+    return key, {True: "meets", False: "**short**", None: "no target"}[ok]
+
+
 def write_report(path: Path, rows: list[dict], args) -> None:
     from influence.experiment import software_versions
     from influence.utils import atomic_path
@@ -96,16 +181,32 @@ def write_report(path: Path, rows: list[dict], args) -> None:
     lines = ["# Reproduction report: Koh & Liang (2017), influence functions", "",
              f"Mode: {'quick' if args.quick else 'full'}; seed {args.seed}; data directory "
              f"`{args.data_dir or os.environ.get('INFLUENCE_DATA_DIR') or 'data'}`; "
-             f"written {time.strftime('%Y-%m-%d %H:%M:%S')}.", "",
-             "| experiment | status | wall time (s) |", "|---|---|---|"]
+             f"written {time.strftime('%Y-%m-%d %H:%M:%S')}"
+             + (f" (rows of {', '.join(args.only)} updated; the others kept from earlier runs)" if args.only else "")
+             + ".", "",
+             "| experiment | status | headline metric | paper | ours | target | verdict | wall time (s) | data |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    loaded = {}
     for r in rows:
-        lines.append(f"| {r['name']} | {r['status']} | {fmt(r.get('wall_time_s'))} |")
+        metrics_path = Path(r["out"]) / "metrics.json"
+        m = json.loads(metrics_path.read_text()) if r["status"] == "ok" and metrics_path.is_file() else None
+        loaded[r["name"]] = m
+        if m is None:
+            lines.append(f"| {r['name']} | {r['status']} | – | – | – | – | – | {fmt(r.get('wall_time_s'))} | "
+                         f"{'missing' if 'missing' in r['status'] else '–'} |")
+            continue
+        key, verdict = headline(r["name"], m)
+        lines.append(f"| {r['name']} | {r['status']} | {key or '–'} | {fmt(m.get('paper', {}).get(key))} | "
+                     f"{fmt(m['metrics'].get(key))} | {fmt(m.get('targets', {}).get(key))} | {verdict} | "
+                     f"{fmt(r.get('wall_time_s'))} | {STAND_IN.get(r['name'], 'original')} |")
     for r in rows:
         lines += ["", f"## {r['name']}", "", r["description"], ""]
-        if r["status"] != "ok":
+        m = loaded[r["name"]]
+        if m is None:
             lines += [f"**{r['status']}**", "", "```", r.get("message", "").strip()[-3000:], "```"]
             continue
-        m = json.loads((r["out"] / "metrics.json").read_text())
+        if m.get("quick"):
+            lines += ["Quick mode: reduced samples, not comparable with the paper's numbers.", ""]
         lines += ["| metric | paper | ours | target | pass |", "|---|---|---|---|---|"]
         for key, val in m["metrics"].items():
             target = m.get("targets", {}).get(key)
@@ -118,7 +219,7 @@ def write_report(path: Path, rows: list[dict], args) -> None:
             lines += ["", "Other numbers: " + ", ".join(f"{k} = {fmt(v)}" for k, v in others.items())]
         if m.get("notes"):
             lines += ["", m["notes"]]
-        for png in sorted(r["out"].glob("*.png")):
+        for png in sorted(Path(r["out"]).glob("*.png")):
             lines += ["", f"![{r['name']}]({os.path.relpath(png, path.parent)})"]
     lines += ["", "## Software", ""] + [f"- {k} {v}" for k, v in software_versions().items()] + [""]
     with atomic_path(path) as tmp:
@@ -126,6 +227,8 @@ def write_report(path: Path, rows: list[dict], args) -> None:
 
 
 def main(argv=None) -> int:
+    from influence.utils import write_json
+
     parser = argparse.ArgumentParser(prog="scripts/reproduce_all.py", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="reduced runs (minutes each)")
     parser.add_argument("--data-dir", default=None,
@@ -134,42 +237,60 @@ def main(argv=None) -> int:
                         help="root of the experiments' output folders and REPORT.md (default: output)")
     parser.add_argument("--seed", type=int, default=0, help="seed passed to every experiment (default: 0)")
     parser.add_argument("--force", action="store_true", help="rerun experiments that are up to date")
-    parser.add_argument("--only", nargs="*", default=None, help="run only these experiments")
+    parser.add_argument("--only", nargs="*", default=None,
+                        help="run only these experiments; the other rows of REPORT.md are kept")
+    parser.add_argument("--heartbeat", type=float, default=30.0,
+                        help="seconds between progress lines of a running experiment (default: 30)")
     args = parser.parse_args(argv)
     out_root = Path(args.out)
+    known = [e[0] for e in EXPERIMENTS]
+    unknown = [n for n in args.only or [] if n not in known]
+    if unknown:
+        parser.error(f"unknown experiment(s) {unknown}; known: {known}")
+    rows_path = out_root / "report_rows.json"
+    kept = {}
+    if args.only and rows_path.is_file():
+        kept = {r["name"]: r for r in json.loads(rows_path.read_text())}
     rows = []
     for name, datasets, description in EXPERIMENTS:
         if args.only and name not in args.only:
+            if name in kept:
+                rows.append(kept[name])
             continue
         script = REPO / "scripts" / f"{name}.py"
         out = out_root / name
-        row = {"name": name, "description": description, "out": out}
-        if not args.force and is_up_to_date(out, script, args.quick):
+        row = {"name": name, "description": description, "out": str(out)}
+        cmd_args = ["--seed", str(args.seed)] + (["--quick"] if args.quick else []) + \
+            (["--data-dir", args.data_dir] if args.data_dir else [])
+        key = run_key(script, cmd_args, datasets, args.data_dir)
+        if not args.force and is_up_to_date(out, key):
             row.update(status="ok", message="up to date (use --force to rerun)")
             row["wall_time_s"] = json.loads((out / "metrics.json").read_text()).get("wall_time_s")
             print(f"[{name}] up to date", flush=True)
             rows.append(row)
             continue
-        cmd = [sys.executable, str(script), "--out", str(out), "--seed", str(args.seed)]
-        if args.quick:
-            cmd.append("--quick")
-        if args.data_dir:
-            cmd += ["--data-dir", args.data_dir]
+        (out / "run_key.json").unlink(missing_ok=True)
+        cmd = [sys.executable, str(script), "--out", str(out), *cmd_args]
         print(f"[{name}] running: {' '.join(cmd)}", flush=True)
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        code, tail = run_with_heartbeat(name, cmd, out / "run.log", args.heartbeat)
         row["wall_time_s"] = round(time.perf_counter() - t0, 1)
-        if proc.returncode == 0:
+        if code == 0:
             row["status"] = "ok"
-        elif proc.returncode == 2 and "data missing" in proc.stderr:
+            write_json(out / "run_key.json", key)
+        elif code == 2 and "data missing" in tail:
             row["status"] = "skipped (data missing)"
-            row["message"] = proc.stderr.strip().splitlines()[-1]
+            row["message"] = next((ln for ln in reversed(tail.splitlines()) if "data missing" in ln), tail)
         else:
-            row["status"] = f"FAILED (exit {proc.returncode})"
-            row["message"] = proc.stderr
+            row["status"] = f"FAILED (exit {code})"
+            row["message"] = tail
+        if row["status"] != "ok" and not any(p.name != "run.log" for p in out.iterdir()):
+            (out / "run.log").unlink()  # nothing but the log: keep its tail in the report, not an empty folder
+            out.rmdir()
         print(f"[{name}] {row['status']} in {row['wall_time_s']} s"
               + (f": {row.get('message', '').strip().splitlines()[-1]}" if row["status"] != "ok" else ""), flush=True)
         rows.append(row)
+    write_json(rows_path, rows)
     report = out_root / "REPORT.md"
     write_report(report, rows, args)
     print(f"wrote {report}")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .manifest import DataError, fetch_hint, resolve_data_dir
+from .manifest import DataError, DataMissingError, fetch_hint, resolve_data_dir
 from ..utils import atomic_path, hash_arrays, sha256_file, write_json
 
 logger = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def archive_path(data_dir=None) -> Path:
     root = resolve_data_dir(data_dir)
     path = root / "dogfish" / ARCHIVE
     if not path.is_file():
-        raise DataError(f"missing data file {path}. " + fetch_hint("dogfish", root))
+        raise DataMissingError(f"missing data file {path}. " + fetch_hint("dogfish", root))
     return path
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .manifest import DataError, fetch_hint, resolve_data_dir
+from .manifest import DataError, DataMissingError, fetch_hint, resolve_data_dir
 
 NUMERIC = ["time_in_hospital", "num_lab_procedures", "num_procedures", "num_medications", "number_outpatient",
            "number_emergency", "number_inpatient", "number_diagnoses"]
@@ -99,7 +99,7 @@ def read_raw(data_dir=None):
                     raise DataError(f"{zpath} holds no diabetic_data.csv")
                 raw = zf.read(names[0])
         else:
-            raise DataError(f"missing data file {zpath} (or {cpath}). " + fetch_hint("hospital", root))
+            raise DataMissingError(f"missing data file {zpath} (or {cpath}). " + fetch_hint("hospital", root))
     except zipfile.BadZipFile as exc:
         raise DataError(f"{zpath} is not a readable zip file ({exc}); it is corrupt or truncated. "
                         + fetch_hint("hospital", root)) from exc

@@ -33,7 +33,12 @@ DEFAULT_DATA_DIR = "data"
 
 
 class DataError(RuntimeError):
-    """A dataset file is missing, truncated or does not match its checksum."""
+    """A dataset file is missing, truncated or does not match its checksum (corrupt or
+    unreadable data raise this class itself; missing data the subclass below)."""
+
+
+class DataMissingError(DataError):
+    """A dataset's file or folder is not there (an experiment is skipped, not failed)."""
 
 
 @dataclass(frozen=True)
@@ -139,10 +144,10 @@ def dataset_path(dataset: str, filename: str, data_dir: str | os.PathLike | None
     if dataset not in MANIFEST:
         raise KeyError(f"unknown dataset {dataset!r}; known: {sorted(MANIFEST)}")
     if not root.is_dir():
-        raise DataError(f"data directory {root} does not exist. " + fetch_hint(dataset, root))
+        raise DataMissingError(f"data directory {root} does not exist. " + fetch_hint(dataset, root))
     path = root / MANIFEST[dataset].folder / filename
     if not path.is_file():
-        raise DataError(f"missing data file {path}. " + fetch_hint(dataset, root))
+        raise DataMissingError(f"missing data file {path}. " + fetch_hint(dataset, root))
     return path
 
 

@@ -76,7 +76,12 @@ def load_mnist(data_dir=None, flatten: bool = True, verify: bool = True, dtype=n
     for f in MANIFEST["mnist"].files:
         path = dataset_path("mnist", f.name, root)
         magic = IMAGE_MAGIC if "images" in f.name else LABEL_MAGIC
-        arr = read_idx(path, magic)
+        try:
+            arr = read_idx(path, magic)
+        except DataError as exc:
+            if type(exc) is DataError and "influence.datasets fetch" not in str(exc):
+                raise DataError(f"{exc} " + fetch_hint("mnist", root)) from exc
+            raise
         if verify and file_checksum(path, "gz") != f.sha256:
             raise DataError(f"{path} does not match the MNIST checksum: corrupt or modified. " + fetch_hint("mnist", root))
         arrays[f.name.split("-")[0] + ("_x" if magic == IMAGE_MAGIC else "_y")] = arr

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .manifest import DataError, fetch_hint, resolve_data_dir
+from .manifest import DataError, DataMissingError, fetch_hint, resolve_data_dir
 from ..utils import hash_arrays, save_npz, sha256_file
 
 logger = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ def read_emails(data_dir=None) -> tuple[list[str], np.ndarray, list[str]]:
     root = resolve_data_dir(data_dir)
     path = root / "spam" / "enron1.tar.gz"
     if not path.is_file():
-        raise DataError(f"missing data file {path}. " + fetch_hint("spam", root))
+        raise DataMissingError(f"missing data file {path}. " + fetch_hint("spam", root))
     texts, labels, names = [], [], []
     try:
         with tarfile.open(path, "r:gz") as tar:
