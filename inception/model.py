@@ -175,12 +175,12 @@ def load_inception(weights: str | os.PathLike | None = None, data_dir=None, veri
     ``weights``: a path to the project's ``.npz`` (default: ``<data_dir>/inception/...npz``),
     a Keras notop ``.h5`` file, or ``"imagenet"`` (Keras's own download, needs internet).
     """
-    from influence.datasets.manifest import DataError, resolve_data_dir
+    from influence.datasets.manifest import DataMissingError, resolve_data_dir
 
     if weights is None:
         weights = resolve_data_dir(data_dir) / DEFAULT_WEIGHTS
         if not Path(weights).is_file():
-            raise DataError(f"missing Inception weights {weights}. They are part of the shared data folder "
+            raise DataMissingError(f"missing Inception weights {weights}. They are part of the shared data folder "
                             f"(see data/README.md: inception/); or pass weights='imagenet' / a Keras notop .h5 "
                             f"file to use Keras's stock weights.")
     if str(weights) == "imagenet" or str(weights).endswith(".h5"):
