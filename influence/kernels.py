@@ -24,6 +24,23 @@ class _DropPforWhileLoopWarnings(logging.Filter):
 tf.get_logger().addFilter(_DropPforWhileLoopWarnings())
 
 
+def output_hessians(model, out: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+    """``d^2 L(z_i) / d f_i^2`` for each example of a batch, (b, k, k) symmetrised, with ``f_i``
+    the example's outputs ``out[i]`` flattened to k entries (a binary model: k = 1)."""
+    k = 1
+    for dim in out.shape[1:]:
+        k *= int(dim)
+    f = tf.reshape(tf.stop_gradient(out), [-1, k])
+    with tf.GradientTape() as outer:
+        outer.watch(f)
+        with tf.GradientTape() as inner:
+            inner.watch(f)
+            total = tf.reduce_sum(model._loss(tf.reshape(f, tf.shape(out)), y))
+        g = inner.gradient(total, f)
+    S = outer.batch_jacobian(g, f, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    return 0.5 * (S + tf.linalg.matrix_transpose(S))
+
+
 def compile_kernels(model) -> None:
     """Build ``model``'s tf.function kernels (``model._tf_*``) from its ``_forward`` and ``_loss``."""
     dt = model.tf_dtype
@@ -117,15 +134,7 @@ def compile_kernels(model) -> None:
 
         J = tf.vectorized_map(jac, x)                                    # (b, k, p)
         K = tf.einsum("bip,bjp->bij", J, J)
-        f = tf.reshape(tf.stop_gradient(out), [-1, k])
-        with tf.GradientTape() as outer:
-            outer.watch(f)
-            with tf.GradientTape() as inner:
-                inner.watch(f)
-                total = tf.reduce_sum(model._loss(tf.reshape(f, tf.shape(out)), y))
-            g = inner.gradient(total, f)
-        S = outer.batch_jacobian(g, f, unconnected_gradients=tf.UnconnectedGradients.ZERO)  # (b, k, k)
-        w, U = tf.linalg.eigh(0.5 * (S + tf.linalg.matrix_transpose(S)))
+        w, U = tf.linalg.eigh(output_hessians(model, out, y))     # S_i = U diag(w) U^T, (b, k, k)
         root = tf.einsum("bij,bj,bkj->bik", U, tf.sqrt(tf.maximum(w, 0)), U)
         M = root @ K @ root
         return tf.linalg.eigvalsh(0.5 * (M + tf.linalg.matrix_transpose(M)))[:, -1]

@@ -142,21 +142,12 @@ def _backward_signals(model, tape, out, s_list, y, losses):
 
     if losses:
         return [tape.gradient(total, s_list, unconnected_gradients=tf.UnconnectedGradients.ZERO) for total in losses]
-    k = 1
-    for dim in out.shape[1:]:
-        k *= int(dim)
-    f = tf.reshape(tf.stop_gradient(out), [-1, k])
-    with tf.GradientTape() as outer:
-        outer.watch(f)
-        with tf.GradientTape() as inner:
-            inner.watch(f)
-            total = tf.reduce_sum(model._loss(tf.reshape(f, tf.shape(out)), y))
-        g = inner.gradient(total, f)
-    Hf = outer.batch_jacobian(g, f, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-    w, U = tf.linalg.eigh(0.5 * (Hf + tf.linalg.matrix_transpose(Hf)))
+    from ..kernels import output_hessians
+
+    w, U = tf.linalg.eigh(output_hessians(model, out, y))
     R = U * tf.sqrt(tf.maximum(w, 0))[:, None, :]          # R R^T = H_f, per example
     return [tape.gradient(out, s_list, output_gradients=tf.reshape(R[:, :, c], tf.shape(out)),
-                          unconnected_gradients=tf.UnconnectedGradients.ZERO) for c in range(k)]
+                          unconnected_gradients=tf.UnconnectedGradients.ZERO) for c in range(R.shape[-1])]
 
 
 def _make_kernels(model, fisher, mc_samples):
