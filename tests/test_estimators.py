@@ -132,3 +132,29 @@ def test_every_estimator_shares_the_sign_of_influence(binary_model, binary_digit
         assert min(rho) > 0.2, rho
     if name == "tracin":
         assert est.used_ == "grad_dot_at_fit"  # fitted by L-BFGS: no checkpoints
+
+
+def test_all_cnn_records_checkpoints_for_tracin():
+    """AllCNN(checkpoints=4) saves (theta, lr) every quarter of its Adam run without changing the
+    run; TracIn then sums over them, and with the last one alone it is lr times the gradient dot."""
+    from conftest import fit_tiny_cnn
+
+    from influence.estimators import GradientDot
+
+    plain = fit_tiny_cnn(adam_steps=200)
+    m = fit_tiny_cnn(adam_steps=200, checkpoints=4)
+    np.testing.assert_array_equal(m.theta_, plain.theta_)
+    assert len(m.checkpoints_) == 4
+    np.testing.assert_array_equal(m.checkpoints_[-1][0], m.theta_)
+    X, y = m.X_train_np_[:3], m.y_train_np_[:3]
+    tracin = TracIn()
+    scores = tracin.influence_matrix(m, X, y)
+    assert tracin.used_ == "tracin" and scores.shape == (3, m.n_train_)
+    np.testing.assert_allclose(scores, TracIn(m.checkpoints_).influence_matrix(m, X, y), rtol=1e-12)
+    theta, lr = m.checkpoints_[-1]
+    last = TracIn([(theta, lr)]).influence_matrix(m, X, y)
+    m.weight_decay, wd = 0.0, m.weight_decay  # the gradient dot without the regulariser's part
+    try:
+        np.testing.assert_allclose(last, lr * GradientDot().influence_matrix(m, X, y), rtol=1e-10, atol=1e-14)
+    finally:
+        m.weight_decay = wd

@@ -16,6 +16,8 @@ GPU do not fit a CPU budget: ``adam_steps`` minibatch Adam steps (learning rate
 ``decay_fractions`` of the steps, as the original's step decay), optionally followed by
 ``lbfgs_iter`` full-batch L-BFGS iterations (default 0). The final Adam moments, step
 count and learning rate are kept (``adam_state_``, ``final_learning_rate_``).
+``checkpoints=k`` saves ``(theta, learning rate)`` k times, evenly, during Adam
+(``checkpoints_``: TracIn's checkpoints; the run itself is unchanged).
 
 Leave-one-out re-training (:meth:`AllCNN.retrain_without`), as the paper: Adam continues
 from the fitted parameters with that optimiser state and learning rate for
@@ -51,7 +53,7 @@ class AllCNN(GenericNeuralNet):
                  adam_steps: int = 20000, train_batch_size: int = 500, decay_fractions: tuple = (0.5, 0.75),
                  lbfgs_iter: int = 0, lbfgs_tol: float = 1e-8, retrain_iter: int | None = None,
                  retrain: str = "adam", retrain_steps: int = 2000, retrain_seed: int = 17,
-                 retrain_learning_rate: float | None = None,
+                 retrain_learning_rate: float | None = None, checkpoints: int = 0,
                  dtype: str = "float64", batch_size: int = 1000, **kwargs):
         super().__init__(weight_decay=weight_decay, dtype=dtype, batch_size=batch_size, **kwargs)
         self.n_classes = n_classes
@@ -71,6 +73,8 @@ class AllCNN(GenericNeuralNet):
         self.retrain_steps = retrain_steps
         self.retrain_seed = retrain_seed
         self.retrain_learning_rate = retrain_learning_rate
+        self.checkpoints = int(checkpoints)
+        self.checkpoints_ = []
         self.adam_state_ = None
         self.final_learning_rate_ = None
 
@@ -144,7 +148,8 @@ class AllCNN(GenericNeuralNet):
 
     def adam(self, theta0: np.ndarray, steps: int, seed: int | None = None, chunk: int = 500,
              state: tuple | None = None, learning_rates: np.ndarray | None = None,
-             example_weights: np.ndarray | None = None, desc: str | None = "Adam") -> tuple[np.ndarray, tuple]:
+             example_weights: np.ndarray | None = None, desc: str | None = "Adam",
+             record_every: int | None = None, record: list | None = None) -> tuple[np.ndarray, tuple]:
         """Minibatch Adam on the objective; returns ``(theta, (m, v, t))``.
 
         Batches: epochs of a permutation of all n training indices drawn with ``seed``.
@@ -153,7 +158,8 @@ class AllCNN(GenericNeuralNet):
         removes a point while every other point keeps its place in the batch sequence,
         which couples a leave-one-out run to a control run step by step. ``state``
         continues from a previous run's moments and step count; ``learning_rates``
-        (steps,) overrides the step-decay schedule.
+        (steps,) overrides the step-decay schedule. ``record_every`` steps, ``(theta, learning
+        rate)`` is appended to ``record`` (TracIn's checkpoints; the batches are the same).
         """
         dt = self.tf_dtype
         n, b = self.n_train_, min(self.train_batch_size, self.n_train_)
@@ -169,6 +175,8 @@ class AllCNN(GenericNeuralNet):
             raise ValueError(f"learning_rates must have {steps} entries")
         rng = np.random.default_rng(self.seed if seed is None else seed)
         order, pos = rng.permutation(n), 0
+        if record_every:
+            chunk = min(chunk, int(record_every))
         for start in progress(range(0, steps, chunk), total=-(-steps // chunk), desc=desc,
                                enabled=self.progress and desc is not None):
             k = min(chunk, steps - start)
@@ -179,6 +187,8 @@ class AllCNN(GenericNeuralNet):
                 batches[j] = order[pos:pos + b]
                 pos += b
             run(self.X_train_, self.y_train_, tf.constant(batches), tf.constant(lrs_all[start:start + k], dt))
+            if record_every and record is not None and (start + k) % int(record_every) == 0:
+                record.append((theta.numpy().copy(), float(lrs_all[start + k - 1])))
         return theta.numpy(), (m.numpy(), v.numpy(), int(t.numpy()))
 
     def _adam_kernel(self):
@@ -222,7 +232,9 @@ class AllCNN(GenericNeuralNet):
     def _train(self, theta0):
         theta = theta0
         if self.adam_steps:
-            theta, self.adam_state_ = self.adam(theta0, self.adam_steps)
+            every = max(1, self.adam_steps // self.checkpoints) if self.checkpoints > 0 else None
+            self.checkpoints_ = []
+            theta, self.adam_state_ = self.adam(theta0, self.adam_steps, record_every=every, record=self.checkpoints_)
             self.final_learning_rate_ = float(self._lr_schedule(self.adam_steps)[-1])
         logger.info("after Adam: objective %.6g, gradient norm %.3g", *self._obj_and_gnorm(theta))
         if self.lbfgs_iter:
