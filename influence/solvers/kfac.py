@@ -44,9 +44,10 @@ FISHERS = ("expectation", "mc", "empirical")
 class BlockFactors:
     """The Kronecker factors of one layer and their eigendecompositions.
 
-    ``rows``: (block index, number of rows) of the stacked ``[kernel; bias]`` matrix;
-    ``A`` (d_in, d_in), ``S`` (d_out, d_out); ``qa``, ``qs`` eigenvectors; ``ea``, ``es``
-    eigenvalues; ``corrected``: EK-FAC's eigenvalues (d_in, d_out) once computed.
+    ``kernel_block`` / ``bias_block``: the layer's blocks in theta (rows of the stacked
+    ``[kernel; bias]`` matrix); ``A`` (d_in, d_in), ``S`` (d_out, d_out); ``qa``, ``qs``
+    eigenvectors; ``ea``, ``es`` eigenvalues; ``corrected``: EK-FAC's eigenvalues
+    (d_in, d_out) once computed.
     """
 
     name: str
