@@ -342,13 +342,15 @@ def cnn_kfac_lines(args):
     _, t_fac = timed(compute_factors, model)
     _, t_eig = timed(compute_factors, model, corrected=True)
     lines.append(f"| Fig 2 CNN | K-FAC factors; EK-FAC eigenvalues | {t_fac:.2f}; {t_eig:.2f} | p = {model.n_params}, "
-                 f"n = {model.n_train_} |")
+                 f"n = {model.n_train_}; stored run `{args.cnn_loo}`"
+                 f"{' (quick mode: not comparable with the paper)' if metrics.get('quick') else ''} |")
     for name in ("kfac", "ekfac"):
         res = model.s_test(xt, yt, solver=name, damping=damping, use_cache=False)
         pred = model.influence_scores(res.x)[idx] / model.n_train_
         lines.append(f"| Fig 2 CNN | {name} (damping {damping}): LOO Pearson on the {len(idx)} stored re-fits | "
                      f"{res.time_s:.2f} | {scipy.stats.pearsonr(actual, pred)[0]:.3f} / Spearman "
-                     f"{scipy.stats.spearmanr(actual, pred)[0]:.3f}; stored CG (H) {m['pearson']:.3f}, CG (G) "
+                     f"{scipy.stats.spearmanr(actual, pred)[0]:.3f}; stored CG (H, damping "
+                     f"{m.get('damping_used', damping):.3g}) {m['pearson']:.3f}, CG (G) "
                      f"{m.get('pearson_gauss_newton', float('nan')):.3f}; residual {res.residual:.2g} |")
     xs, ys = d.test.x[:100], d.test.y[:100]
     V = model.test_gradients(xs, ys).T
@@ -358,13 +360,14 @@ def cnn_kfac_lines(args):
     lines.append(f"| Fig 2 CNN | ekfac: score all {model.n_train_} points for 100 test points, factors included | "
                  f"{total:.1f} | solve {t_solve:.2f} s, scoring {t_score:.1f} s |")
     k = args.cnn_cg_tests
+    damping_cg = m.get("damping_used", damping)  # the figure raised it where CG met negative curvature
     if k > 0:
         def cg_each():
-            S = [model.inverse_hvp(v, "cg", damping=damping, tol=1e-8, maxiter=2000) for v in V[:, :k].T]
+            S = [model.inverse_hvp(v, "cg", damping=damping_cg, tol=1e-8, maxiter=2000) for v in V[:, :k].T]
             return S, scores_of(model, np.stack([r.x for r in S], axis=1), 512)
         (S, _), t_cg = timed(cg_each)
         per = t_cg / k
-        lines.append(f"| Fig 2 CNN | CG (damping {damping}), {k} of those test points one at a time, with scoring | "
+        lines.append(f"| Fig 2 CNN | CG (damping {damping_cg:.3g}), {k} of those test points one at a time, with scoring | "
                      f"{t_cg:.1f} | iterations {[r.iterations for r in S]}, residuals "
                      f"{', '.join(f'{r.residual:.1e}' for r in S)}; {per:.1f} s per test point: 100 would take "
                      f"~{100 * per:.0f} s, {100 * per / total:.0f}x EK-FAC's total (extrapolated from {k}) |")
