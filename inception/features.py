@@ -41,7 +41,7 @@ def cached_features(model, preprocessing, images_uint8: np.ndarray, weights_key:
     """:func:`extract_features`, read from / written to ``cache_dir`` when given."""
     if cache_dir is None:
         return extract_features(model, preprocessing, images_uint8, batch_size, progress)
-    key = hash_arrays(weights_key, np.asarray(images_uint8))[:20]
+    key = hash_arrays(weights_key, repr(preprocessing), np.asarray(images_uint8))[:20]
     path = Path(cache_dir) / f"inception-features-{key}.npz"
     if path.is_file():
         try:

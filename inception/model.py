@@ -68,6 +68,8 @@ class Preprocessing:
 
 RELEASE_2015 = Preprocessing(offset=128.0, scale=128.0)
 KERAS_STOCK = Preprocessing(offset=127.5, scale=127.5)
+#: the original release's dog-fish npz: (u / 255 - 0.5) * 2, one level 2/255
+ORIGINAL_UNITS = KERAS_STOCK
 
 
 def build_inception_v3(last_pool: str = "max", input_shape=(299, 299, 3), dtype: str = "float32"):

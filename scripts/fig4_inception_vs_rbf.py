@@ -2,7 +2,9 @@
 """Fig 4: which training images an Inception-feature model vs an RBF SVM relies on (dog vs fish).
 
 Data: 900 training and 300 test ImageNet photos per class (English springer = dog = 0,
-tench = fish = 1; see influence.datasets.dogfish), 299x299 RGB.
+tench = fish = 1; see influence.datasets.dogfish), 299x299 RGB: a stand-in, unless the data
+directory's dogfish/ folder holds the original release's dataset_dog-fish_train-900_test-300.npz,
+which is then used (metrics.json: data_source).
 Models (both weight decay 0.001):
   * Inception: binary logistic regression (no bias) on the 2048-d Inception v3 features
     (inception.BinaryInceptionModel); only the top layer is theta.
@@ -42,6 +44,8 @@ def add_arguments(parser):
                         help="weights: path to the project's .npz (default: <data-dir>/inception/...), a Keras notop "
                              ".h5, or 'imagenet'")
     parser.add_argument("--cache-dir", default=None, help="default: <out>/../cache")
+    parser.add_argument("--data-source", choices=("auto", "original", "stand-in"), default="auto",
+                        help="dog-fish images: the original release's npz when present (auto), or force one")
 
 
 def influence_matrix(model, X_test, y_test):
@@ -72,7 +76,7 @@ def main(exp):
     n_test = args.n_test or (50 if args.quick else 300)
     cache = Path(args.cache_dir) if args.cache_dir else Path(args.out).parent / "cache"
     prep = prepare_dogfish(args.data_dir, cache, n_train=n_train, n_test=n_test, seed=args.seed,
-                           weights=args.inception_weights)
+                           weights=args.inception_weights, source=args.data_source)
     d = prep.data
     ytr, yte = d.y_train, d.y_test
     n = len(ytr)
@@ -123,7 +127,7 @@ def main(exp):
 
     m_rbf, top_rbf = summary(P_rbf, "rbf")
     m_inc, top_inc = summary(P_inc, "inception")
-    metrics = {"inception_test_accuracy": inc_acc, "rbf_test_accuracy": rbf_acc, "test_idx": t,
+    metrics = {"data_source": prep.source, "inception_test_accuracy": inc_acc, "rbf_test_accuracy": rbf_acc, "test_idx": t,
                "test_image": d.names_test[t], "n_train": n, "n_test": len(yte),
                "n_tests_correct_both": int(len(both)), **m_rbf, **m_inc,
                "rbf_more_distance_driven": bool(m_rbf["spearman_absinf_vs_distance_rbf"]
@@ -170,9 +174,11 @@ def main(exp):
         targets=targets,
         config={"n_train_per_class": n_train, "n_test_per_class": n_test, "weight_decay": 0.001,
                 "smooth_hinge_temp": 0.001, "gamma": f"{args.gamma_scale} / n_train", "test_rule": rule,
-                "inception_weights": prep.weights},
-        notes="Stand-in classes: tench (fish) and English springer (dog) from Imagenette; the paper used "
-              "ImageNet's dog and fish synsets, so image indices differ from the paper's test image 462.")
+                "inception_weights": prep.weights, "data_source": prep.source},
+        notes=("The original release's dog-fish images (the paper's test image is 462). "
+               if prep.source.startswith("original") else
+               "Stand-in classes: tench (fish) and English springer (dog) from Imagenette; the paper used "
+               "ImageNet's dog and fish synsets, so image indices differ from the paper's test image 462."))
 
 
 if __name__ == "__main__":

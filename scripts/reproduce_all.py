@@ -44,6 +44,12 @@ EXPERIMENTS = [
 
 
 # the data behind each experiment, for the report (the dog-fish classes are a stand-in: data/README.md)
+def data_used(name: str, m: dict) -> str:
+    """What the report's data column says: the run's own record (data_source) where it has one."""
+    source = m.get("metrics", {}).get("data_source") or m.get("config", {}).get("data_source")
+    return source or STAND_IN.get(name, "original")
+
+
 STAND_IN = {"fig4_inception_vs_rbf": "stand-in dog/fish classes (Imagenette tench vs springer)",
             "fig5_training_set_attack": "stand-in dog/fish classes (Imagenette tench vs springer)"}
 
@@ -198,7 +204,7 @@ def write_report(path: Path, rows: list[dict], args) -> None:
         key, verdict = headline(r["name"], m)
         lines.append(f"| {r['name']} | {r['status']} | {key or '–'} | {fmt(m.get('paper', {}).get(key))} | "
                      f"{fmt(m['metrics'].get(key))} | {fmt(m.get('targets', {}).get(key))} | {verdict} | "
-                     f"{fmt(r.get('wall_time_s'))} | {STAND_IN.get(r['name'], 'original')} |")
+                     f"{fmt(r.get('wall_time_s'))} | {data_used(r['name'], m)} |")
     for r in rows:
         lines += ["", f"## {r['name']}", "", r["description"], ""]
         m = loaded[r["name"]]

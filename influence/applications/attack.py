@@ -212,3 +212,64 @@ class TrainingSetAttack:
         if candidates is None:
             candidates, _ = self.rank_candidates(f_t, y_t, n_poison)
         return self.attack([test_idx], candidates[:n_poison], features_test, y_test)
+
+
+@dataclass
+class StratifiedTargets:
+    """Targets drawn per confidence stratum (see :func:`stratified_targets`).
+
+    ``targets[j]`` lies in stratum ``stratum[j]`` (0 = least confident); stratum ``s`` holds
+    ``sizes[s]`` candidates with margins in ``[lows[s], highs[s]]`` (median ``medians[s]``).
+    """
+
+    targets: np.ndarray
+    stratum: np.ndarray
+    sizes: np.ndarray
+    lows: np.ndarray
+    highs: np.ndarray
+    medians: np.ndarray
+
+    def rates(self, flags) -> np.ndarray:
+        """Per-stratum mean of ``flags`` (aligned with ``targets``; NaN where none drawn)."""
+        flags = np.asarray(flags, dtype=float)
+        return np.array([flags[self.stratum == s].mean() if np.any(self.stratum == s) else np.nan
+                         for s in range(len(self.sizes))])
+
+    def estimate(self, flags) -> float:
+        """The mean of ``flags`` over every candidate, estimated by weighting each stratum's
+        sample mean by the stratum's size (strata without a draw are left out)."""
+        r = self.rates(flags)
+        ok = ~np.isnan(r)
+        return float(np.sum(r[ok] * self.sizes[ok]) / np.sum(self.sizes[ok])) if ok.any() else float("nan")
+
+
+def stratified_targets(margins, candidates, n_strata: int = 10, per_stratum: int = 10, seed: int = 0,
+                       strata=None) -> StratifiedTargets:
+    """Rank ``candidates`` (indices into ``margins``) by margin, split them into
+    ``n_strata`` groups of (nearly) equal size -- deciles for 10 -- and draw ``per_stratum``
+    of each without replacement (all of a smaller group), seeded. ``strata``: draw only
+    from these groups (0-based, 0 = smallest margin), e.g. for a partial run.
+    """
+    margins = np.asarray(margins, dtype=float)
+    candidates = np.asarray(candidates, dtype=int).reshape(-1)
+    if n_strata < 1 or per_stratum < 1:
+        raise ValueError(f"n_strata and per_stratum must be >= 1, got {n_strata} and {per_stratum}")
+    if len(candidates) < n_strata:
+        raise ValueError(f"{len(candidates)} candidates cannot fill {n_strata} strata")
+    if len(np.unique(candidates)) != len(candidates):
+        raise ValueError("candidates must be distinct indices")
+    wanted = set(range(n_strata)) if strata is None else {int(s) for s in strata}
+    if not wanted <= set(range(n_strata)):
+        raise ValueError(f"strata must lie in 0..{n_strata - 1}, got {sorted(wanted)}")
+    rng = np.random.default_rng(seed)
+    groups = np.array_split(candidates[np.argsort(margins[candidates], kind="stable")], n_strata)
+    targets, labels = [], []
+    for s, g in enumerate(groups):
+        pick = rng.choice(g, min(per_stratum, len(g)), replace=False)  # drawn for every group: same seeds per group
+        if s in wanted:
+            targets.append(pick)
+            labels.append(np.full(len(pick), s))
+    m = [margins[g] for g in groups]
+    return StratifiedTargets(np.concatenate(targets), np.concatenate(labels), np.array([len(g) for g in groups]),
+                             np.array([x.min() for x in m]), np.array([x.max() for x in m]),
+                             np.array([np.median(x) for x in m]))

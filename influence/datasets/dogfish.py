@@ -12,12 +12,21 @@ the training set. Images are converted to RGB (a few are grayscale) and resized 
 Pixels are kept as uint8 (2,400 images at 299x299x3 are 643 MB; float32 would be 2.6 GB)
 and cached as ``.npy`` files in ``cache_dir``, keyed by the archive's checksum and the
 settings; scale them with the model's preprocessing on use.
+
+The paper's own images: the original release cached its split as
+``dataset_dog-fish_train-900_test-300.npz`` (``X_train``, ``Y_train``, ``X_test``, ``Y_test``;
+299x299x3 images scaled to [-1, 1] as ``(u / 255 - 0.5) * 2`` for 8-bit pixels ``u``; label
+0 = dog, 1 = fish). A user who has it puts it in ``<data dir>/dogfish/``:
+:func:`find_dogfish` then returns it before the stand-in, and :func:`load_original_dogfish`
+checks and reads it (back to the 8-bit pixels ``u = (x + 1) * 127.5``, which is exact for
+the release's arrays).
 """
 from __future__ import annotations
 
 import io
 import logging
 import tarfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +38,10 @@ from ..utils import atomic_path, hash_arrays, sha256_file, write_json
 logger = logging.getLogger(__name__)
 
 ARCHIVE = "imagenette_tench_springer.tar"
+ORIGINAL_NPZ = "dataset_dog-fish_train-900_test-300.npz"
+#: what ``DogFishData.source`` says for each kind of file
+SOURCE_ORIGINAL = "original release (dataset_dog-fish_train-900_test-300.npz)"
+SOURCE_STAND_IN = "stand-in (Imagenette tench vs English springer)"
 CLASSES = {"n02102040": 0, "n01440764": 1}  # English springer = dog = 0, tench = fish = 1
 CLASS_NAMES = ("dog", "fish")
 
@@ -42,6 +55,7 @@ class DogFishData:
     names_train: list
     names_test: list
     key: str  # cache key: archive checksum + settings
+    source: str = SOURCE_STAND_IN  # SOURCE_ORIGINAL or SOURCE_STAND_IN
 
 
 def _progress(items, desc, enabled):
@@ -49,6 +63,12 @@ def _progress(items, desc, enabled):
         return items
     from tqdm.auto import tqdm
     return tqdm(items, desc=desc, leave=False)
+
+
+def original_path(data_dir=None) -> Path | None:
+    """The original release's ``.npz`` in ``<data dir>/dogfish/`` when a user has put it there."""
+    path = resolve_data_dir(data_dir) / "dogfish" / ORIGINAL_NPZ
+    return path if path.is_file() else None
 
 
 def archive_path(data_dir=None) -> Path:
@@ -126,3 +146,77 @@ def load_dogfish(data_dir=None, n_train: int = 900, n_test: int = 300, seed: int
                     np.save(f, getattr(data, k))
         write_json(folder / "meta.json", {"names_train": data.names_train, "names_test": data.names_test})
     return data
+
+
+def _original_images(X, name: str, path: Path, side: int) -> np.ndarray:
+    """[-1, 1] images (n, side, side, 3) or flattened (n, side*side*3) -> uint8, with checks."""
+    X = np.asarray(X)
+    if X.ndim == 2 and X.shape[1] == side * side * 3:
+        X = X.reshape(-1, side, side, 3)
+    if X.ndim != 4 or X.shape[1:] != (side, side, 3):
+        raise DataError(f"{path}: {name} has shape {X.shape}; the original release's images are "
+                        f"(n, {side}, {side}, 3) (or flattened to (n, {side * side * 3}))")
+    if not np.issubdtype(X.dtype, np.floating):
+        raise DataError(f"{path}: {name} has dtype {X.dtype}; expected floating-point pixels in [-1, 1]")
+    lo, hi = float(np.min(X)), float(np.max(X))
+    if not np.isfinite(lo) or not np.isfinite(hi) or lo < -1 - 1e-6 or hi > 1 + 1e-6:
+        raise DataError(f"{path}: {name} ranges over [{lo:.4g}, {hi:.4g}]; the original release scales pixels "
+                        f"to [-1, 1] as (u / 255 - 0.5) * 2")
+    u = (X.astype(np.float64) + 1.0) * 127.5
+    off = float(np.max(np.abs(u - np.rint(u)))) if u.size else 0.0
+    if off > 0.01:
+        logger.warning("%s: %s is not on the 8-bit grid (largest distance %.3f level); rounding to the nearest "
+                       "level", path, name, off)
+    return np.clip(np.rint(u), 0, 255).astype(np.uint8)
+
+
+def _original_labels(Y, name: str, path: Path, n: int) -> np.ndarray:
+    Y = np.asarray(Y).reshape(-1)
+    if len(Y) != n:
+        raise DataError(f"{path}: {name} has {len(Y)} labels for {n} images")
+    if not np.all(np.isin(Y, (0, 1))):
+        bad = np.unique(Y[~np.isin(Y, (0, 1))])[:5]
+        raise DataError(f"{path}: {name} holds labels {bad.tolist()} outside {{0, 1}} (0 = dog, 1 = fish)")
+    return Y.astype(np.int64)
+
+
+def load_original_dogfish(path, n_train: int | None = None, n_test: int | None = None, seed: int = 0,
+                          side: int = 299) -> DogFishData:
+    """The original release's dog-fish split from ``path`` (checked: keys, shapes, range, labels).
+
+    ``n_train`` / ``n_test`` (per class; ``None`` = all) draw a seeded subset per class,
+    e.g. for a quick run; by default every image of the release is used as it is ordered.
+    """
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            missing = [k for k in ("X_train", "Y_train", "X_test", "Y_test") if k not in f.files]
+            if missing:
+                raise DataError(f"{path} lacks the arrays {missing} (has {sorted(f.files)}); the original release "
+                                f"stores X_train, Y_train, X_test, Y_test")
+            X_train = _original_images(f["X_train"], "X_train", path, side)
+            X_test = _original_images(f["X_test"], "X_test", path, side)
+            y_train = _original_labels(f["Y_train"], "Y_train", path, len(X_train))
+            y_test = _original_labels(f["Y_test"], "Y_test", path, len(X_test))
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise DataError(f"{path} is unreadable ({type(exc).__name__}: {exc}); remove it to use the stand-in, or "
+                        f"replace it with the original release's file") from exc
+    rng = np.random.default_rng(seed)
+
+    def subset(y, n):
+        if n is None:
+            return np.arange(len(y))
+        idx = []
+        for label in (0, 1):
+            pool = np.flatnonzero(y == label)
+            if len(pool) < n:
+                raise DataError(f"{path} holds {len(pool)} {CLASS_NAMES[label]} images, fewer than the {n} requested")
+            idx.append(np.sort(rng.choice(pool, n, replace=False)))
+        return np.concatenate(idx)
+
+    tr, te = subset(y_train, n_train), subset(y_test, n_test)
+    key = hash_arrays("original", path.stat().st_size, int(path.stat().st_mtime), tr, te)[:20]
+    return DogFishData(X_train[tr], y_train[tr], X_test[te], y_test[te], [f"original:train:{i}" for i in tr],
+                       [f"original:test:{i}" for i in te], key, SOURCE_ORIGINAL)
