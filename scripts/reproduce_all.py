@@ -139,6 +139,11 @@ def check_target(value, target: str | None, metrics: dict | None = None):
     return {">=": value >= ref, "<=": value <= ref, ">": value > ref, "<": value < ref, "==": value == ref}[op]
 
 
+def is_table(v) -> bool:
+    """A metric that is a list of flat records (rendered as a table)."""
+    return isinstance(v, list) and bool(v) and all(isinstance(x, dict) for x in v)
+
+
 def fmt(v):
     if v is None:
         return "–"
@@ -220,13 +225,29 @@ def write_report(path: Path, rows: list[dict], args) -> None:
             if key in m.get("paper", {}) or target is not None:
                 lines.append(f"| {key} | {fmt(m['paper'].get(key))} | {fmt(val)} | {fmt(target)} | "
                              f"{'–' if ok is None else ('yes' if ok else '**no**')} |")
-        others = {k: v for k, v in m["metrics"].items() if k not in m.get("paper", {}) and k not in m.get("targets", {})}
+        tables = {k: v for k, v in m["metrics"].items() if is_table(v)}
+        others = {k: v for k, v in m["metrics"].items() if k not in m.get("paper", {}) and k not in m.get("targets", {})
+                  and k not in tables}
         if others:
             lines += ["", "Other numbers: " + ", ".join(f"{k} = {fmt(v)}" for k, v in others.items())]
+        for key, rows_ in tables.items():  # e.g. Fig 5's flip rates per confidence decile
+            cols = list(dict.fromkeys(c for row in rows_ for c in row))
+            lines += ["", f"{key}:", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+            lines += ["| " + " | ".join(fmt(row.get(c)) for c in cols) + " |" for row in rows_]
         if m.get("notes"):
             lines += ["", m["notes"]]
         for png in sorted(Path(r["out"]).glob("*.png")):
             lines += ["", f"![{r['name']}]({os.path.relpath(png, path.parent)})"]
+    board = path.parent / "benchmark_estimators" / "ESTIMATORS.md"
+    lines += ["", "## Estimator leaderboard (scripts/benchmark_estimators.py)", ""]
+    if board.is_file():  # written by its own run (hours in full); shown here as it stands
+        lines += [f"From `{os.path.relpath(board, path.parent)}` (written "
+                  f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(board.stat().st_mtime))}):", ""]
+        lines += ["#" + ln if ln.startswith("#") else ln for ln in board.read_text().splitlines()
+                  if not ln.startswith("# ")]
+    else:
+        lines += ["Not run yet: `.venv/bin/python scripts/benchmark_estimators.py` (add `--quick` for a "
+                  "minutes-long check) writes it; it reuses the figure scripts' re-fits from this folder."]
     lines += ["", "## Software", ""] + [f"- {k} {v}" for k, v in software_versions().items()] + [""]
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(lines))

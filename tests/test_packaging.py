@@ -24,7 +24,9 @@ def test_dockerfile_copies_existing_files_and_runs_an_existing_command():
     assert len(cmd) == 1
     argv = json.loads(cmd[0][3:].strip())
     assert argv[0] == "python" and (REPO / argv[1]).is_file()
-    assert lines[0].startswith("FROM python:3.11")
+    assert lines[0] == "ARG BASE_IMAGE=python:3.11-slim" and lines[1] == "FROM ${BASE_IMAGE}"  # Python 3.11 by default
+    script = REPO / "tests" / "docker" / "check_image.sh"
+    assert os.access(script, os.X_OK) and "--build-arg BASE_IMAGE" in script.read_text()
 
 
 def test_ci_runs_the_readme_test_command():

@@ -94,3 +94,31 @@ def test_outputs_are_world_readable(tmp_path, writer):
     path = tmp_path / f"x.{writer}"
     write_json(path, {"a": 1}) if writer == "json" else save_npz(path, a=[1, 2])
     assert oct(os.stat(path).st_mode & 0o777) == "0o644"
+
+
+def test_report_tables_data_source_and_leaderboard(tmp_path):
+    import argparse
+
+    fig5 = tmp_path / "fig5_training_set_attack"
+    fig5.mkdir()
+    deciles = [{"decile": 1, "n": 10, "log_odds_median": 1.25, "flip_rate_1": 0.6},
+               {"decile": 2, "n": 10, "log_odds_median": 3.5, "flip_rate_1": 0.2}]
+    (fig5 / "metrics.json").write_text(json.dumps({
+        "quick": False, "metrics": {"flip_rate_1": 0.08, "flip_rates_by_decile": deciles,
+                                    "data_source": "original release (dataset_dog-fish_train-900_test-300.npz)"},
+        "paper": {"flip_rate_1": 0.57}, "targets": {"flip_rate_1": ">= 0.3"}}))
+    args = argparse.Namespace(quick=False, seed=0, data_dir="d", only=None)
+    rows = [{"name": "fig5_training_set_attack", "description": "Fig 5", "out": str(fig5), "status": "ok",
+             "wall_time_s": 3.0}]
+    reproduce_all.write_report(tmp_path / "REPORT.md", rows, args)
+    report = (tmp_path / "REPORT.md").read_text()
+    assert "| flip_rate_1 | 0.57 | 0.08 | >= 0.3 | **short** | 3 | original release" in report  # its own record
+    assert "| decile | n | log_odds_median | flip_rate_1 |" in report and "| 1 | 10 | 1.25 | 0.6 |" in report
+    assert "Not run yet: `.venv/bin/python scripts/benchmark_estimators.py`" in report
+    board = tmp_path / "benchmark_estimators"
+    board.mkdir()
+    (board / "ESTIMATORS.md").write_text("# Estimator leaderboard\n\n## fig2_lr\n\n| estimator | LDS |\n|---|---|\n"
+                                         "| exact | 0.97 |\n")
+    reproduce_all.write_report(tmp_path / "REPORT.md", rows, args)
+    report = (tmp_path / "REPORT.md").read_text()
+    assert "### fig2_lr" in report and "| exact | 0.97 |" in report and "Not run yet" not in report

@@ -5,8 +5,8 @@ The data directory is chosen, in order, by an explicit argument (scripts pass
 current directory. Code never downloads during tests or experiments: a missing or corrupt
 file raises :class:`DataError` naming the file and the command that fetches it::
 
-    python -m influence.datasets fetch mnist --data-dir data/
-    python -m influence.datasets verify mnist --data-dir data/
+    .venv/bin/python -m influence.datasets fetch mnist --data-dir data/
+    .venv/bin/python -m influence.datasets verify mnist --data-dir data/
 
 Each dataset's files are listed in :data:`MANIFEST` with their public URLs and
 checksums. For gzip files the checksum is of the *decompressed* bytes, so re-compressed
@@ -132,7 +132,7 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
 
 def fetch_hint(dataset: str, data_dir: Path) -> str:
     return (
-        f"Get it with `python -m influence.datasets fetch {dataset} --data-dir {data_dir}` "
+        f"Get it with `.venv/bin/python -m influence.datasets fetch {dataset} --data-dir {data_dir}` "
         f"(needs internet), or point --data-dir / ${ENV_VAR} at a folder that holds "
         f"{MANIFEST[dataset].folder}/ (see data/README.md)."
     )
