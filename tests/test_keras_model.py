@@ -220,3 +220,25 @@ def test_squared_loss_with_several_outputs_is_a_sum_over_outputs(digits):
     # outputs linear in theta: the Gauss-Newton matrix is the same closed form
     m.curvature = "gauss-newton"
     np.testing.assert_allclose(m.hessian(), H, rtol=1e-8, atol=1e-10)
+
+
+def test_wide_hvp_is_split_into_blocks_of_columns(digits):
+    """A (p, k) HVP wider than hvp_max_columns runs a few columns per pass, same numbers."""
+    import keras
+
+    X, y = digits
+    net = keras.Sequential([keras.Input((64,)), keras.layers.Dense(6, activation="tanh", dtype="float64"),
+                            keras.layers.Dense(10, dtype="float64")])
+    m = KerasModel(net, loss="softmax", weight_decay=0.01).set_training_data(X[:80], y[:80])
+    assert m._hvp_columns_per_pass() == 8  # outputs not linear in theta: 8 columns per pass by default
+    V = np.random.default_rng(0).standard_normal((m.n_params, 7))
+    one_by_one = np.stack([m.hvp(V[:, j]) for j in range(7)], axis=1)
+    passes = []
+    original = m._map_train
+    m._map_train = lambda kernel, *a, **k: passes.append(1) or original(kernel, *a, **k)
+    m.hvp_max_columns = 3
+    np.testing.assert_allclose(m.hvp(V), one_by_one, rtol=1e-11, atol=1e-13)
+    assert len(passes) == 3  # columns 0-2, 3-5, 6
+    m.hvp_max_columns = 0
+    with pytest.raises(ValueError, match="hvp_max_columns"):
+        m.hvp(V)

@@ -329,11 +329,7 @@ class KFACSolver(InverseHVPSolver):
             logger.warning("%s: an eigenvalue plus regulariser and damping is %.3g <= 0; add damping", self.name,
                            smallest)
         x = x if v.ndim == 2 else x[:, 0]
-        # the residual's HVPs in chunks of columns: a (p, 100) HVP through a CNN holds 100 copies of
-        # its activations (out of memory on 24 GB for the Fig 2 CNN), the solve itself holds none
-        res = (relative_residual(model, x, v, self.damping) if v.ndim == 1 else
-               max(relative_residual(model, x[:, j:j + 8], v[:, j:j + 8], self.damping)
-                   for j in range(0, v.shape[1], 8)))
+        res = relative_residual(model, x, v, self.damping)  # model.hvp bounds its columns per pass
         return SolveResult(x=x, solver=self.name, iterations=1, residual=res, converged=res <= 1e-6,
                            damping=self.damping, info={"blocks": [f.name for f in blocks], "fisher": self.fisher,
                                                        "smallest_eigenvalue": smallest})
