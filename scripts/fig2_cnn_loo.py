@@ -78,7 +78,6 @@ def add_arguments(parser):
 def main(exp):
     from influence import leave_one_out
     from influence.models.all_cnn import AllCNN
-    import matplotlib.pyplot as plt
 
     args = exp.args
     data = load_mnist(args.data_dir, flatten=False)
@@ -153,23 +152,11 @@ def main(exp):
         extra[f"s_test_{name}"] = kres.x
     exp.save_arrays(removed_indices=idx, actual_loss_diffs=loo.actual, predicted=pred[idx], predicted_all=pred,
                     train_subset=small, theta=model.theta_, s_test=res.x, **extra)
-    fig, ax = plt.subplots(figsize=(5, 4.8))
-    shown = [loo.actual, pred[idx]] + ([] if gn is None else [pred_gn[idx]]) + [p[idx] for _, p in kron.values()]
-    lim = 1.1 * max(np.abs(a).max() for a in shown)
-    ax.plot([-lim, lim], [-lim, lim], "--", color="grey", lw=1)
-    ax.scatter(loo.actual, pred[idx], s=10, alpha=0.7, label=f"Hessian (R = {loo.pearson:.2f})")
+    preds = {"Hessian": pred[idx]}
     if gn is not None:
-        ax.scatter(loo.actual, pred_gn[idx], s=10, alpha=0.7, marker="x",
-                   label=f"Gauss-Newton (R = {metrics['pearson_gauss_newton']:.2f})")
-    if "ekfac" in kron:
-        ax.scatter(loo.actual, kron["ekfac"][1][idx], s=10, alpha=0.7, marker="^",
-                   label=f"EK-FAC (R = {metrics['pearson_ekfac']:.2f})")
-    if gn is not None or kron:
-        ax.legend(loc="upper left", fontsize=8)
-    ax.set(xlim=(-lim, lim), ylim=(-lim, lim), xlabel="Actual diff in loss", ylabel="Predicted diff in loss",
-           title=f"CNN, test point {args.test_idx}: Pearson R = {loo.pearson:.2f}")
-    ax.set_aspect("equal")
-    fig.tight_layout()
+        preds["Gauss-Newton"] = pred_gn[idx]
+    preds.update({{"kfac": "K-FAC", "ekfac": "EK-FAC"}[k]: p_[idx] for k, (_, p_) in kron.items()})
+    fig = draw_figure(loo.actual, preds, args.test_idx, args.quick)
     exp.save_figure(fig)
     exp.write_metrics(
         metrics, paper={"pearson": 0.86, "spearman": None, "pearson_gauss_newton": None,
@@ -183,6 +170,41 @@ def main(exp):
         notes="Paper: Pearson R = 0.86 (500k Adam steps; LOO by 30k more steps from the fitted parameters). "
               "Here LOO re-training continues Adam for retrain_steps from the final optimiser state at "
               "retrain_learning_rate, against a control run on the same minibatches (see scripts/fig2_cnn_loo.py).")
+
+
+def draw_figure(actual, preds: dict, test_idx: int, quick: bool):
+    """Left: the paper's panel (Hessian; Gauss-Newton beside it), predicted vs actual on one
+    scale. Right, when K-FAC / EK-FAC scored the re-fits: each on its own vertical scale
+    (their predictions run about 10x larger: Pearson R, not the scale, is the comparison)."""
+    import matplotlib.pyplot as plt
+    import scipy.stats
+
+    kron = {k: v for k, v in preds.items() if "FAC" in k}
+    fig, axes = plt.subplots(1, 2 if kron else 1, figsize=(10.5 if kron else 5.2, 4.8), squeeze=False)
+    ax = axes[0, 0]
+    main = {k: v for k, v in preds.items() if k not in kron}
+    lim = 1.1 * max(np.abs(a).max() for a in [actual, *main.values()])
+    ax.plot([-lim, lim], [-lim, lim], "--", color="grey", lw=1)
+    for (label, p_), mark in zip(main.items(), ("o", "x")):
+        ax.scatter(actual, p_, s=14, alpha=0.7, marker=mark,
+                   label=f"{label} (R = {scipy.stats.pearsonr(actual, p_)[0]:.3f})")
+    ax.legend(loc="upper left", fontsize=9)
+    r = scipy.stats.pearsonr(actual, preds["Hessian"])[0]
+    ax.set(xlim=(-lim, lim), ylim=(-lim, lim), xlabel="Actual diff in loss", ylabel="Predicted diff in loss",
+           title=f"CNN, test point {test_idx}: Pearson R = {r:.3f}" + (" (quick run)" if quick else ""))
+    ax.set_aspect("equal")
+    if kron:
+        ax = axes[0, 1]
+        for (label, p_), mark, color in zip(kron.items(), ("s", "^"), ("C2", "C3")):
+            ax.scatter(actual, p_, s=14, alpha=0.7, marker=mark, color=color,
+                       label=f"{label} (R = {scipy.stats.pearsonr(actual, p_)[0]:.3f})")
+        ax.axhline(0, color="grey", lw=0.6)
+        ax.axvline(0, color="grey", lw=0.6)
+        ax.legend(loc="upper left", fontsize=9)
+        ax.set(xlabel="Actual diff in loss", ylabel="Predicted diff in loss (own scale)",
+               title="Kronecker-factored curvature, same re-fits")
+    fig.tight_layout()
+    return fig
 
 
 if __name__ == "__main__":
