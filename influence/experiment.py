@@ -83,7 +83,12 @@ class Experiment:
         return path
 
     def save_figure(self, fig, stem: str | None = None) -> list[Path]:
+        """The figure as PNG and PDF; a quick run's figure is stamped as such in its corner."""
         stem = stem or self.name
+        if getattr(self.args, "quick", False) and not getattr(fig, "_quick_stamped", False):
+            fig.text(0.995, 0.005, "quick run: reduced sizes, not comparable with the paper", ha="right",
+                     va="bottom", fontsize=8, color="firebrick")
+            fig._quick_stamped = True
         paths = []
         for ext in ("png", "pdf"):
             path = self.out / f"{stem}.{ext}"

@@ -56,19 +56,21 @@ def main(exp):
     metrics["most_harmful_same_label_index"] = harmful
     exp.save_arrays(**comps, train_labels=ytr, test_idx=args.test_idx)
 
-    fig, axes = plt.subplots(1, 5, figsize=(19, 4))
+    fig, axes = plt.subplot_mosaic([["a", "b", "c"], ["d", "e", "."]], figsize=(13, 7.5),
+                                   gridspec_kw={"height_ratios": (1.5, 1)})
+    axes = [axes[k] for k in "abcde"]
     for ax, (key, title) in zip(axes, VARIANTS.items()):
         ax.scatter(full[~same], comps[key][~same], s=4, c="tab:red", alpha=0.5, label="other label")
         ax.scatter(full[same], comps[key][same], s=4, c="tab:green", alpha=0.5, label="same label")
         ax.set(xlabel="I_up,loss (full)", ylabel=f"I_up,loss {title}",
-               title=f"{title}: R = {metrics[f'pearson_{key}']:.2f}, top-100 overlap "
+               title=f"{title}\nR = {metrics[f'pearson_{key}']:.3f}, top-100 overlap "
                      f"{metrics[f'top100_overlap_{key}']:.2f}")
-        ax.title.set_fontsize(9)
-    axes[0].legend(markerscale=3, fontsize=8)
+        ax.title.set_fontsize(10)
+    axes[0].legend(markerscale=3, fontsize=9)
     for ax, img, title in ((axes[3], xt[0], f"test image (label {metrics['test_label_digit']})"),
                            (axes[4], Xtr[harmful], f"most harmful same-label\ntraining image #{harmful}")):
         ax.imshow(img.reshape(28, 28), cmap="gray_r")
-        ax.set_title(title, fontsize=9)
+        ax.set_title(title, fontsize=10)
         ax.axis("off")
     fig.tight_layout()
     exp.save_figure(fig)

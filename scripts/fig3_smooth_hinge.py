@@ -88,7 +88,7 @@ def main(exp):
         ax.plot([-lim, lim], [-lim, lim], "--", color="grey", lw=1)
         ax.scatter(actual, p, s=10, alpha=0.7)
         ax.set(xlim=(-lim, lim), ylim=(-lim, lim), xlabel="Actual diff in loss", ylabel="Predicted diff in loss",
-               title=f"({letter}) t = {t:g}, R = {metrics[f'pearson_t{t:g}']:.2f}")
+               title=f"({letter}) t = {t:g}, R = {metrics[f'pearson_t{t:g}']:.3f}")
     fig.tight_layout()
     exp.save_figure(fig)
     exp.write_metrics(

@@ -104,7 +104,7 @@ def main(exp):
                     seeds=np.array(seeds), split_seeds=np.array([splits[k][0] for k in split_of]),
                     clean_test_accuracy=clean_per_repeat)
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
     for s, name in enumerate(STRATEGIES):
         axes[0].errorbar(fractions * 100, acc_mean[s], yerr=se(acc[:, s]), label=LABELS[name], marker="o", ms=3,
                          capsize=2)
@@ -114,11 +114,11 @@ def main(exp):
                     label="clean data" + (f" (mean of {n_splits} splits)" if n_splits > 1 else ""))
     axes[0].set(xlabel="Percentage of training data checked", ylabel="Test accuracy")
     axes[1].set(xlabel="Percentage of training data checked", ylabel="Fraction of flips fixed")
-    axes[0].legend(loc="lower right")
-    axes[1].legend(loc="upper left")
+    handles, labels = axes[0].get_legend_handles_labels()  # one legend for both panels, below them
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9, frameon=False)
     fig.suptitle(f"Enron1 spam, {int(args.flip_fraction * 100)}% labels flipped, {repeats} repeats over "
                  f"{n_splits} train/test split{'s' if n_splits > 1 else ''} (mean +- s.e.)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     exp.save_figure(fig)
     exp.write_metrics(
         metrics,
