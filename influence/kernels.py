@@ -139,22 +139,24 @@ def compile_kernels(model) -> None:
         M = root @ K @ root
         return tf.linalg.eigvalsh(0.5 * (M + tf.linalg.matrix_transpose(M)))[:, -1]
 
-    def lissa_loop(theta, X, Y, v, idx, scale, damping, limit, gauss_newton):
-        curv_sum = gnvp_sum if gauss_newton else hvp_sum
+    def lissa_loop_many(theta, X, Y, V, idx, scale, damping, limits, gauss_newton):
+        # the same series for the k columns of V (p, k) at once, on the same minibatches;
+        # stops when any column leaves its limit (the caller then raises)
+        curv_many = gnvp_sum_many if gauss_newton else hvp_sum_many
         depth = tf.shape(idx)[0]
         b = tf.cast(tf.shape(idx)[1], dt)
 
-        def cond(j, est, norm):
-            return (j < depth) & tf.math.is_finite(norm) & (norm < limit)
+        def cond(j, est, ratio):
+            return (j < depth) & tf.math.is_finite(ratio) & (ratio < 1)
 
-        def body(j, est, norm):
+        def body(j, est, ratio):
             xb = tf.gather(X, idx[j])
             yb = tf.gather(Y, idx[j])
-            hv = curv_sum(theta, xb, yb, est) / b + wd * mask * est + damping * est
-            est = v + est - hv / scale
-            return j + 1, est, tf.norm(est)
+            hv = curv_many(theta, xb, yb, est) / b + wd * mask[:, None] * est + damping * est
+            est = V + est - hv / scale
+            return j + 1, est, tf.reduce_max(tf.norm(est, axis=0) / limits)
 
-        return tf.while_loop(cond, body, (tf.constant(0), v, tf.norm(v)))
+        return tf.while_loop(cond, body, (tf.constant(0), V, tf.reduce_max(tf.norm(V, axis=0) / limits)))
 
     fn = lambda f: tf.function(f, reduce_retracing=True)  # noqa: E731
     model._tf_losses = fn(losses)
@@ -166,5 +168,5 @@ def compile_kernels(model) -> None:
     model._tf_per_example_grads = fn(per_example_grads)
     model._tf_jvp_losses = fn(jvp_losses)
     model._tf_input_grad_of_score = fn(input_grad_of_score)
-    model._tf_lissa_loop = fn(lissa_loop)
+    model._tf_lissa_loop_many = fn(lissa_loop_many)
     model._tf_per_example_gn_eigmax = fn(per_example_gn_eigmax)

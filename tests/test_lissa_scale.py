@@ -124,3 +124,22 @@ def well_conditioned_binary(binary_digits):
 
     Xtr, ytr, _, _ = binary_digits
     return BinaryLogisticRegression(weight_decay=0.5).fit(Xtr[:200], ytr[:200])
+
+
+def test_lissa_runs_columns_together_on_the_same_minibatches(binary_model):
+    """Several right-hand sides in one loop (blocks of hvp_max_columns) equal one solve per
+    column: the minibatches are drawn per sample, shared by the columns."""
+    from influence.solvers import LissaSolver
+
+    m = binary_model
+    V = np.random.default_rng(3).standard_normal((m.n_params, 3))
+    solver = LissaSolver(scale=20.0, depth=200, num_samples=2, batch_size=4, seed=5, damping=0.01)
+    m.hvp_max_columns = 2
+    try:
+        together = solver.solve(m, V).x
+    finally:
+        m.hvp_max_columns = None
+    for k in range(3):
+        np.testing.assert_allclose(together[:, k], solver.solve(m, V[:, k]).x, rtol=1e-11, atol=1e-14)
+    with pytest.raises(LissaDivergenceError, match="diverged"):
+        LissaSolver(scale=1e-3, depth=200, num_samples=1, batch_size=4, seed=5).solve(m, V)

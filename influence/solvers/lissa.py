@@ -125,24 +125,27 @@ class LissaSolver(InverseHVPSolver):
         n, b = model.n_train_, self._batch(model)
         estimates = np.empty((self.num_samples, *cols.shape))
         th = model._theta_tf()
+        step = model._hvp_columns_per_pass()
         for s in range(self.num_samples):
             idx = self._draw_batches(rng, n, b) if b < n else None
-            for k in range(cols.shape[1]):
-                vk = cols[:, k]
-                limit = self.divergence_factor * max(np.linalg.norm(vk), 1e-300) * max(scale, 1.0)
-                if idx is not None:
-                    j, est, norm = model._tf_lissa_loop(th, model.X_train_, model.y_train_, tf.constant(vk),
-                                                        tf.constant(idx), tf.constant(scale, model.tf_dtype),
-                                                        tf.constant(self.damping, model.tf_dtype),
-                                                        tf.constant(limit, model.tf_dtype),
-                                                        model.curvature == "gauss-newton")
-                    j, est, norm = int(j), est.numpy(), float(norm)
+            for k0 in range(0, cols.shape[1], step if idx is not None else 1):
+                vk = cols[:, k0:k0 + step] if idx is not None else cols[:, k0:k0 + 1]
+                limit = self.divergence_factor * np.maximum(np.linalg.norm(vk, axis=0), 1e-300) * max(scale, 1.0)
+                if idx is not None:  # every column of the block on the same minibatches, in one loop
+                    j, est, ratio = model._tf_lissa_loop_many(
+                        th, model.X_train_, model.y_train_, tf.constant(vk), tf.constant(idx),
+                        tf.constant(scale, model.tf_dtype), tf.constant(self.damping, model.tf_dtype),
+                        tf.constant(limit, model.tf_dtype), model.curvature == "gauss-newton")
+                    j, est, ratio = int(j), est.numpy(), float(ratio)
+                    norm = float(np.max(np.linalg.norm(est, axis=0)))
                 else:  # full-batch: deterministic series
-                    est, j, norm = vk.copy(), 0, np.linalg.norm(vk)
-                    while j < self.depth and np.isfinite(norm) and norm < limit:
+                    est, j = vk.copy(), 0
+                    ratio = float(np.max(np.linalg.norm(est, axis=0) / limit))
+                    while j < self.depth and np.isfinite(ratio) and ratio < 1:
                         est = vk + est - (model.hvp(est) + self.damping * est) / scale
-                        j, norm = j + 1, np.linalg.norm(est)
-                if not np.isfinite(norm) or norm >= limit:
+                        j, ratio = j + 1, float(np.max(np.linalg.norm(est, axis=0) / limit))
+                    norm = float(np.max(np.linalg.norm(est, axis=0)))
+                if not np.isfinite(ratio) or ratio >= 1:
                     what = (f"scale={scale:.4g}, batch_size={b}" + ("" if b < n else " (full batch)"))
                     advice = ("" if self.scale == "auto" else
                               " Pass scale='auto' (bounded from every training point's curvature), a larger scale,"
@@ -150,7 +153,7 @@ class LissaSolver(InverseHVPSolver):
                     raise LissaDivergenceError(
                         f"LiSSA diverged after {j} of {self.depth} steps (norm {norm:.3g}) with {what}: the scale "
                         f"must exceed the largest eigenvalue of every minibatch Hessian (+ damping).{advice}")
-                estimates[s, :, k] = est / scale
+                estimates[s, :, k0:k0 + est.shape[1]] = est / scale
         x = estimates.mean(axis=0)
         spread = 0.0
         if self.num_samples > 1:
