@@ -8,8 +8,10 @@ Gauss-Newton CG for the CNN, K-FAC, EK-FAC, TracIn, TRAK, gradient dot and cosin
 is scored on
 
 - leave-one-out: Pearson and Spearman of its predicted change in test loss against the
-  re-fits the figure script made (read from ``--outputs``/<figure>/arrays.npz, never
-  re-trained here; skipped when that output is absent), at the figure's own parameters;
+  re-fits the figure script made (read from ``--outputs``/<figure>/arrays.npz), at the
+  figure's own parameters; where that output is absent (and for the Inception head, whose
+  figure makes none), --loo-removals re-fits made here once by the figure's protocol and
+  shared by every estimator (the CNN's are never re-made here);
 - the linear datamodeling score (LDS) on ``--lds-tests`` test points over ``--lds-subsets``
   re-fits without a random half of the training set, the same subsets for every
   estimator (convex models only: the CNN's re-fits would take hours);
@@ -50,6 +52,10 @@ def add_arguments(parser):
     parser.add_argument("--outputs", default="output",
                         help="folder with the figure scripts' outputs whose re-fits are reused (default: output)")
     parser.add_argument("--jobs", type=int, default=None, help="parallel re-fitting processes (default: all CPUs)")
+    parser.add_argument("--loo-removals", type=int, default=None,
+                        help="where a figure's stored re-fits are absent, re-fit once without each of this many "
+                             "training points (the largest |CG influence| at the figure's test point, as the figure "
+                             "does) and score every estimator on them (default 40; --quick 10; 0: no LOO column)")
 
 
 def estimators_for(model, quick: bool, nonconvex: bool = False, damping: float = 0.0, lissa_scale="auto"):
@@ -251,7 +257,26 @@ def fig2_lr(args):
         t = metrics["config"]["test_idx"]
         loo, loo_point = (arrays["removed_indices"], arrays["actual_loss_diffs"]), (data.test.x[t:t + 1],
                                                                                      data.test.y[t:t + 1])
+    else:
+        loo_point = (data.test.x[8:9], data.test.y[8:9])  # the figure's test point
+        loo = own_loo(model, *loo_point, args)
     return bench_convex("fig2_lr", model, data.test.x, data.test.y, args, loo, loo_point, lissa_scale=25)
+
+
+def own_loo(model, x, y, args):
+    """(removed indices, actual loss changes) of re-fits made here once, for every estimator:
+    the figure's protocol (largest |predicted change| by CG) when its stored re-fits are absent."""
+    from influence import leave_one_out
+
+    k = args.loo_removals if args.loo_removals is not None else (10 if args.quick else 40)
+    if k <= 0:
+        return None
+    pred = model.influence_scores(model.s_test(x, y, solver="cg", tol=1e-8).x) / model.n_train_
+    idx = np.argsort(-np.abs(pred))[:k]
+    res = leave_one_out(model, x, y, idx, pred[idx], n_jobs=args.jobs)
+    logger.info("%d LOO re-fits made here (no stored figure output): Pearson with CG %.3f, %.0fs", k, res.pearson,
+                res.wall_time_s)
+    return idx, res.actual
 
 
 def fig3_svm(args):
@@ -262,8 +287,11 @@ def fig3_svm(args):
 
     data = load_binary_mnist(args.data_dir, signed=True)
     model = SmoothHingeSVM(temp=0.001, weight_decay=0.01, seed=args.seed).fit(data.train.x, data.train.y)
-    rows = bench_convex("fig3_svm", model, data.test.x, data.test.y, args)
     st = stored(f"{args.outputs}/fig3_smooth_hinge")
+    if st is None or st[1].get("quick"):  # no usable stored re-fits: LOO of this model, made here once
+        point = (data.test.x[1597:1598], data.test.y[1597:1598])  # the figure's test point
+        return bench_convex("fig3_svm", model, data.test.x, data.test.y, args, own_loo(model, *point, args), point)
+    rows = bench_convex("fig3_svm", model, data.test.x, data.test.y, args)
     if st is not None and not st[1].get("quick"):  # a quick Fig 3 run re-fits a subset: not comparable
         arrays, metrics = st
         at_svm = SmoothHingeSVM(temp=0.001, weight_decay=0.01)
@@ -278,8 +306,7 @@ def fig3_svm(args):
 
 def inception_head(args):
     """The Fig 4 / Fig 5 top model: logistic regression (wd 0.001) on the 2048-d Inception
-    features of the dog-fish images (features read from the figures' cache when there).
-    Fig 4 makes no re-fits, so only the LDS and the cost are scored."""
+    features of the dog-fish images (features read from the figures' cache when there)."""
     from pathlib import Path
 
     from inception import BinaryInceptionModel, prepare_dogfish
@@ -292,7 +319,9 @@ def inception_head(args):
     dogs, fish = np.flatnonzero(y == 0), np.flatnonzero(y == 1)
     m = min(len(dogs), len(fish))
     order = np.concatenate([np.stack([dogs[:m], fish[:m]], axis=1).reshape(-1), dogs[m:], fish[m:]])
-    return bench_convex("inception", model, prep.F_test[order], prep.data.y_test[order], args)
+    X_test, y_test = prep.F_test[order], y[order]
+    point = (X_test[:1], y_test[:1])  # Fig 4 makes no re-fits: LOO at the first LDS test point, made here once
+    return bench_convex("inception", model, X_test, y_test, args, own_loo(model, *point, args), point)
 
 
 def self_scores(model, est) -> np.ndarray:
