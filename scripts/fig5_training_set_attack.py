@@ -269,6 +269,7 @@ def main(exp):
                         else None})
         if "1_either" in flags:
             metrics["flip_rate_1_either_estimated"] = strata.estimate(flags["1_either"])
+        metrics["estimate_covers_deciles"] = sorted({int(v) + 1 for v in strata.stratum})
     if args.second_alone:  # the original's [2nd] try: the second-ranked image alone
         metrics["flip_rate_1_second"] = _mean([r["flipped_1b"] for r in rows])
         metrics["flip_rate_1_either"] = _mean([r["flipped_1_either"] for r in rows])
@@ -376,8 +377,11 @@ def main(exp):
     ax.set_ylabel("fraction of targets flipped")
     ax.set_title("more images", fontsize=10)
     ax.legend(fontsize=8)
-    what = ("estimated over all correctly classified test images" if strata is not None
-            else f"of {n_targets} targets")
+    covered = sorted({int(v) + 1 for v in strata.stratum}) if strata is not None else []
+    what = (f"of {n_targets} targets" if strata is None else
+            "estimated over all correctly classified test images" if len(covered) == len(strata.sizes) else
+            f"partial run: estimated over decile{'s' if len(covered) > 1 else ''} "
+            f"{', '.join(map(str, covered))} of {len(strata.sizes)} only")
     fig.suptitle(f"Training-set attack{' (quick run: not comparable with the paper)' if args.quick else ''}: "
                  f"{f1:.0%} flipped with 1 image, {f2:.0%} with 2 ({what})\n"
                  f"ours: {prep.source}, test accuracy {test_acc:.3f}; paper: its own dog-fish split, "
