@@ -187,7 +187,9 @@ def main(exp):
     if not results:
         raise DataError("; ".join(notes) or "no model ran")
     lines = ["# Estimator leaderboard", "",
-             "Scores in I_up,loss's sign convention; LOO on the figure scripts' own re-fits (reused), LDS over "
+             "Scores in I_up,loss's sign convention; LOO on the figure scripts' own re-fits where stored (else "
+             "re-fits made here once by the figure's protocol, shared by every estimator: see each model's LOO "
+             "line), LDS over "
              "re-fits without a random half (the same subsets for every estimator of a model); seconds: scoring "
              "every training point for the LDS test points (factor and decomposition passes included).", ""]
     metrics = {}
@@ -200,8 +202,8 @@ def main(exp):
             metrics.update({f"{name}.{label}.{k}": v for label, r in rows.items() for k, v in r.items()})
             lines.append("")
             continue
-        lines += [f"## {name}", "", "| estimator | LOO Pearson | LOO Spearman | LDS mean (min) | seconds |",
-                  "|---|---|---|---|---|"]
+        lines += [f"## {name}", ""] + ([f"LOO: {LOO_SOURCE[name]}", ""] if name in LOO_SOURCE else []) + [
+            "| estimator | LOO Pearson | LOO Spearman | LDS mean (min) | seconds |", "|---|---|---|---|---|"]
         for label, r in rows.items():
             loo_p = f"{r['loo_pearson']:.3f}" if "loo_pearson" in r else "–"
             loo_s = f"{r['loo_spearman']:.3f}" if "loo_spearman" in r else "–"
@@ -255,15 +257,19 @@ def fig2_lr(args):
         arrays, metrics = st
         model.set_theta(arrays["theta"])
         t = metrics["config"]["test_idx"]
+        LOO_SOURCE["fig2_lr"] = f"the {len(arrays['removed_indices'])} stored re-fits of {args.outputs}/fig2_logreg_loo"
         loo, loo_point = (arrays["removed_indices"], arrays["actual_loss_diffs"]), (data.test.x[t:t + 1],
                                                                                      data.test.y[t:t + 1])
     else:
         loo_point = (data.test.x[8:9], data.test.y[8:9])  # the figure's test point
-        loo = own_loo(model, *loo_point, args)
+        loo = own_loo(model, *loo_point, args, "fig2_lr", "test point 8, Fig 2's")
     return bench_convex("fig2_lr", model, data.test.x, data.test.y, args, loo, loo_point, lissa_scale=25)
 
 
-def own_loo(model, x, y, args):
+LOO_SOURCE: dict[str, str] = {}  # model -> where its LOO re-fits came from (for ESTIMATORS.md)
+
+
+def own_loo(model, x, y, args, name=None, where=""):
     """(removed indices, actual loss changes) of re-fits made here once, for every estimator:
     the figure's protocol (largest |predicted change| by CG) when its stored re-fits are absent."""
     from influence import leave_one_out
@@ -274,6 +280,9 @@ def own_loo(model, x, y, args):
     pred = model.influence_scores(model.s_test(x, y, solver="cg", tol=1e-8).x) / model.n_train_
     idx = np.argsort(-np.abs(pred))[:k]
     res = leave_one_out(model, x, y, idx, pred[idx], n_jobs=args.jobs)
+    if name:
+        LOO_SOURCE[name] = (f"{k} re-fits made here ({where}; the largest |CG influence|), no stored figure output; "
+                            f"{res.wall_time_s:.0f} s")
     logger.info("%d LOO re-fits made here (no stored figure output): Pearson with CG %.3f, %.0fs", k, res.pearson,
                 res.wall_time_s)
     return idx, res.actual
@@ -290,10 +299,13 @@ def fig3_svm(args):
     st = stored(f"{args.outputs}/fig3_smooth_hinge")
     if st is None or st[1].get("quick"):  # no usable stored re-fits: LOO of this model, made here once
         point = (data.test.x[1597:1598], data.test.y[1597:1598])  # the figure's test point
-        return bench_convex("fig3_svm", model, data.test.x, data.test.y, args, own_loo(model, *point, args), point)
+        return bench_convex("fig3_svm", model, data.test.x, data.test.y, args, own_loo(model, *point, args, "fig3_svm",
+                                                                                    "test point 1597, Fig 3's"), point)
     rows = bench_convex("fig3_svm", model, data.test.x, data.test.y, args)
     if st is not None and not st[1].get("quick"):  # a quick Fig 3 run re-fits a subset: not comparable
         arrays, metrics = st
+        LOO_SOURCE["fig3_svm"] = (f"the {len(arrays['removed_indices'])} stored re-fits of "
+                                  f"{args.outputs}/fig3_smooth_hinge, at the hinge SVM's weights")
         at_svm = SmoothHingeSVM(temp=0.001, weight_decay=0.01)
         at_svm.set_training_data(data.train.x, data.train.y).set_theta(arrays["theta_svm"])
         t = metrics["config"]["test_idx"]
@@ -321,7 +333,8 @@ def inception_head(args):
     order = np.concatenate([np.stack([dogs[:m], fish[:m]], axis=1).reshape(-1), dogs[m:], fish[m:]])
     X_test, y_test = prep.F_test[order], y[order]
     point = (X_test[:1], y_test[:1])  # Fig 4 makes no re-fits: LOO at the first LDS test point, made here once
-    return bench_convex("inception", model, X_test, y_test, args, own_loo(model, *point, args), point)
+    loo = own_loo(model, *point, args, "inception", "the first LDS test point")
+    return bench_convex("inception", model, X_test, y_test, args, loo, point)
 
 
 def self_scores(model, est) -> np.ndarray:
