@@ -323,8 +323,8 @@ def inception_head(args):
 
     from inception import BinaryInceptionModel, prepare_dogfish
 
-    prep = prepare_dogfish(args.data_dir, Path(args.outputs) / "cache", n_train=100 if args.quick else 900,
-                           n_test=50 if args.quick else 300, seed=args.seed, progress=False)
+    prep = prepare_dogfish(args.data_dir, Path(args.outputs) / "cache", n_train=60 if args.quick else 900,
+                           n_test=30 if args.quick else 300, seed=args.seed, progress=False)
     model = BinaryInceptionModel(weight_decay=0.001, seed=args.seed).fit(prep.F_train, prep.data.y_train)
     # interleave the classes so that the first LDS test points are not all dogs
     y = prep.data.y_test

@@ -28,7 +28,7 @@ Ending training itself at 1e-4 instead left the full-batch gradient norm at 0.37
 indefinite Hessian (CG on H + 0.01 I met negative curvature), so the schedule keeps the
 final 1e-5 phase. A 10k-step schedule also met negative curvature at damping 0.01.
 --quick (minutes: a check that it runs, not comparable with the paper): 1,000 training images,
-500 Adam steps, CG to a relative residual of 1e-6, 100-step re-training, 6 removals, 40
+300 Adam steps, CG to a relative residual of 1e-6, 100-step re-training, 5 removals, 40
 Lanczos iterations, no Gauss-Newton solve (--gauss-newton to add it).
 --paper-schedule: the original's 500k Adam steps and 30k re-training steps (a GPU job).
 """
@@ -50,12 +50,12 @@ logger = logging.getLogger(NAME)
 
 def add_arguments(parser):
     parser.add_argument("--test-idx", type=int, default=6558, help="index into the MNIST test set (paper: 6558)")
-    parser.add_argument("--num-remove", type=int, default=None, help="default 100 (--quick: 6)")
+    parser.add_argument("--num-remove", type=int, default=None, help="default 100 (--quick: 5)")
     parser.add_argument("--damping", type=float, default=0.01,
                         help="damping added to H for CG (default: 0.01, the paper's)")
     parser.add_argument("--learning-rate", type=float, default=None,
                         help="Adam learning rate (default 1e-3 for the short CPU schedule; 1e-4 with --paper-schedule)")
-    parser.add_argument("--adam-steps", type=int, default=None, help="default 5000 (--quick: 500)")
+    parser.add_argument("--adam-steps", type=int, default=None, help="default 5000 (--quick: 300)")
     parser.add_argument("--n-train", type=int, default=None,
                         help="training images, a seeded random subset of MNIST's 55,000 (default 5,500 = 10%%, "
                              "the paper's; --quick: 1,000)")
@@ -94,11 +94,11 @@ def main(exp):
     if args.paper_schedule:
         adam_steps, decay = 500_000, (0.22, 0.44)  # the original decayed at epochs 1e4 and 2e4 of 11 steps each
     else:
-        adam_steps, decay = (args.adam_steps or (500 if args.quick else 5000)), (0.5, 0.75)
+        adam_steps, decay = (args.adam_steps or (300 if args.quick else 5000)), (0.5, 0.75)
     lbfgs_iter = args.lbfgs_iter
     retrain_iter = args.retrain_iter
     retrain_steps = args.retrain_steps or (30000 if args.paper_schedule else 100 if args.quick else 1000)
-    num_remove = args.num_remove or (6 if args.quick else 100)
+    num_remove = args.num_remove or (5 if args.quick else 100)
     tol = 1e-6 if args.quick else 1e-8
 
     lr = args.learning_rate or (1e-4 if args.paper_schedule else 1e-3)

@@ -9,7 +9,7 @@ points with the largest |predicted change| (by CG) are removed one at a time and
 is re-fitted (warm start, objective normalised over n-1); the actual change in test loss
 is compared with the predicted one, -I_up,loss / n.
 
-Full run: 500 removals. --quick: 10 removals and LiSSA at depth 1,000 with 5 samples (a check that
+Full run: 500 removals. --quick: 6 removals and LiSSA at depth 1,000 with 5 samples (a check that
 it runs, in about 2 minutes; not comparable with the paper).
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ logger = logging.getLogger(NAME)
 def add_arguments(parser):
     parser.add_argument("--test-idx", type=int, default=8, help="index into the MNIST test set (paper: 8)")
     parser.add_argument("--num-remove", type=int, default=None, help="training points to retrain without "
-                        "(default 500, --quick 10)")
+                        "(default 500, --quick 6)")
     parser.add_argument("--weight-decay", type=float, default=0.01,
                         help="L2 weight decay wd (default: 0.01, the paper's)")
     parser.add_argument("--jobs", type=int, default=None, help="parallel retraining processes (default: all CPUs)")
@@ -52,7 +52,7 @@ def main(exp):
     import matplotlib.pyplot as plt
 
     args = exp.args
-    num_remove = args.num_remove or (10 if args.quick else 500)
+    num_remove = args.num_remove or (6 if args.quick else 500)
     data = load_mnist(args.data_dir)
     x_test, y_test = data.test.x[args.test_idx:args.test_idx + 1], data.test.y[args.test_idx:args.test_idx + 1]
 

@@ -18,7 +18,7 @@ distance of each training image (green: same label, red: other label) and shows 
 most helpful training images of each model. Summary numbers are also computed over every
 test image both models classify correctly.
 
---quick: 100 training and 50 test images per class.
+--quick: 60 training and 30 test images per class.
 """
 from __future__ import annotations
 
@@ -36,8 +36,8 @@ logger = logging.getLogger(NAME)
 
 def add_arguments(parser):
     parser.add_argument("--n-train", type=int, default=None, help="training images per class (default 900; "
-                        "--quick: 100)")
-    parser.add_argument("--n-test", type=int, default=None, help="test images per class (default 300; --quick: 50)")
+                        "--quick: 60)")
+    parser.add_argument("--n-test", type=int, default=None, help="test images per class (default 300; --quick: 30)")
     parser.add_argument("--test-idx", type=int, default=None, help="test image to explain (default: by rule)")
     parser.add_argument("--gamma-scale", type=float, default=0.05, help="RBF gamma = gamma_scale / n_train")
     parser.add_argument("--inception-weights", default=None,
@@ -72,8 +72,8 @@ def main(exp):
     from influence.models.smooth_hinge import SmoothHingeSVM
 
     args = exp.args
-    n_train = args.n_train or (100 if args.quick else 900)
-    n_test = args.n_test or (50 if args.quick else 300)
+    n_train = args.n_train or (60 if args.quick else 900)
+    n_test = args.n_test or (30 if args.quick else 300)
     cache = Path(args.cache_dir) if args.cache_dir else Path(args.out).parent / "cache"
     prep = prepare_dogfish(args.data_dir, cache, n_train=n_train, n_test=n_test, seed=args.seed,
                            weights=args.inception_weights, source=args.data_source)

@@ -91,8 +91,8 @@ def add_arguments(parser):
     parser.add_argument("--step-levels", type=float, default=0.1,
                         help="signed step in 8-bit levels (default 0.1; the box is +-0.5 level)")
     parser.add_argument("--n-train", type=int, default=None, help="training images per class (default 900; "
-                        "--quick: 100)")
-    parser.add_argument("--n-test", type=int, default=None, help="test images per class (default 300; --quick: 50)")
+                        "--quick: 60)")
+    parser.add_argument("--n-test", type=int, default=None, help="test images per class (default 300; --quick: 30)")
     parser.add_argument("--least-confident", type=int, default=None,
                         help="also attack this many of the least confident correctly classified test images, "
                              "reported apart (default 10; --quick: 0)")
@@ -143,8 +143,8 @@ def main(exp):
     if args.second_alone is None:  # off by default: a third attack per target would push the default past 3 h
         args.second_alone = False
     logging.getLogger("influence.generic_neural_net").setLevel(logging.WARNING)  # one re-fit per iteration
-    n_train = args.n_train or (100 if args.quick else 900)
-    n_test = args.n_test or (50 if args.quick else 300)
+    n_train = args.n_train or (60 if args.quick else 900)
+    n_test = args.n_test or (30 if args.quick else 300)
     max_iter = args.max_iter or (10 if args.quick else 30)
     cache = Path(args.cache_dir) if args.cache_dir else Path(args.out).parent / "cache"
     prep = prepare_dogfish(args.data_dir, cache, n_train=n_train, n_test=n_test, seed=args.seed,
