@@ -69,7 +69,8 @@ def main(exp):
     seeds = [args.seed * 1000 + r for r in range(repeats)]
     split_of = np.arange(repeats) % n_splits  # repeat r runs on split r mod n_splits
     jobs = [(splits[k][1], splits[k][2], splits[k][3], splits[k][4], seed) for seed, k in zip(seeds, split_of)]
-    results = run_repeat_jobs(jobs, args.flip_fraction, fractions, args.weight_decay, n_jobs=args.jobs)
+    results = run_repeat_jobs(jobs, args.flip_fraction, fractions, args.weight_decay,
+                              n_jobs=args.jobs or (1 if args.quick else None))  # quick: no worker start-up
     clean_per_repeat = np.array([splits[k][5] for k in split_of])
     clean_acc = float(clean_per_repeat.mean())
     fixed = np.stack([r["fraction_fixed"] for r in results])  # (repeats, strategies, fractions)
