@@ -266,6 +266,9 @@ def main(argv=None) -> int:
     parser.add_argument("--force", action="store_true", help="rerun experiments that are up to date")
     parser.add_argument("--only", nargs="*", default=None,
                         help="run only these experiments; the other rows of REPORT.md are kept")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="experiments run side by side (default: 2 with --quick, where much of each run is "
+                             "start-up and single-threaded work, else 1)")
     parser.add_argument("--heartbeat", type=float, default=30.0,
                         help="seconds between progress lines of a running experiment (default: 30)")
     args = parser.parse_args(argv)
@@ -278,12 +281,9 @@ def main(argv=None) -> int:
     kept = {}
     if args.only and rows_path.is_file():
         kept = {r["name"]: r for r in json.loads(rows_path.read_text())}
-    rows = []
-    for name, datasets, description in EXPERIMENTS:
-        if args.only and name not in args.only:
-            if name in kept:
-                rows.append(kept[name])
-            continue
+    todo = [e for e in EXPERIMENTS if not args.only or e[0] in args.only]
+
+    def run_one(name, datasets, description) -> dict:
         script = REPO / "scripts" / f"{name}.py"
         out = out_root / name
         row = {"name": name, "description": description, "out": str(out)}
@@ -294,8 +294,7 @@ def main(argv=None) -> int:
             row.update(status="ok", message="up to date (use --force to rerun)")
             row["wall_time_s"] = json.loads((out / "metrics.json").read_text()).get("wall_time_s")
             print(f"[{name}] up to date", flush=True)
-            rows.append(row)
-            continue
+            return row
         (out / "run_key.json").unlink(missing_ok=True)
         cmd = [sys.executable, str(script), "--out", str(out), *cmd_args]
         print(f"[{name}] running: {' '.join(cmd)}", flush=True)
@@ -316,7 +315,18 @@ def main(argv=None) -> int:
             out.rmdir()
         print(f"[{name}] {row['status']} in {row['wall_time_s']} s"
               + (f": {row.get('message', '').strip().splitlines()[-1]}" if row["status"] != "ok" else ""), flush=True)
-        rows.append(row)
+        return row
+
+    jobs = args.jobs or (2 if args.quick else 1)
+    if jobs > 1:  # experiments side by side (each its own process); rows keep the table's order
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            done = dict(zip([e[0] for e in todo], pool.map(lambda e: run_one(*e), todo)))
+    else:
+        done = {e[0]: run_one(*e) for e in todo}
+    rows = [done[name] if name in done else kept[name] for name, _, _ in EXPERIMENTS
+            if name in done or name in kept]
     write_json(rows_path, rows)
     report = out_root / "REPORT.md"
     write_report(report, rows, args)
