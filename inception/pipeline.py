@@ -38,7 +38,7 @@ def prepare_dogfish(data_dir=None, cache_dir=None, n_train: int = 900, n_test: i
     ``source``: "auto" (the original release's npz when ``<data dir>/dogfish/`` holds it,
     else the stand-in), "original" (an error if it is absent) or "stand-in". With the
     original file the inputs are in the original's units, ``u / 127.5 - 1`` (one 8-bit
-    level = 2/255), and the default 900 / 300 per class are the whole release.
+    level = 2/255), and the default 900 / 300 per class are the whole release, in its order.
     """
     if source not in ("auto", "original", "stand-in"):
         raise ValueError(f"source must be 'auto', 'original' or 'stand-in', got {source!r}")
@@ -48,12 +48,7 @@ def prepare_dogfish(data_dir=None, cache_dir=None, n_train: int = 900, n_test: i
         raise DataMissingError(f"no {ORIGINAL_NPZ} in {resolve_data_dir(data_dir) / 'dogfish'}: the original "
                                f"release's dog-fish file is not distributed here (see data/README.md)")
     if original is not None:
-        with np.load(original) as f:
-            counts = (np.bincount(np.asarray(f["Y_train"]).astype(int).reshape(-1), minlength=2).min(),
-                      np.bincount(np.asarray(f["Y_test"]).astype(int).reshape(-1), minlength=2).min()) \
-                if {"Y_train", "Y_test"} <= set(f.files) else (None, None)
-        whole = counts[0] is not None and n_train >= counts[0] and n_test >= counts[1]
-        data = load_original_dogfish(original, None if whole else n_train, None if whole else n_test, seed=seed)
+        data = load_original_dogfish(original, n_train, n_test, seed=seed)
         logger.info("dog-fish: the original release's file %s", original)
     else:
         data = load_dogfish(data_dir, n_train=n_train, n_test=n_test, seed=seed, cache_dir=cache_dir,

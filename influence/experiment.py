@@ -83,11 +83,11 @@ class Experiment:
         return path
 
     def save_figure(self, fig, stem: str | None = None) -> list[Path]:
-        """The figure as PNG and PDF; a quick run's figure is stamped as such in its corner."""
+        """The figure as PNG and PDF; a quick run's figure is stamped as such above it."""
         stem = stem or self.name
         if getattr(self.args, "quick", False) and not getattr(fig, "_quick_stamped", False):
-            fig.text(0.995, 0.005, "quick run: reduced sizes, not comparable with the paper", ha="right",
-                     va="bottom", fontsize=8, color="firebrick")
+            fig.text(0.995, 1.01, "quick run: reduced sizes, not comparable with the paper", ha="right",
+                     va="bottom", fontsize=8, color="firebrick")  # above everything; bbox "tight" keeps it
             fig._quick_stamped = True
         paths = []
         for ext in ("png", "pdf"):

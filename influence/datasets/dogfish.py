@@ -17,7 +17,7 @@ The paper's own images: the original release cached its split as
 ``dataset_dog-fish_train-900_test-300.npz`` (``X_train``, ``Y_train``, ``X_test``, ``Y_test``;
 299x299x3 images scaled to [-1, 1] as ``(u / 255 - 0.5) * 2`` for 8-bit pixels ``u``; label
 0 = dog, 1 = fish). A user who has it puts it in ``<data dir>/dogfish/``:
-:func:`find_dogfish` then returns it before the stand-in, and :func:`load_original_dogfish`
+:func:`original_path` then finds it (used before the stand-in), and :func:`load_original_dogfish`
 checks and reads it (back to the 8-bit pixels ``u = (x + 1) * 127.5``, which is exact for
 the release's arrays).
 """
@@ -184,8 +184,9 @@ def load_original_dogfish(path, n_train: int | None = None, n_test: int | None =
                           side: int = 299) -> DogFishData:
     """The original release's dog-fish split from ``path`` (checked: keys, shapes, range, labels).
 
-    ``n_train`` / ``n_test`` (per class; ``None`` = all) draw a seeded subset per class,
-    e.g. for a quick run; by default every image of the release is used as it is ordered.
+    ``n_train`` / ``n_test`` (per class) draw a seeded subset per class, e.g. for a quick
+    run; ``None``, or the release's own count of every class (900 / 300), keeps every image
+    in the release's order.
     """
     path = Path(path)
     try:
@@ -206,7 +207,7 @@ def load_original_dogfish(path, n_train: int | None = None, n_test: int | None =
     rng = np.random.default_rng(seed)
 
     def subset(y, n):
-        if n is None:
+        if n is None or np.all(np.bincount(y, minlength=2) == n):  # the whole release, as it is ordered
             return np.arange(len(y))
         idx = []
         for label in (0, 1):

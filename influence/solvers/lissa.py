@@ -128,23 +128,22 @@ class LissaSolver(InverseHVPSolver):
         step = model._hvp_columns_per_pass()
         for s in range(self.num_samples):
             idx = self._draw_batches(rng, n, b) if b < n else None
-            for k0 in range(0, cols.shape[1], step if idx is not None else 1):
-                vk = cols[:, k0:k0 + step] if idx is not None else cols[:, k0:k0 + 1]
+            for k0 in range(0, cols.shape[1], step):  # a block of columns on the same minibatches
+                vk = cols[:, k0:k0 + step]
                 limit = self.divergence_factor * np.maximum(np.linalg.norm(vk, axis=0), 1e-300) * max(scale, 1.0)
-                if idx is not None:  # every column of the block on the same minibatches, in one loop
+                if idx is not None:  # in one compiled loop
                     j, est, ratio = model._tf_lissa_loop_many(
                         th, model.X_train_, model.y_train_, tf.constant(vk), tf.constant(idx),
                         tf.constant(scale, model.tf_dtype), tf.constant(self.damping, model.tf_dtype),
                         tf.constant(limit, model.tf_dtype), model.curvature == "gauss-newton")
                     j, est, ratio = int(j), est.numpy(), float(ratio)
-                    norm = float(np.max(np.linalg.norm(est, axis=0)))
                 else:  # full-batch: deterministic series
                     est, j = vk.copy(), 0
                     ratio = float(np.max(np.linalg.norm(est, axis=0) / limit))
                     while j < self.depth and np.isfinite(ratio) and ratio < 1:
                         est = vk + est - (model.hvp(est) + self.damping * est) / scale
                         j, ratio = j + 1, float(np.max(np.linalg.norm(est, axis=0) / limit))
-                    norm = float(np.max(np.linalg.norm(est, axis=0)))
+                norm = float(np.max(np.linalg.norm(est, axis=0)))
                 if not np.isfinite(ratio) or ratio >= 1:
                     what = (f"scale={scale:.4g}, batch_size={b}" + ("" if b < n else " (full batch)"))
                     advice = ("" if self.scale == "auto" else
