@@ -33,6 +33,8 @@ import numpy as np
 import scipy.stats
 
 from .parallel import dumps, limit_threads, local_pool
+from .result_store import Journal
+from .utils import hash_arrays
 
 logger = logging.getLogger(__name__)
 
@@ -78,24 +80,32 @@ def _retrain_in_worker(groups, X_test, y_test):
     return _retrain_serial(_WORKER_MODEL, groups, X_test, y_test)
 
 
-def _retrain_serial(model, groups, X_test, y_test):
-    """Per-test-point losses (len(groups), n_test) after re-fitting without each group."""
+def _retrain_serial(model, groups, X_test, y_test, done=None):
+    """Per-test-point losses (len(groups), n_test) after re-fitting without each group
+    (``done(j, losses)`` is called after each re-fit, e.g. to record it)."""
     losses = np.empty((len(groups), len(X_test)))
     for j, group in enumerate(groups):
         losses[j] = model.losses(X_test, y_test, model.retrain_without(group))
+        if done is not None:
+            done(j, losses[j])
     return losses
 
 
-def _collect(futures, chunks, total, progress) -> np.ndarray:
-    """Results in submission order, with a progress bar over points."""
+def _collect(futures, chunks, total, progress, done=None) -> np.ndarray:
+    """Results in submission order, with a progress bar over points; ``done(j, losses)``
+    for each group as its chunk arrives."""
     try:
         from tqdm.auto import tqdm
         bar = tqdm(total=total, desc="LOO retrains", leave=False, disable=not progress)
     except ImportError:  # pragma: no cover
         bar = None
-    parts = []
+    parts, j = [], 0
     for fut, c in zip(futures, chunks):
         parts.append(fut.result())
+        for row in parts[-1]:
+            if done is not None:
+                done(j, row)
+            j += 1
         if bar is not None:
             bar.update(len(c))
     if bar is not None:
@@ -103,7 +113,7 @@ def _collect(futures, chunks, total, progress) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def _retrain_in_local_pool(model, groups, X_test, y_test, n_jobs, threads) -> np.ndarray:
+def _retrain_in_local_pool(model, groups, X_test, y_test, n_jobs, threads, done=None) -> np.ndarray:
     """Retrain in :func:`~influence.parallel.local_pool` workers (the model travels once per
     worker; one task per group, i.e. per point for leave-one-out). A model the workers cannot rebuild from its pickle (e.g. a
     subclassed Keras model whose class Keras cannot look up) is retrained in this process
@@ -114,46 +124,91 @@ def _retrain_in_local_pool(model, groups, X_test, y_test, n_jobs, threads) -> np
     except Exception as exc:  # noqa: BLE001 -- any unpicklable model
         logger.warning("the model cannot be sent to worker processes (%s: %s); retraining in this process "
                        "(n_jobs=1)", type(exc).__name__, str(exc).splitlines()[0][:200])
-        return _retrain_serial(model, groups, X_test, y_test)
+        return _retrain_serial(model, groups, X_test, y_test, done)
     pool = local_pool(n_jobs, initializer=_init_worker, initargs=(blob, threads))
     try:
         chunks = [[g] for g in groups]
         futures = [pool.submit(_retrain_in_worker, c, X_test, y_test) for c in chunks]
-        return _collect(futures, chunks, len(groups), model.progress)
+        return _collect(futures, chunks, len(groups), model.progress, done)
     except BrokenExecutor as exc:
         logger.warning("the LOO worker processes failed (%s); retraining in this process (n_jobs=1)",
                        str(exc).splitlines()[0][:200])
-        return _retrain_serial(model, groups, X_test, y_test)
+        return _retrain_serial(model, groups, X_test, y_test, done)
     finally:
         pool.shutdown()
 
 
+def refit_journal(model, X_test, y_test, path) -> Journal:
+    """The :class:`~influence.result_store.Journal` of re-fits at ``path`` for this fitted
+    model and these test points: its key hashes the model's class and configuration, theta,
+    the training data, the optimiser state that re-training continues (``adam_state_``,
+    where the model keeps one) and the test points."""
+    state = getattr(model, "adam_state_", None)
+    return Journal(path, {"what": "re-fit test losses", "model": model._cache_identity(),
+                          "theta_and_data": list(model.state_key_[:2]),
+                          "optimiser_state": None if state is None else hash_arrays(*state),
+                          "test": hash_arrays(np.asarray(X_test), np.asarray(y_test))})
+
+
+def _group_name(group) -> str:
+    return hash_arrays(np.sort(np.asarray(group, dtype=np.int64)))[:20]
+
+
 def retrain_test_losses(model, groups, X_test, y_test, executor: Executor | None = None, n_jobs: int | None = None,
-                        threads_per_worker: int | None = 1) -> np.ndarray:
+                        threads_per_worker: int | None = 1, journal=None) -> np.ndarray:
     """Each test point's loss after re-fitting without each group of training indices.
 
     ``groups``: a list of index arrays (one re-fit each, warm-started, objective normalised
-    over the points kept: :meth:`retrain_without`). Returns shape (len(groups), n_test).
-    Re-fits run as in :func:`leave_one_out` (``n_jobs``, ``executor``).
+    over the points kept: :meth:`retrain_without`; an empty group is a control re-fit on all
+    points). Returns shape (len(groups), n_test). Re-fits run as in :func:`leave_one_out`
+    (``n_jobs``, ``executor``). ``journal``: a file (e.g. ``out/refits.jsonl``) where each
+    finished re-fit is recorded at once (:func:`refit_journal`); a later call for the same
+    model, test points and groups re-fits only those not recorded there, so a killed run
+    of hours resumes where it stopped.
     """
     model._require_fit()
     groups = [model._check_indices(g) for g in groups]
     X_test, y_test = model.as_batch(X_test, y_test)
+    losses = np.full((len(groups), len(X_test)), np.nan)
+    todo = list(range(len(groups)))
+    done = None
+    if journal is not None:
+        book = refit_journal(model, X_test, y_test, journal)
+        names = [_group_name(g) for g in groups]
+        for j, name in enumerate(names):
+            if name in book:
+                losses[j] = book.get(name)
+        todo = [j for j in todo if names[j] not in book]
+        if len(todo) < len(groups):
+            logger.info("re-fits: %d of %d recorded in %s, %d to run", len(groups) - len(todo), len(groups),
+                        journal, len(todo))
+
+        def done(k, row):  # noqa: F811 -- k indexes `todo`
+            book.add(names[todo[k]], [float(v) for v in row])
+
+    if todo:
+        losses[todo] = _run_refits(model, [groups[j] for j in todo], X_test, y_test, executor, n_jobs,
+                                   threads_per_worker, done)
+    return losses
+
+
+def _run_refits(model, groups, X_test, y_test, executor, n_jobs, threads_per_worker, done) -> np.ndarray:
     n_jobs = n_jobs or os.cpu_count() or 1
     if (executor is None and n_jobs == 1) or len(groups) == 0:
-        return _retrain_serial(model, groups, X_test, y_test)
+        return _retrain_serial(model, groups, X_test, y_test, done)
     if executor is None:
-        return _retrain_in_local_pool(model, groups, X_test, y_test, n_jobs, threads_per_worker)
+        return _retrain_in_local_pool(model, groups, X_test, y_test, n_jobs, threads_per_worker, done)
     # any Executor: the model travels with each chunk, so send few chunks
     blob = dumps(model)
     bounds = np.array_split(np.arange(len(groups)), max(1, min(len(groups), 2 * n_jobs)))
     chunks = [[groups[i] for i in b] for b in bounds]
     futures = [executor.submit(_retrain_chunk, blob, c, X_test, y_test, threads_per_worker) for c in chunks]
-    return _collect(futures, chunks, len(groups), model.progress)
+    return _collect(futures, chunks, len(groups), model.progress, done)
 
 
 def leave_one_out(model, X_test, y_test, indices, predicted=None, executor: Executor | None = None,
-                  n_jobs: int | None = None, threads_per_worker: int | None = 1, control: bool = False) -> LOOResult:
+                  n_jobs: int | None = None, threads_per_worker: int | None = 1, control: bool = False,
+                  journal=None) -> LOOResult:
     """Retrain without each of ``indices`` and return actual (and predicted) loss changes.
 
     With ``control=True`` the baseline is not the fitted model's test loss but that of a
@@ -162,6 +217,8 @@ def leave_one_out(model, X_test, y_test, indices, predicted=None, executor: Exec
     ``n_jobs=1`` with no executor retrains in this process. Otherwise the chunks go to
     ``executor`` or to a local process pool of ``n_jobs`` workers (default: the number of
     CPUs; see :mod:`influence.parallel`), each limited to ``threads_per_worker`` TF threads.
+    ``journal``: a file recording each finished re-fit (the control included), so that a
+    killed run resumes (see :func:`retrain_test_losses`).
     """
     model._require_fit()
     indices = model._check_indices(indices)
@@ -173,12 +230,13 @@ def leave_one_out(model, X_test, y_test, indices, predicted=None, executor: Exec
     t0 = time.perf_counter()
     base = model.mean_loss(X_test, y_test)
     info = {"fitted_test_loss": base}
+    groups = ([[]] if control else []) + [[i] for i in indices]  # the control runs beside the re-fits
+    losses = retrain_test_losses(model, groups, X_test, y_test, executor, n_jobs, threads_per_worker,
+                                 journal=journal).mean(axis=1)
     if control:
-        base = model.mean_loss(X_test, y_test, model.retrain_without([]))
+        base, losses = float(losses[0]), losses[1:]
         info["control_test_loss"] = base
         info["control_drift"] = base - info["fitted_test_loss"]
-    losses = retrain_test_losses(model, [[i] for i in indices], X_test, y_test, executor, n_jobs,
-                                 threads_per_worker).mean(axis=1)
     wall = time.perf_counter() - t0
     result = LOOResult(indices=indices, actual=losses - base, predicted=predicted, base_loss=base, wall_time_s=wall,
                        info=info)
@@ -211,8 +269,8 @@ class LDSResult:
 
 def linear_datamodeling_score(model, X_test, y_test, influence, n_subsets: int = 50, fraction: float = 0.5,
                               seed: int = 0, indices=None, executor: Executor | None = None,
-                              n_jobs: int | None = None,
-                              threads_per_worker: int | None = 1) -> LDSResult | dict[str, LDSResult]:
+                              n_jobs: int | None = None, threads_per_worker: int | None = 1,
+                              journal=None) -> LDSResult | dict[str, LDSResult]:
     """Linear datamodeling score (LDS; Park et al. 2023) of influence estimates.
 
     Draws ``n_subsets`` random subsets ``R_m`` of ``round(fraction * len(indices))`` of
@@ -225,7 +283,8 @@ def linear_datamodeling_score(model, X_test, y_test, influence, n_subsets: int =
 
     ``influence``: ``I_up,loss`` of shape (n_test, len(indices)), e.g.
     ``model.influence_matrix(X_test, y_test, indices)``; or a dict of such matrices (say,
-    one per solver), scored on the same re-fits: then a dict of results.
+    one per solver), scored on the same re-fits: then a dict of results. ``journal``: a file
+    recording each finished re-fit, so that a killed run resumes (:func:`retrain_test_losses`).
     """
     model._require_fit()
     idx = model._check_indices(indices)
@@ -250,7 +309,7 @@ def linear_datamodeling_score(model, X_test, y_test, influence, n_subsets: int =
     picks = np.stack([rng.choice(len(idx), size=size, replace=False) for _ in range(n_subsets)])
     base = model.losses(X_test, y_test)
     losses = retrain_test_losses(model, [idx[p] for p in picks], X_test, y_test, executor, n_jobs,
-                                 threads_per_worker)
+                                 threads_per_worker, journal=journal)
     wall = time.perf_counter() - t0
     results = {}
     for name, matrix in named.items():

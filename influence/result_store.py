@@ -108,3 +108,81 @@ def fill_matrix(shape: tuple[int, int], fill: FillFn, out=None, resume_key: str 
     os.replace(partial, out)
     checkpoint.unlink()
     return np.load(out, mmap_mode="r")
+
+
+# ---------------------------------------------------------------------- journals of long runs
+class Journal:
+    """Finished units of a long run (one re-fit, one attacked target), so that a killed or
+    partial run resumes where it stopped.
+
+    Each unit is one JSON line ``{"key": ..., "name": ..., "record": ...}`` appended to
+    ``path`` and flushed to disk before :meth:`add` returns. ``settings`` (any JSON-able
+    value, e.g. the run's configuration and a hash of its data and model) make up the
+    key: lines written under another key, and a torn last line from a killed run, are
+    ignored. Arrays that go with a record are written beside the journal, atomically, as
+    ``<stem>-<key[:12]>-<name>.npz`` (:meth:`add` ``arrays``; :meth:`arrays`).
+    """
+
+    def __init__(self, path: str | os.PathLike, settings):
+        from .utils import hash_arrays
+
+        self.path = Path(path)
+        self.key = hash_arrays(settings)
+        self._records: dict[str, dict] = {}
+        ignored = 0
+        text = self.path.read_text() if self.path.is_file() else ""
+        self._torn = bool(text) and not text.endswith("\n")
+        if text:
+            for line in text.splitlines():
+                try:
+                    entry = json.loads(line)
+                    if entry["key"] != self.key:
+                        ignored += 1
+                        continue
+                    self._records[str(entry["name"])] = entry["record"]
+                except (ValueError, KeyError, TypeError):
+                    ignored += 1  # a line torn by a killed run
+        if self._records:
+            logger.info("%s: resuming with %d finished unit(s)%s", self.path, len(self._records),
+                        f" ({ignored} line(s) of other settings ignored)" if ignored else "")
+
+    def __contains__(self, name) -> bool:
+        return str(name) in self._records
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def get(self, name, default=None):
+        return self._records.get(str(name), default)
+
+    def _array_path(self, name) -> Path:
+        return self.path.with_name(f"{self.path.stem}-{self.key[:12]}-{name}.npz")
+
+    def add(self, name, record, arrays: dict | None = None) -> None:
+        """Record a finished unit (its arrays first, so a recorded unit always has them)."""
+        from .utils import _json_default, save_npz
+
+        if arrays:
+            save_npz(self._array_path(name), **arrays)
+        line = json.dumps({"key": self.key, "name": str(name), "record": record}, default=_json_default)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            if self._torn:
+                f.write("\n")  # after a line torn by a killed run: start a fresh one
+                self._torn = False
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self._records[str(name)] = record
+
+    def arrays(self, name) -> dict | None:
+        """The arrays stored with a unit (None: none stored, or unreadable)."""
+        path = self._array_path(name)
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                return {k: f[k] for k in f.files}
+        except Exception as exc:  # noqa: BLE001 -- recomputed, never trusted
+            logger.warning("ignoring unreadable journal arrays %s (%s)", path, exc)
+            return None

@@ -33,12 +33,18 @@ raised damping starts at 4.5 |lambda_min|, where the full run's retries would ta
 to a relative residual of 1e-6, 60-step re-training, 5 removals, no Gauss-Newton solve
 (--gauss-newton to add it).
 --paper-schedule: the original's 500k Adam steps and 30k re-training steps (a GPU job).
+
+Resuming: the fit (fit.jsonl with its arrays) and every finished re-fit (refits.jsonl) are
+recorded in --out as they finish, keyed by the settings, data and fitted parameters; run
+the same command again after a kill and only what is missing is computed (--fresh: start
+over). The s_test solves are cached in <out>/../cache.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 import numpy as np
 import scipy.stats
@@ -81,6 +87,9 @@ def add_arguments(parser):
                         help="skip scoring the same LOO re-fits with K-FAC and EK-FAC influence")
     parser.add_argument("--gauss-newton", action=argparse.BooleanOptionalAction, default=None,
                         help="also predict with the Gauss-Newton matrix (default: on; off with --quick)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="ignore the fit and re-fits an earlier run with the same settings recorded in --out "
+                             "(fit.jsonl, refits.jsonl); by default a killed run resumes from them")
 
 
 def main(exp):
@@ -108,8 +117,8 @@ def main(exp):
                    decay_fractions=decay, lbfgs_iter=lbfgs_iter, retrain_iter=retrain_iter, dtype=args.dtype,
                    retrain=args.retrain, retrain_steps=retrain_steps,
                    retrain_learning_rate=args.retrain_lr or (None if args.paper_schedule else 1e-4),
-                   seed=args.seed, progress=True)
-    model.fit(Xtr, ytr)
+                   seed=args.seed, progress=True, cache_dir=str(Path(args.out).parent / "cache"))
+    fit_from_journal(model, Xtr, ytr, exp.out / "fit.jsonl", fresh=args.fresh)
     test_acc = model.score(data.test.x, data.test.y)
     logger.info("test accuracy %.4f, training objective %.5f, gradient norm %.2e", test_acc, model.objective(),
                 model.grad_norm_)
@@ -140,7 +149,11 @@ def main(exp):
             kres = model.s_test(xt, yt, solver=name, damping=args.damping, use_cache=False)
             kron[name] = (kres, model.influence_scores(kres.x) / model.n_train_)
     # quick: a handful of short re-fits run faster in this process than in freshly started workers
-    loo = leave_one_out(model, xt, yt, idx, pred[idx], n_jobs=args.jobs or (1 if args.quick else None), control=True)
+    refits = exp.out / "refits.jsonl"
+    if args.fresh and refits.exists():
+        refits.unlink()
+    loo = leave_one_out(model, xt, yt, idx, pred[idx], n_jobs=args.jobs or (1 if args.quick else None), control=True,
+                        journal=refits)
     metrics = {
         "pearson": loo.pearson, "spearman": loo.spearman, "num_removed": int(num_remove),
         "test_accuracy": test_acc, "train_objective": model.objective(), "grad_norm_at_end": model.grad_norm_,
@@ -182,6 +195,31 @@ def main(exp):
         notes="Paper: Pearson R = 0.86 (500k Adam steps; LOO by 30k more steps from the fitted parameters). "
               "Here LOO re-training continues Adam for retrain_steps from the final optimiser state at "
               "retrain_learning_rate, against a control run on the same minibatches (see scripts/fig2_cnn_loo.py).")
+
+
+def fit_from_journal(model, X, y, path, fresh=False):
+    """Fit the CNN, or restore the fit an earlier run with the same configuration and data
+    recorded at ``path`` (theta, the Adam moments and step count that re-training continues,
+    the final learning rate): a killed run resumes without re-training."""
+    from influence.result_store import Journal
+    from influence.utils import hash_arrays
+
+    if fresh and Path(path).exists():
+        Path(path).unlink()
+    book = Journal(path, {"model": model._cache_identity(), "data": hash_arrays(np.asarray(X), np.asarray(y))})
+    saved = book.arrays("fit") if "fit" in book else None
+    if saved is not None:
+        model.set_training_data(X, y).set_theta(saved["theta"])
+        model.adam_state_ = (saved["m"], saved["v"], int(saved["t"]))
+        model.final_learning_rate_ = book.get("fit")["final_learning_rate"]
+        model.grad_norm_ = float(np.linalg.norm(model.gradient()))
+        logger.info("fit restored from %s (delete it or pass --fresh to re-train)", path)
+        return model
+    model.fit(X, y)
+    m, v, t = model.adam_state_
+    book.add("fit", {"final_learning_rate": model.final_learning_rate_}, arrays={"theta": model.theta_, "m": m, "v": v,
+                                                                                 "t": np.int64(t)})
+    return model
 
 
 def draw_figure(actual, preds: dict, test_idx: int, quick: bool):

@@ -1,0 +1,124 @@
+"""Journals of long runs: re-fits and attacked targets recorded as they finish, resumed later."""
+import json
+
+import numpy as np
+import pytest
+
+from influence import leave_one_out
+from influence.refit_validation import retrain_test_losses
+from influence.result_store import Journal
+
+
+def test_journal_round_trip_ignores_other_settings_and_torn_lines(tmp_path):
+    path = tmp_path / "run.jsonl"
+    book = Journal(path, {"a": 1})
+    book.add("x", {"v": [1.5, 2.0]}, arrays={"img": np.arange(6).reshape(2, 3)})
+    book.add(7, [3.0])
+    other = Journal(path, {"a": 2})  # other settings: nothing of the first run applies
+    assert len(other) == 0 and "x" not in other
+    other.add("x", {"v": [9.0]})
+    with open(path, "a") as f:  # a run killed mid-line
+        f.write('{"key": "' + book.key + '", "name": "torn", "rec')
+    again = Journal(path, {"a": 1})
+    assert len(again) == 2 and again.get("x") == {"v": [1.5, 2.0]} and again.get("7") == [3.0]
+    assert "torn" not in again
+    np.testing.assert_array_equal(again.arrays("x")["img"], np.arange(6).reshape(2, 3))
+    assert again.arrays("7") is None
+    again.add("y", 1)  # written on a fresh line after the torn one
+    lines = path.read_text().splitlines()
+    assert json.loads(lines[-1])["name"] == "y"
+    assert Journal(path, {"a": 1}).get("y") == 1 and Journal(path, {"a": 2}).get("x") == {"v": [9.0]}
+
+
+class CountingRefits:
+    """Counts the re-fits a model makes (and can forbid them)."""
+
+    def __init__(self, model, monkeypatch, forbid=False):
+        self.calls = []
+        original = model.retrain_without
+
+        def retrain_without(indices):
+            if forbid:
+                raise AssertionError(f"re-fit without {list(indices)} should have come from the journal")
+            self.calls.append(sorted(np.atleast_1d(indices).tolist()))
+            return original(indices)
+
+        monkeypatch.setattr(model, "retrain_without", retrain_without)
+
+
+def test_refit_journal_resumes_only_missing_refits(binary_model, binary_digits, tmp_path, monkeypatch):
+    _, _, Xte, yte = binary_digits
+    xt, yt = Xte[:3], yte[:3]
+    groups = [[0], [5, 9], [17], [2, 3, 4]]
+    path = tmp_path / "refits.jsonl"
+    plain = retrain_test_losses(binary_model, groups, xt, yt, n_jobs=1)
+    with monkeypatch.context() as m:
+        count = CountingRefits(binary_model, m)
+        first = retrain_test_losses(binary_model, groups[:2], xt, yt, n_jobs=1, journal=path)
+        assert len(count.calls) == 2
+    np.testing.assert_allclose(first, plain[:2], rtol=0, atol=1e-12)
+    with monkeypatch.context() as m:  # a later run of all four: only the two not recorded are re-fitted
+        count = CountingRefits(binary_model, m)
+        both = retrain_test_losses(binary_model, groups, xt, yt, n_jobs=1, journal=path)
+        assert count.calls == [[17], [2, 3, 4]]
+    np.testing.assert_allclose(both, plain, rtol=0, atol=1e-12)
+    with monkeypatch.context() as m:  # everything recorded: no re-fit at all, same numbers
+        CountingRefits(binary_model, m, forbid=True)
+        np.testing.assert_array_equal(retrain_test_losses(binary_model, groups[::-1], xt, yt, n_jobs=1,
+                                                          journal=path), both[::-1])
+    # other test points or another theta: the recorded re-fits do not apply
+    with monkeypatch.context() as m:
+        count = CountingRefits(binary_model, m)
+        retrain_test_losses(binary_model, groups[:1], Xte[3:5], yte[3:5], n_jobs=1, journal=path)
+        assert count.calls == [[0]]
+    shifted = binary_model.clone().fit(*binary_digits[:2])
+    shifted.set_theta(shifted.theta_ + 1e-3)
+    with monkeypatch.context() as m:
+        count = CountingRefits(shifted, m)
+        retrain_test_losses(shifted, groups[:1], xt, yt, n_jobs=1, journal=path)
+        assert count.calls == [[0]]
+
+
+def test_loo_with_control_through_the_journal(binary_model, binary_digits, tmp_path, monkeypatch):
+    _, _, Xte, yte = binary_digits
+    idx = np.array([3, 40, 77])
+    path = tmp_path / "loo.jsonl"
+    ref = leave_one_out(binary_model, Xte[:1], yte[:1], idx, control=True, n_jobs=1)
+    first = leave_one_out(binary_model, Xte[:1], yte[:1], idx, control=True, n_jobs=1, journal=path)
+    assert len(Journal(path, None)) == 0  # other settings see nothing
+    with monkeypatch.context() as m:
+        CountingRefits(binary_model, m, forbid=True)
+        again = leave_one_out(binary_model, Xte[:1], yte[:1], idx, control=True, n_jobs=1, journal=path)
+    for res in (first, again):
+        np.testing.assert_allclose(res.actual, ref.actual, rtol=0, atol=1e-12)
+        assert res.info["control_test_loss"] == pytest.approx(ref.info["control_test_loss"], abs=1e-12)
+    # the control is a re-fit on all points, recorded like the others (4 lines: control + 3)
+    assert len(path.read_text().splitlines()) == 4
+
+
+def test_fig2_cnn_loo_resumes_from_its_journals(tmp_path):
+    """A second run of the same command restores the fit and every re-fit from the first's
+    journals (no training: the log says so) and writes the same metrics."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, shared_data_dir
+
+    data = shared_data_dir()
+    if data is None or not (data / "mnist").is_dir():
+        pytest.skip("MNIST not available")
+    out = tmp_path / "fig2_cnn_loo"
+    cmd = [sys.executable, str(REPO / "scripts" / "fig2_cnn_loo.py"), "--quick", "--data-dir", str(data),
+           "--out", str(out), "--n-train", "120", "--adam-steps", "20", "--retrain-steps", "3",
+           "--num-remove", "3", "--no-kfac", "--jobs", "1"]
+    runs = []
+    for _ in range(2):
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs.append((proc.stderr, json.loads((out / "metrics.json").read_text())["metrics"]))
+    assert "fit restored" not in runs[0][0] and "fit restored" in runs[1][0]
+    assert "re-fits: 4 of 4 recorded" in runs[1][0]
+    assert "Adam:" in runs[0][0] and "Adam:" not in runs[1][0]  # the training bar: only the first run trains
+    for key in ("pearson", "spearman", "train_objective", "control_drift", "damping_used"):
+        assert runs[1][1][key] == runs[0][1][key], key
+    assert len((out / "refits.jsonl").read_text().splitlines()) == 4  # control + 3, nothing added
