@@ -37,6 +37,12 @@ s_test, a warm-started re-fit of the top layer).
 --quick: 2 deciles x 2 targets, 10 iterations, no sweep, no least-confident extra (and the
 small quick dataset of Fig 4).
 
+Resuming: every finished attack (target, number of images) is recorded in
+<out>/attacks.jsonl under a key of the data, the top model and the attack's settings; a
+later run with the same settings reuses them, so a killed run resumes, and partial runs
+(--only-deciles 1,2,3 today, 4,5,6 tomorrow, then the whole default) add up (--fresh:
+start over).
+
 Whether one half-level change can flip a target depends on how far the target is from the
 decision boundary, so metrics.json also gives the flip rates by the target's log-odds of
 its true label before the attack, and for the --least-confident (default 10) correctly
@@ -111,6 +117,10 @@ def add_arguments(parser):
     parser.add_argument("--inception-weights", default=None,
                         help="Inception v3 weights file (default: the data directory's)")
     parser.add_argument("--cache-dir", default=None, help="default: <out>/../cache")
+    parser.add_argument("--fresh", action="store_true",
+                        help="ignore the attacks an earlier run with the same settings recorded in "
+                             "<out>/attacks.jsonl (by default a killed or partial run resumes from them, and runs "
+                             "of different --only-deciles add up)")
 
 
 def _attempt_name(k) -> str:
@@ -132,12 +142,39 @@ def _better_example(res, best) -> bool:
     return res.prob_true_after[0] < best.prob_true_after[0]
 
 
+class _Recorded:
+    """An attack recorded in the journal, standing in for its AttackResult: enough to pick
+    the figure's example (:func:`_better_example`) and, where stored, to draw it."""
+
+    def __init__(self, rec, k, arrays=None):
+        self.flipped = np.array([rec[f"flipped_{k}"]])
+        self.prob_true_before = np.array([rec[f"p_true_before_{k}"]])
+        self.prob_true_after = np.array([rec[f"p_true_after_{k}"]])
+        if arrays is not None:
+            self.x_original, self.x_perturbed = arrays["x_original"], arrays["x_perturbed"]
+            self.train_indices, self.test_indices = arrays["train_indices"], arrays["test_indices"]
+
+    @staticmethod
+    def arrays_of(res) -> dict:
+        return {"x_original": res.x_original, "x_perturbed": res.x_perturbed, "train_indices": res.train_indices,
+                "test_indices": res.test_indices}
+
+    @classmethod
+    def load(cls, book, name, rec, k):
+        """The recorded attack with its images, or None where they were not stored (the
+        caller then repeats the attack: it was not the example when it was recorded)."""
+        arrays = book.arrays(name)
+        return None if arrays is None else cls(rec, k, arrays)
+
+
 def main(exp):
     import matplotlib.pyplot as plt
     from tqdm.auto import tqdm
 
     from inception import BinaryInceptionModel, prepare_dogfish
     from influence.applications.attack import TrainingSetAttack, stratified_targets
+    from influence.result_store import Journal
+    from influence.utils import hash_arrays
 
     args = exp.args
     if args.second_alone is None:  # off by default: a third attack per target would push the default past 3 h
@@ -185,25 +222,47 @@ def main(exp):
     inputs_train = pre(d.X_train)  # float32, model-input units
     att = TrainingSetAttack(model, inputs_train, prep.F_train, d.y_train, level=pre.level, bounds=pre.bounds,
                             step=args.step_levels * pre.level, max_iter=max_iter)
-    rows, examples, max_change = [], {}, 0.0
+    journal = exp.out / "attacks.jsonl"
+    if args.fresh and journal.exists():
+        journal.unlink()
+    book = Journal(journal, {"what": "fig5 attacks", "source": prep.source, "theta": hash_arrays(model.theta_),
+                             "labels": hash_arrays(d.y_train, d.y_test), "level": pre.level,
+                             "bounds": list(pre.bounds), "step": att.step, "max_iter": max_iter,
+                             "prefilter": att.prefilter, "weights": str(args.inception_weights)})
+    rows, examples, max_change, reused, ran = [], {}, 0.0, 0, 0
     for t in tqdm(np.concatenate([targets, extra]), desc="attack targets"):
         cand, _ = att.rank_candidates(prep.F_test[[t]], d.y_test[[t]], n_rank)
         row = {"test_idx": int(t), "candidates": cand[:2].tolist(), "margin": float(margin_test[t])}
         counts = (1, "1b", 2) if args.second_alone else (1, 2)
         counts += tuple(sweep_counts) if int(t) in sweep else ()
         for k in counts:
+            name = f"{int(t)}-{k}"
+            res = book.get(name)
+            if res is not None:  # recorded by an earlier (killed or partial) run with the same settings
+                row.update({key: v for key, v in res.items() if key != "max_change_levels"})
+                reused += 1
+                max_change = max(max_change, res["max_change_levels"])
+                if k == 1 and _better_example(_Recorded(res, k), examples.get("best")):
+                    examples["best"] = _Recorded.load(book, name, res, k) or att.attack([t], cand[:1], prep.F_test,
+                                                                                        d.y_test)
+                continue
             res = att.attack([t], cand[1:2] if k == "1b" else cand[:k], prep.F_test, d.y_test)
+            ran += 1
             change = np.abs(res.x_perturbed - res.x_original).max() / pre.level
             max_change = max(max_change, float(change))
             same = np.array_equal(pre.to_uint8(res.x_perturbed), d.X_train[res.train_indices])
             if not same:
                 raise AssertionError(f"perturbed image for target {t} does not round to the original")
-            row.update({f"flipped_{k}": bool(res.flipped[0]), f"iterations_{k}": res.iterations,
-                        f"p_true_before_{k}": float(res.prob_true_before[0]),
-                        f"p_true_after_{k}": float(res.prob_true_after[0]), f"stop_{k}": res.stop_reason,
-                        f"seconds_{k}": res.wall_time_s})
-            if k == 1 and _better_example(res, examples.get("best")):
+            fields = {f"flipped_{k}": bool(res.flipped[0]), f"iterations_{k}": res.iterations,
+                      f"p_true_before_{k}": float(res.prob_true_before[0]),
+                      f"p_true_after_{k}": float(res.prob_true_after[0]), f"stop_{k}": res.stop_reason,
+                      f"seconds_{k}": res.wall_time_s}
+            row.update(fields)
+            best = k == 1 and _better_example(res, examples.get("best"))
+            if best:
                 examples["best"] = res
+            book.add(name, {**fields, "max_change_levels": float(change)},  # the figure's example keeps its images
+                     arrays=_Recorded.arrays_of(res) if best else None)
         if args.second_alone:
             row["flipped_1_either"] = row["flipped_1"] or row["flipped_1b"]
         rows.append(row)
@@ -211,6 +270,7 @@ def main(exp):
             f"{_attempt_name(k)} {'FLIPPED' if row[f'flipped_{k}'] else 'kept'} "
             f"({row[f'iterations_{k}']} it, P(true) -> {row[f'p_true_after_{k}']:.3f})" for k in counts))
 
+    logger.info("attacks: %d run, %d reused from %s", ran, reused, journal)
     by_idx = {r["test_idx"]: r for r in rows}
     low_rows = [by_idx[int(t)] for t in least]
     rows = [by_idx[int(t)] for t in targets]
@@ -256,6 +316,7 @@ def main(exp):
                                    "flip_rate_1": _mean([r["flipped_1"] for r in low_rows]),
                                    "flip_rate_2": _mean([r["flipped_2"] for r in low_rows])},
                "max_abs_pixel_change": max_change, "perturbed_uint8_equal_original": True,
+               "attacks_run": ran, "attacks_reused": reused,
                "mean_iterations_1": float(np.mean([r["iterations_1"] for r in rows])),
                "mean_iterations_2": float(np.mean([r["iterations_2"] for r in rows])),
                "mean_seconds_per_target": float(np.mean([sum(r.get(f"seconds_{k}", 0.0) for k in (1, "1b", 2))

@@ -122,3 +122,40 @@ def test_fig2_cnn_loo_resumes_from_its_journals(tmp_path):
     for key in ("pearson", "spearman", "train_objective", "control_drift", "damping_used"):
         assert runs[1][1][key] == runs[0][1][key], key
     assert len((out / "refits.jsonl").read_text().splitlines()) == 4  # control + 3, nothing added
+
+
+def test_fig5_partial_runs_add_up_through_the_journal(tmp_path):
+    """Decile 1 alone, then both deciles: the second run attacks only decile 2's target; a
+    third identical run attacks nothing and writes the same rates."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO, shared_data_dir
+    from test_dogfish_original import make_original_npz
+
+    shared = shared_data_dir()
+    weights = shared / "inception" / "inception_v3_2015_12_05_notop_keras_order.npz" if shared else None
+    if weights is None or not weights.is_file():
+        pytest.skip("Inception weights not present")
+    data = tmp_path / "data"
+    (data / "dogfish").mkdir(parents=True)
+    (data / "inception").symlink_to((shared / "inception").resolve())
+    make_original_npz(data / "dogfish" / "dataset_dog-fish_train-900_test-300.npz", n_train=(5, 5), n_test=(3, 3))
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
+    out = tmp_path / "fig5"
+    cmd = [sys.executable, str(REPO / "scripts" / "fig5_training_set_attack.py"), "--data-dir", str(data), "--quick",
+           "--n-train", "5", "--n-test", "3", "--deciles", "2", "--per-decile", "1", "--max-iter", "2",
+           "--least-confident", "0", "--sweep-targets", "0", "--no-second-alone", "--out", str(out)]
+    metrics = []
+    for extra in (["--only-deciles", "1"], [], []):
+        proc = subprocess.run(cmd + extra, capture_output=True, text=True, env=env, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        metrics.append(json.loads((out / "metrics.json").read_text())["metrics"])
+    assert [(m["attacks_run"], m["attacks_reused"]) for m in metrics] == [(2, 0), (2, 2), (0, 4)]
+    assert metrics[0]["estimate_covers_deciles"] == [1] and metrics[1]["estimate_covers_deciles"] == [1, 2]
+    first = metrics[0]["flip_rates_by_decile"][0]
+    assert metrics[1]["flip_rates_by_decile"][0] == first
+    for key in ("flip_rate_1", "flip_rate_2", "flip_rates_by_decile", "max_abs_pixel_change"):
+        assert metrics[2][key] == metrics[1][key], key
+    assert (out / "fig5_training_set_attack.png").is_file()
