@@ -75,8 +75,13 @@ def main(argv=None):
     parser.add_argument("--out", default="output/BENCHMARK.md", help="where the timing table is written (default: output/BENCHMARK.md)")
     parser.add_argument("--models", nargs="*", default=["binary_lr", "smooth_hinge", "hospital", "spam", "inception"],
                         help="experiment models for the per-model table (add 'cnn' for the CNN; none: skip)")
+    parser.add_argument("--cnn-kfac-only", action="store_true",
+                        help="only the Fig 2 CNN's K-FAC / EK-FAC rows (cost of 100 test points against CG, LOO "
+                             "Pearson on the stored re-fits of --cnn-loo), written to --out")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if args.cnn_kfac_only:
+        return write_cnn_kfac_only(args)
     import tensorflow as tf
 
     from influence import LogisticRegression
@@ -194,6 +199,27 @@ def main(argv=None):
                   "| model | n | p | stage | seconds | notes |", "|---|---|---|---|---|---|"]
         lines += [f"| {m} | {n_} | {p_} | {st} | {t:.3f} | {note} |" for m, n_, p_, st, t, note in model_rows]
         lines.append("")
+    with atomic_path(args.out) as tmp:
+        tmp.write_text("\n".join(lines))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def write_cnn_kfac_only(args) -> int:
+    """The CNN's K-FAC / EK-FAC rows alone (minutes, where the whole benchmark takes an hour)."""
+    from influence.experiment import software_versions
+    from influence.utils import atomic_path
+
+    rows = cnn_kfac_lines(args)
+    if not rows:
+        print(f"no stored fig2_cnn_loo output (arrays.npz and metrics.json) under {args.cnn_loo}", file=sys.stderr)
+        return 2
+    lines = ["## Kronecker-factored curvature on the Fig 2 CNN", "",
+             f"One run of `scripts/benchmark_influence.py --cnn-kfac-only --cnn-loo {args.cnn_loo} --cnn-cg-tests "
+             f"{args.cnn_cg_tests}` on this machine ({os.cpu_count()} CPUs; "
+             + ", ".join(f"{k} {v}" for k, v in software_versions().items()) + ").", "",
+             "| model | stage | seconds | notes |", "|---|---|---|---|", *rows, ""]
+    print("\n".join(lines))
     with atomic_path(args.out) as tmp:
         tmp.write_text("\n".join(lines))
     print(f"wrote {args.out}")

@@ -159,3 +159,12 @@ def test_fig5_partial_runs_add_up_through_the_journal(tmp_path):
     for key in ("flip_rate_1", "flip_rate_2", "flip_rates_by_decile", "max_abs_pixel_change"):
         assert metrics[2][key] == metrics[1][key], key
     assert (out / "fig5_training_set_attack.png").is_file()
+    # the K-FAC benchmark's CNN rows alone, on this stored run
+    bench = tmp_path / "cnn_kfac.md"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark_influence.py"), "--cnn-kfac-only",
+                           "--data-dir", str(data), "--cnn-loo", str(out), "--cnn-cg-tests", "1", "--out", str(bench)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = bench.read_text()
+    assert "ekfac: score all 120 points for 100 test points" in text and "CG (damping" in text
+    assert "LOO Pearson on the 3 stored re-fits" in text
