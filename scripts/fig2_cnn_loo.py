@@ -166,7 +166,8 @@ def main(exp):
     if gn is not None:
         metrics.update(pearson_gauss_newton=float(scipy.stats.pearsonr(loo.actual, pred_gn[idx])[0]),
                        spearman_gauss_newton=float(scipy.stats.spearmanr(loo.actual, pred_gn[idx])[0]),
-                       gauss_newton_cg_iterations=gn.iterations, gauss_newton_cg_residual=gn.residual)
+                       gauss_newton_cg_iterations=gn.iterations, gauss_newton_cg_residual=gn.residual,
+                       gauss_newton_cg_seconds=gn.time_s)
         extra = {"predicted_gauss_newton": pred_gn[idx], "s_test_gauss_newton": gn.x}
     metrics["cg_seconds"] = res.time_s
     for name, (kres, kpred) in kron.items():

@@ -122,6 +122,29 @@ def test_fig2_cnn_loo_resumes_from_its_journals(tmp_path):
     for key in ("pearson", "spearman", "train_objective", "control_drift", "damping_used"):
         assert runs[1][1][key] == runs[0][1][key], key
     assert len((out / "refits.jsonl").read_text().splitlines()) == 4  # control + 3, nothing added
+    # the K-FAC benchmark's CNN rows alone, on this stored run
+    bench = tmp_path / "cnn_kfac.md"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark_influence.py"), "--cnn-kfac-only",
+                           "--data-dir", str(data), "--cnn-loo", str(out), "--cnn-cg-tests", "1", "--out", str(bench)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = bench.read_text()
+    assert "ekfac: score all 120 points for 100 test points" in text and "CG (damping" in text
+    assert "LOO Pearson on the 3 stored re-fits" in text
+    # the leaderboard's CNN row on the same stored run: LOO from its re-fits, LDS from re-fits
+    # that continue the recorded fit (journaled: a second run re-fits nothing)
+    board = tmp_path / "board"
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark_estimators.py"), "--quick",
+                               "--models", "cnn", "--data-dir", str(data), "--outputs", str(tmp_path), "--out",
+                               str(board), "--lds-tests", "3", "--lds-subsets", "4", "--jobs", "1"],
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "re-fits: 4 of 4 recorded" in proc.stderr
+    rows = json.loads((board / "metrics.json").read_text())["metrics"]
+    assert np.isfinite(rows["cnn.EK-FAC.lds"]) and np.isfinite(rows["cnn.EK-FAC.loo_pearson"])
+    assert "cnn.CG (the figure's solve).loo_pearson" in rows and "cnn.CG (the figure's solve).lds" not in rows
+    assert "LDS: 3 test points over 4 re-fits" in (board / "ESTIMATORS.md").read_text()
 
 
 def test_fig5_partial_runs_add_up_through_the_journal(tmp_path):
@@ -159,12 +182,3 @@ def test_fig5_partial_runs_add_up_through_the_journal(tmp_path):
     for key in ("flip_rate_1", "flip_rate_2", "flip_rates_by_decile", "max_abs_pixel_change"):
         assert metrics[2][key] == metrics[1][key], key
     assert (out / "fig5_training_set_attack.png").is_file()
-    # the K-FAC benchmark's CNN rows alone, on this stored run
-    bench = tmp_path / "cnn_kfac.md"
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark_influence.py"), "--cnn-kfac-only",
-                           "--data-dir", str(data), "--cnn-loo", str(out), "--cnn-cg-tests", "1", "--out", str(bench)],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    text = bench.read_text()
-    assert "ekfac: score all 120 points for 100 test points" in text and "CG (damping" in text
-    assert "LOO Pearson on the 3 stored re-fits" in text
