@@ -34,7 +34,8 @@ to a relative residual of 1e-6, 60-step re-training, 5 removals, no Gauss-Newton
 (--gauss-newton to add it).
 --paper-schedule: the original's 500k Adam steps and 30k re-training steps (a GPU job).
 
-Resuming: the fit (fit.jsonl with its arrays) and every finished re-fit (refits.jsonl) are
+Resuming: the fit (fit.jsonl with its arrays, and the Lanczos eigenvalues that set the
+damping) and every finished re-fit (refits.jsonl) are
 recorded in --out as they finish, keyed by the settings, data and fitted parameters; run
 the same command again after a kill and only what is missing is computed (--fresh: start
 over). The s_test solves are cached in <out>/../cache.
@@ -118,11 +119,14 @@ def main(exp):
                    retrain=args.retrain, retrain_steps=retrain_steps,
                    retrain_learning_rate=args.retrain_lr or (None if args.paper_schedule else 1e-4),
                    seed=args.seed, progress=True, cache_dir=str(Path(args.out).parent / "cache"))
-    fit_from_journal(model, Xtr, ytr, exp.out / "fit.jsonl", fresh=args.fresh)
+    book = fit_from_journal(model, Xtr, ytr, exp.out / "fit.jsonl", fresh=args.fresh)
     test_acc = model.score(data.test.x, data.test.y)
     logger.info("test accuracy %.4f, training objective %.5f, gradient norm %.2e", test_acc, model.objective(),
                 model.grad_norm_)
-    lmin, lmax = model.hessian_eigenvalue_bounds(tol=1e-2, maxiter=40 if args.quick else 200)
+    lanczos = f"lanczos-{40 if args.quick else 200}"  # its extreme eigenvalues are recorded with the fit: a
+    if lanczos not in book:                           # resumed run takes the same damping, hence the cached s_test
+        book.add(lanczos, list(model.hessian_eigenvalue_bounds(tol=1e-2, maxiter=40 if args.quick else 200)))
+    lmin, lmax = book.get(lanczos)
     # H + damping I must be positive definite for CG: raise the damping past a negative eigenvalue
     raise_factor = 4.5 if args.quick else 1.5
     damping = max(args.damping, raise_factor * -lmin) if lmin < -0.5 * args.damping else args.damping
@@ -201,7 +205,8 @@ def main(exp):
 def fit_from_journal(model, X, y, path, fresh=False):
     """Fit the CNN, or restore the fit an earlier run with the same configuration and data
     recorded at ``path`` (theta, the Adam moments and step count that re-training continues,
-    the final learning rate): a killed run resumes without re-training."""
+    the final learning rate): a killed run resumes without re-training. Returns the journal
+    (the run records more of its fit there: the Hessian's extreme eigenvalues)."""
     from influence.result_store import Journal
     from influence.utils import hash_arrays
 
@@ -215,12 +220,12 @@ def fit_from_journal(model, X, y, path, fresh=False):
         model.final_learning_rate_ = book.get("fit")["final_learning_rate"]
         model.grad_norm_ = float(np.linalg.norm(model.gradient()))
         logger.info("fit restored from %s (delete it or pass --fresh to re-train)", path)
-        return model
+        return book
     model.fit(X, y)
     m, v, t = model.adam_state_
     book.add("fit", {"final_learning_rate": model.final_learning_rate_}, arrays={"theta": model.theta_, "m": m, "v": v,
                                                                                  "t": np.int64(t)})
-    return model
+    return book
 
 
 def draw_figure(actual, preds: dict, test_idx: int, quick: bool):

@@ -119,7 +119,7 @@ def test_fig2_cnn_loo_resumes_from_its_journals(tmp_path):
     assert "fit restored" not in runs[0][0] and "fit restored" in runs[1][0]
     assert "re-fits: 4 of 4 recorded" in runs[1][0]
     assert "Adam:" in runs[0][0] and "Adam:" not in runs[1][0]  # the training bar: only the first run trains
-    for key in ("pearson", "spearman", "train_objective", "control_drift", "damping_used"):
+    for key in ("pearson", "spearman", "train_objective", "control_drift", "damping_used", "hessian_min_eig"):
         assert runs[1][1][key] == runs[0][1][key], key
     assert len((out / "refits.jsonl").read_text().splitlines()) == 4  # control + 3, nothing added
     # the K-FAC benchmark's CNN rows alone, on this stored run
