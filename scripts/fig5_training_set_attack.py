@@ -243,8 +243,11 @@ def main(exp):
                 reused += 1
                 max_change = max(max_change, res["max_change_levels"])
                 if k == 1 and _better_example(_Recorded(res, k), examples.get("best")):
-                    examples["best"] = _Recorded.load(book, name, res, k) or att.attack([t], cand[:1], prep.F_test,
-                                                                                        d.y_test)
+                    best = _Recorded.load(book, name, res, k)
+                    if best is None:  # not the example when recorded: repeat the attack for its images, keep them
+                        best = att.attack([t], cand[:1], prep.F_test, d.y_test)
+                        book.add(name, res, arrays=_Recorded.arrays_of(best))
+                    examples["best"] = best
                 continue
             res = att.attack([t], cand[1:2] if k == "1b" else cand[:k], prep.F_test, d.y_test)
             ran += 1

@@ -182,3 +182,15 @@ def test_fig5_partial_runs_add_up_through_the_journal(tmp_path):
     for key in ("flip_rate_1", "flip_rate_2", "flip_rates_by_decile", "max_abs_pixel_change"):
         assert metrics[2][key] == metrics[1][key], key
     assert (out / "fig5_training_set_attack.png").is_file()
+    # the figure's example lost its stored images: its attack is repeated once and its images kept
+    stored = sorted(out.glob("attacks-*.npz"))
+    assert stored
+    for f in stored:
+        f.unlink()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert (again["attacks_run"], again["attacks_reused"]) == (0, 4)
+    assert len(list(out.glob("attacks-*.npz"))) >= 1  # each attack that became the example on the way, again
+    for key in ("flip_rate_1", "flip_rate_2", "flip_rates_by_decile"):
+        assert again[key] == metrics[1][key], key
