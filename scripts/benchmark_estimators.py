@@ -404,6 +404,8 @@ def cnn(args):
     estimators that take minutes on 20 test points (CG takes ~15 min per test point here)."""
     from pathlib import Path
 
+    import scipy.stats
+
     from influence import linear_datamodeling_score
     from influence.datasets.mnist import load_mnist
     from influence.models.all_cnn import AllCNN
@@ -428,8 +430,6 @@ def cnn(args):
     LOO_SOURCE["cnn"] = (f"the {len(removed)} stored re-fits of {folder}"
                          + (" (a quick run: not comparable with the paper)" if metrics.get("quick") else ""))
     out = {}
-    import scipy.stats
-
     for label, key, secs in (("CG (the figure's solve)", "s_test", m.get("cg_seconds")),
                              ("CG, Gauss-Newton (the figure's solve)", "s_test_gauss_newton",
                               m.get("gauss_newton_cg_seconds"))):

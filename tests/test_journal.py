@@ -4,9 +4,16 @@ import json
 import numpy as np
 import pytest
 
+from conftest import REPO, shared_data_dir
 from influence import leave_one_out
 from influence.refit_validation import retrain_test_losses
 from influence.result_store import Journal
+
+DATA = shared_data_dir()
+needs_mnist = pytest.mark.skipif(DATA is None or not (DATA / "mnist").is_dir(), reason="MNIST not in the data directory")
+WEIGHTS = DATA / "inception" / "inception_v3_2015_12_05_notop_keras_order.npz" if DATA else None
+needs_weights = pytest.mark.skipif(WEIGHTS is None or not WEIGHTS.is_file(),
+                                   reason="Inception v3 weights not in the data directory")
 
 
 def test_journal_round_trip_ignores_other_settings_and_torn_lines(tmp_path):
@@ -96,17 +103,14 @@ def test_loo_with_control_through_the_journal(binary_model, binary_digits, tmp_p
     assert len(path.read_text().splitlines()) == 4
 
 
+@needs_mnist
 def test_fig2_cnn_loo_resumes_from_its_journals(tmp_path):
     """A second run of the same command restores the fit and every re-fit from the first's
     journals (no training: the log says so) and writes the same metrics."""
     import subprocess
     import sys
 
-    from conftest import REPO, shared_data_dir
-
-    data = shared_data_dir()
-    if data is None or not (data / "mnist").is_dir():
-        pytest.skip("MNIST not available")
+    data = DATA
     out = tmp_path / "fig2_cnn_loo"
     cmd = [sys.executable, str(REPO / "scripts" / "fig2_cnn_loo.py"), "--quick", "--data-dir", str(data),
            "--out", str(out), "--n-train", "120", "--adam-steps", "20", "--retrain-steps", "3",
@@ -147,6 +151,7 @@ def test_fig2_cnn_loo_resumes_from_its_journals(tmp_path):
     assert "LDS: 3 test points over 4 re-fits" in (board / "ESTIMATORS.md").read_text()
 
 
+@needs_weights
 def test_fig5_partial_runs_add_up_through_the_journal(tmp_path):
     """Decile 1 alone, then both deciles: the second run attacks only decile 2's target; a
     third identical run attacks nothing and writes the same rates."""
@@ -154,13 +159,9 @@ def test_fig5_partial_runs_add_up_through_the_journal(tmp_path):
     import subprocess
     import sys
 
-    from conftest import REPO, shared_data_dir
     from test_dogfish_original import make_original_npz
 
-    shared = shared_data_dir()
-    weights = shared / "inception" / "inception_v3_2015_12_05_notop_keras_order.npz" if shared else None
-    if weights is None or not weights.is_file():
-        pytest.skip("Inception weights not present")
+    shared = DATA
     data = tmp_path / "data"
     (data / "dogfish").mkdir(parents=True)
     (data / "inception").symlink_to((shared / "inception").resolve())
