@@ -135,6 +135,9 @@ def test_fig2_cnn_loo_resumes_from_its_journals(tmp_path):
     text = bench.read_text()
     assert "ekfac: score all 120 points for 100 test points" in text and "CG (damping" in text
     assert "LOO Pearson on the 3 stored re-fits" in text
+    diag = next(line for line in text.splitlines() if "span of H's top 20 eigenvectors" in line)
+    assert all(k in diag for k in ("CG (stored)", "kfac", "ekfac")), diag
+    assert "EK-FAC's LOO Pearson as its damping grows" in text
     # the leaderboard's CNN row on the same stored run: LOO from its re-fits, LDS from re-fits
     # that continue the recorded fit (journaled: a second run re-fits nothing)
     board = tmp_path / "board"
@@ -177,6 +180,7 @@ def test_fig5_partial_runs_add_up_through_the_journal(tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         metrics.append(json.loads((out / "metrics.json").read_text())["metrics"])
     assert [(m["attacks_run"], m["attacks_reused"]) for m in metrics] == [(2, 0), (2, 2), (0, 4)]
+    assert [m["rankings_run"] for m in metrics] == [1, 1, 0]  # each target's candidates are ranked once
     assert metrics[0]["estimate_covers_deciles"] == [1] and metrics[1]["estimate_covers_deciles"] == [1, 2]
     first = metrics[0]["flip_rates_by_decile"][0]
     assert metrics[1]["flip_rates_by_decile"][0] == first

@@ -168,6 +168,25 @@ def test_residual_is_against_the_true_damped_hessian(multiclass_model):
         assert res.damping == 0.1 and 0 < res.residual < 1
 
 
+def test_many_columns_check_the_residual_on_the_first_few(multiclass_model):
+    """A wide solve checks its residual on the first ``residual_columns`` columns (one HVP pass
+    each), the maximum of their true residuals; ``None`` checks all; the solution is the same."""
+    m = multiclass_model
+    V = np.random.default_rng(5).standard_normal((m.n_params, 5))
+    V[:, 4] *= 0.0  # a zero column: absolute residual 0, never the maximum
+    H = m.hessian() + 0.1 * np.eye(m.n_params)
+    for name in ("kfac", "ekfac"):
+        part = m.inverse_hvp(V, name, damping=0.1, residual_columns=3)
+        full = m.inverse_hvp(V, name, damping=0.1, residual_columns=None)
+        np.testing.assert_array_equal(part.x, full.x)
+        true = np.linalg.norm(H @ full.x - V, axis=0) / np.maximum(np.linalg.norm(V, axis=0), 1e-300)
+        assert part.info["residual_columns"] == 3 and full.info["residual_columns"] == 5
+        assert part.residual == pytest.approx(true[:3].max(), rel=1e-8)
+        assert full.residual == pytest.approx(true[:4].max(), rel=1e-8)
+    with pytest.raises(ValueError, match="residual_columns"):
+        m.inverse_hvp(V, "kfac", residual_columns=0)
+
+
 def test_kfac_through_every_influence_quantity(multiclass_model, digits, tmp_path):
     """influence_matrix, the s_test cache and damping='auto' accept the Kronecker solvers; EK-FAC's
     influence of every training point tracks the exact one on the convex model."""
