@@ -58,6 +58,10 @@ def add_arguments(parser):
                         help="where a figure's stored re-fits are absent, re-fit once without each of this many "
                              "training points (the largest |CG influence| at the figure's test point, as the figure "
                              "does) and score every estimator on them (default 40; --quick 10; 0: no LOO column)")
+    parser.add_argument("--cnn-tracin", action=argparse.BooleanOptionalAction, default=True,
+                        help="the CNN's TracIn over 10 checkpoints of the figure's fit run again with the same "
+                             "configuration, data and seed (10 min for the full run; journaled); default on "
+                             "(--no-cnn-tracin: the gradient dot product at the fit)")
     parser.add_argument("--cnn-lds", action=argparse.BooleanOptionalAction, default=True,
                         help="the CNN's LDS: --lds-subsets re-fits without a random half by the figure's protocol "
                              "(about an hour on 2 cores for 50; journaled, so a killed run resumes); default on")
@@ -429,6 +433,12 @@ def cnn(args):
     removed, actual = arrays["removed_indices"], arrays["actual_loss_diffs"]
     LOO_SOURCE["cnn"] = (f"the {len(removed)} stored re-fits of {folder}"
                          + (" (a quick run: not comparable with the paper)" if metrics.get("quick") else ""))
+    if args.cnn_tracin:
+        model.checkpoints_, diff = replayed_checkpoints(cfg, metrics.get("seed", 0), d.train.x[sub], d.train.y[sub],
+                                                        arrays["theta"], Path(args.out))
+        LOO_SOURCE["cnn"] += (f"; TracIn over {len(model.checkpoints_)} checkpoints of the figure's fit run again "
+                              f"(same configuration, data and seed; its end differs from the stored theta by at most "
+                              f"{diff:.1e})")
     out = {}
     for label, key, secs in (("CG (the figure's solve)", "s_test", m.get("cg_seconds")),
                              ("CG, Gauss-Newton (the figure's solve)", "s_test_gauss_newton",
@@ -469,6 +479,34 @@ def cnn(args):
                           f"(about {m.get('cg_seconds', float('nan')):.0f} s per test point on this model); seconds "
                           f"of those rows: scoring all {model.n_train_} training points for the {k} test points")
     return out
+
+
+def replayed_checkpoints(cfg, seed, X, y, theta, out, k=10):
+    """TracIn's checkpoints for the figure's CNN, whose fit kept none: the fit run again with the
+    figure's configuration, data and seed, recording ``(theta, learning rate)`` k times
+    (journaled in ``<out>/cnn_tracin_checkpoints.jsonl``: once per stored fit). Returns the
+    checkpoints and ``max |theta_end - theta_stored|`` (0 where the replay is bit for bit)."""
+    from pathlib import Path
+
+    from influence.models.all_cnn import AllCNN
+    from influence.result_store import Journal
+    from influence.utils import hash_arrays
+
+    model = AllCNN(weight_decay=0.001, learning_rate=cfg["learning_rate"], adam_steps=cfg["adam_steps"],
+                   train_batch_size=500, decay_fractions=tuple(cfg["decay_fractions"]), lbfgs_iter=cfg["lbfgs_iter"],
+                   dtype=cfg.get("dtype", "float64"), seed=seed, checkpoints=k, progress=True)
+    book = Journal(Path(out) / "cnn_tracin_checkpoints.jsonl",
+                   {"what": "fig2 CNN fit replayed for TracIn", "model": model._cache_identity(),
+                    "data": hash_arrays(np.asarray(X), np.asarray(y)), "theta": hash_arrays(theta)})
+    saved = book.arrays("checkpoints") if "checkpoints" in book else None
+    if saved is None:
+        logger.info("TracIn: running the figure's fit again to record %d checkpoints", k)
+        model.fit(X, y)
+        saved = {"thetas": np.stack([th for th, _ in model.checkpoints_]),
+                 "lrs": np.array([lr for _, lr in model.checkpoints_], dtype=float)}
+        book.add("checkpoints", {"max_abs_theta_diff": float(np.max(np.abs(model.theta_ - theta)))}, arrays=saved)
+    diff = book.get("checkpoints")["max_abs_theta_diff"]
+    return [(th, float(lr)) for th, lr in zip(saved["thetas"], saved["lrs"])], diff
 
 
 def fitted_state(folder, theta):

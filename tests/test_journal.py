@@ -141,15 +141,21 @@ def test_fig2_cnn_loo_resumes_from_its_journals(tmp_path):
     # the leaderboard's CNN row on the same stored run: LOO from its re-fits, LDS from re-fits
     # that continue the recorded fit (journaled: a second run re-fits nothing)
     board = tmp_path / "board"
+    replays = []
     for _ in range(2):
         proc = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark_estimators.py"), "--quick",
                                "--models", "cnn", "--data-dir", str(data), "--outputs", str(tmp_path), "--out",
                                str(board), "--lds-tests", "3", "--lds-subsets", "4", "--jobs", "1"],
                               capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
+        replays.append("running the figure's fit again" in proc.stderr)
+    assert replays == [True, False]  # TracIn's checkpoints: the fit is replayed once, then read from its journal
     assert "re-fits: 4 of 4 recorded" in proc.stderr
+    replay = json.loads((board / "cnn_tracin_checkpoints.jsonl").read_text().splitlines()[0])["record"]
+    assert replay["max_abs_theta_diff"] < 1e-10  # same configuration, data and seed: the figure's own fit
     rows = json.loads((board / "metrics.json").read_text())["metrics"]
     assert np.isfinite(rows["cnn.EK-FAC.lds"]) and np.isfinite(rows["cnn.EK-FAC.loo_pearson"])
+    assert np.isfinite(rows["cnn.TracIn (checkpoints).lds"])
     assert "cnn.CG (the figure's solve).loo_pearson" in rows and "cnn.CG (the figure's solve).lds" not in rows
     assert "LDS: 3 test points over 4 re-fits" in (board / "ESTIMATORS.md").read_text()
 
