@@ -155,7 +155,7 @@ def test_fig2_cnn_loo_resumes_from_its_journals(tmp_path):
     assert replay["max_abs_theta_diff"] < 1e-10  # same configuration, data and seed: the figure's own fit
     rows = json.loads((board / "metrics.json").read_text())["metrics"]
     assert np.isfinite(rows["cnn.EK-FAC.lds"]) and np.isfinite(rows["cnn.EK-FAC.loo_pearson"])
-    assert np.isfinite(rows["cnn.TracIn (checkpoints).lds"])
+    assert np.isfinite(rows["cnn.TracIn (checkpoints).lds"]) and np.isfinite(rows["cnn.Arnoldi rank 50, fill = wd.lds"])
     assert "cnn.CG (the figure's solve).loo_pearson" in rows and "cnn.CG (the figure's solve).lds" not in rows
     assert "LDS: 3 test points over 4 re-fits" in (board / "ESTIMATORS.md").read_text()
 
