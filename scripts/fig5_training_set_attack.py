@@ -37,8 +37,9 @@ s_test, a warm-started re-fit of the top layer).
 --quick: 2 deciles x 2 targets, 10 iterations, no sweep, no least-confident extra (and the
 small quick dataset of Fig 4).
 
-Resuming: every finished attack (target, number of images) and each target's candidate ranking are recorded in
-<out>/attacks.jsonl under a key of the data, the top model and the attack's settings; a
+Resuming: every finished attack (target, number of images) and each target's candidate
+ranking are recorded in <out>/attacks.jsonl under a key of the data, the top model and the
+attack's settings; a
 later run with the same settings reuses them, so a killed run resumes, and partial runs
 (--only-deciles 1,2,3 today, 4,5,6 tomorrow, then the whole default) add up (--fresh:
 start over).

@@ -338,10 +338,8 @@ class KFACSolver(InverseHVPSolver):
         x = x if v.ndim == 2 else x[:, 0]
         k = 1 if v.ndim == 1 else v.shape[1]
         checked = k if self._residual_columns is None else min(k, self._residual_columns)
-        if checked < k:
-            res = relative_residual(model, x[:, :checked], v[:, :checked], self.damping)
-        else:
-            res = relative_residual(model, x, v, self.damping)  # model.hvp bounds its columns per pass
+        # model.hvp bounds its columns per pass
+        res = relative_residual(model, *((x, v) if v.ndim == 1 else (x[:, :checked], v[:, :checked])), self.damping)
         return SolveResult(x=x, solver=self.name, iterations=1, residual=res, converged=res <= 1e-6,
                            damping=self.damping, info={"blocks": [f.name for f in blocks], "fisher": self.fisher,
                                                        "smallest_eigenvalue": smallest, "residual_columns": checked})
