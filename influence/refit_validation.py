@@ -266,6 +266,23 @@ class LDSResult:
         """The linear datamodeling score: the mean over test points of :attr:`per_test`."""
         return float(np.nanmean(self.per_test))
 
+    def rescored(self, influence, n_train: int, tests=None) -> "LDSResult":
+        """The same re-fits scored with another estimate, no re-fit run: ``influence`` is
+        I_up,loss of every training point (columns: training indices, ``n_train`` of them)
+        for the test points ``tests`` (positions in this result; default all), so a slow
+        estimator joins on a few of the test points. Its LDS is then comparable with
+        ``self.rescored(other)`` or with the mean of ``per_test[tests]``."""
+        tests = np.arange(self.actual.shape[1]) if tests is None else np.atleast_1d(np.asarray(tests))
+        matrix = np.asarray(influence, dtype=float)
+        if matrix.shape != (len(tests), n_train):
+            raise ValueError(f"influence has shape {matrix.shape}, expected (len(tests), n_train) = "
+                             f"{(len(tests), n_train)}")
+        if not np.all(np.isfinite(matrix)):
+            raise ValueError("influence contains NaN or infinite values")
+        predicted = np.stack([-matrix[:, r].sum(axis=1) / n_train for r in self.removed])
+        return LDSResult(removed=self.removed, actual=self.actual[:, tests], predicted=predicted,
+                         wall_time_s=self.wall_time_s)
+
 
 def linear_datamodeling_score(model, X_test, y_test, influence, n_subsets: int = 50, fraction: float = 0.5,
                               seed: int = 0, indices=None, executor: Executor | None = None,

@@ -350,6 +350,13 @@ def test_linear_datamodeling_score_against_direct_refits(binary_model, binary_di
     both = linear_datamodeling_score(m, Xq, yq, {"exact": infl, "shuffled": shuffled}, n_subsets=12,
                                      fraction=0.1, seed=3, n_jobs=1)
     assert both["exact"].score == res.score and both["shuffled"].score == worse.score
+    # a slow estimator joins on some of the test points without a re-fit: the same numbers
+    part = worse.rescored(infl[[0, 2]], m.n_train_, tests=[0, 2])
+    np.testing.assert_array_equal(part.actual, res.actual[:, [0, 2]])
+    np.testing.assert_allclose(part.per_test, res.per_test[[0, 2]], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(res.rescored(shuffled, m.n_train_).predicted, worse.predicted, rtol=1e-12)
+    with pytest.raises(ValueError, match="shape"):
+        res.rescored(infl[:2], m.n_train_)
     with pytest.raises(ValueError, match="shuffled"):
         linear_datamodeling_score(m, Xq, yq, {"exact": infl, "shuffled": shuffled[:, :3]})
     # the pool gives the serial numbers; bad inputs are refused
