@@ -419,7 +419,8 @@ def cnn(args):
     here; their seconds are the figure's). LDS (unless --no-cnn-lds) over re-fits without a
     random half by the figure's protocol (Adam continued from the fitted state, which the
     figure's fit journal holds), journaled so that the hour of re-fits resumes; scored for the
-    estimators that take minutes on 20 test points (CG takes ~15 min per test point here)."""
+    estimators that take minutes on 20 test points; CG (~25 min per test point on H and G together)
+    only on the first --cnn-cg-lds-tests of them."""
     from pathlib import Path
 
     import scipy.stats
