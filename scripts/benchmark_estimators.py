@@ -81,7 +81,7 @@ def estimators_for(model, quick: bool, nonconvex: bool = False, damping: float =
     if not nonconvex and model.n_params <= (2000 if quick else model.max_hessian_params):
         out.append(("exact", InfluenceFunction("exact")))
     out.append(("CG", InfluenceFunction("cg", tol=1e-8, damping=damping)))
-    if nonconvex:  # LiSSA left out: its ~50,000 single-example HVPs per test point take hours for 20 of them
+    if nonconvex:  # LiSSA left out: the paper used CG here, and at its depth the series is far from converged (README)
         out.append(("CG, Gauss-Newton", "gauss-newton"))
         out.append(("Arnoldi rank 50, fill = wd", InfluenceFunction("arnoldi", rank=50, fill=model.weight_decay,
                                                                      damping=damping)))
