@@ -246,6 +246,13 @@ def leave_one_out(model, X_test, y_test, indices, predicted=None, executor: Exec
     return result
 
 
+def additive_prediction(influence: np.ndarray, column_sets, n_train: int) -> np.ndarray:
+    """First-order change in each test loss when each set of training points is removed:
+    ``sum_{i in R_m} -I_up,loss(z_i, z_test) / n`` for every ``R_m`` in ``column_sets``
+    (columns of ``influence``, shape (n_test, n_columns)). Returns (n_sets, n_test)."""
+    return np.stack([-influence[:, cols].sum(axis=1) / n_train for cols in column_sets])
+
+
 @dataclass
 class LDSResult:
     """Actual vs additively predicted change in each test loss for re-fits without subsets."""
@@ -279,7 +286,7 @@ class LDSResult:
                              f"{(len(tests), n_train)}")
         if not np.all(np.isfinite(matrix)):
             raise ValueError("influence contains NaN or infinite values")
-        predicted = np.stack([-matrix[:, r].sum(axis=1) / n_train for r in self.removed])
+        predicted = additive_prediction(matrix, self.removed, n_train)
         return LDSResult(removed=self.removed, actual=self.actual[:, tests], predicted=predicted,
                          wall_time_s=self.wall_time_s)
 
@@ -330,7 +337,7 @@ def linear_datamodeling_score(model, X_test, y_test, influence, n_subsets: int =
     wall = time.perf_counter() - t0
     results = {}
     for name, matrix in named.items():
-        predicted = np.stack([-matrix[:, p].sum(axis=1) / model.n_train_ for p in picks])
+        predicted = additive_prediction(matrix, picks, model.n_train_)
         results[name] = LDSResult(removed=idx[picks], actual=losses - base, predicted=predicted, wall_time_s=wall)
         logger.info("LDS%s over %d subsets of %d points, %d test points: %.4f (%.1fs)",
                     "" if name is None else f" of {name}", n_subsets, size, len(X_test), results[name].score, wall)

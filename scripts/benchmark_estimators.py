@@ -218,7 +218,7 @@ def main(exp):
             metrics.update({f"{name}.{label}.{k}": v for label, r in rows.items() for k, v in r.items()})
             lines.append("")
             continue
-        kf = rows.pop("_lds_first_k", 0)
+        kf = max((int(r.get("lds_first_k", 0)) for r in rows.values()), default=0)
         extra = f" LDS, first {kf} test points, mean (min) |" if kf else ""
         lines += [f"## {name}", ""] + ([f"LOO: {LOO_SOURCE[name]}", ""] if name in LOO_SOURCE else []) + [
             "| estimator | LOO Pearson | LOO Spearman | LDS mean (min) | seconds |" + extra,
@@ -501,15 +501,15 @@ def cnn(args):
                 M, secs = score(model, est, Xk[:kcg], yk[:kcg])
                 pt = first.rescored(M, model.n_train_, tests=np.arange(kcg)).per_test
                 out.setdefault(rows[label], {"seconds": float("nan")}).update(
-                    lds_first=float(np.nanmean(pt)), lds_first_min=float(np.nanmin(pt)), lds_first_seconds=secs)
+                    lds_first=float(np.nanmean(pt)), lds_first_min=float(np.nanmin(pt)), lds_first_seconds=secs,
+                    lds_first_k=kcg)
                 logger.info("%s: LDS on the first %d test points %.3f (%.0fs)", label, kcg, np.nanmean(pt), secs)
         for label in matrices:
             pt = lds[label].per_test[:kcg]
-            out[label].update(lds_first=float(np.nanmean(pt)), lds_first_min=float(np.nanmin(pt)))
+            out[label].update(lds_first=float(np.nanmean(pt)), lds_first_min=float(np.nanmin(pt)), lds_first_k=kcg)
         LOO_SOURCE["cnn"] += (f"; CG on H and on G (new solves at the figure's damping) scored on the first {kcg} "
                               f"LDS test points only, every estimator beside them on the same {kcg} "
                               f"(column 'LDS, first {kcg}'; CG's seconds there: its solves and scoring for them)")
-        out["_lds_first_k"] = kcg
     return out
 
 

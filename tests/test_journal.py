@@ -162,6 +162,7 @@ def test_fig2_cnn_loo_resumes_from_its_journals(tmp_path):
     assert np.isfinite(rows["cnn.CG (the figure's solve).lds_first"])
     assert np.isfinite(rows["cnn.CG, Gauss-Newton (the figure's solve).lds_first"])
     assert rows["cnn.EK-FAC.lds_first"] == pytest.approx(rows["cnn.EK-FAC.lds"], abs=1e-12)
+    assert rows["cnn.EK-FAC.lds_first_k"] == rows["cnn.CG (the figure's solve).lds_first_k"] == 3
     assert "LDS, first 3 test points" in (board / "ESTIMATORS.md").read_text()
     assert "LDS: 3 test points over 4 re-fits" in (board / "ESTIMATORS.md").read_text()
 
