@@ -495,18 +495,18 @@ def cnn(args):
                           f"of those rows: scoring all {model.n_train_} training points for the {k} test points")
     kcg = min(args.cnn_cg_lds_tests, k)
     if kcg > 0:  # the slow solvers join on the first kcg test points of the same re-fits (no re-fit runs)
+        def on_first(pt):  # an estimator's LDS over the first kcg test points, as table columns
+            return dict(lds_first=float(np.nanmean(pt)), lds_first_min=float(np.nanmin(pt)), lds_first_k=kcg)
+
         rows = {"CG": "CG (the figure's solve)", "CG, Gauss-Newton": "CG, Gauss-Newton (the figure's solve)"}
         for label, est in estimators_for(model, args.quick, nonconvex=True, damping=damping):
             if label in rows:
                 M, secs = score(model, est, Xk[:kcg], yk[:kcg])
                 pt = first.rescored(M, model.n_train_, tests=np.arange(kcg)).per_test
-                out.setdefault(rows[label], {"seconds": float("nan")}).update(
-                    lds_first=float(np.nanmean(pt)), lds_first_min=float(np.nanmin(pt)), lds_first_seconds=secs,
-                    lds_first_k=kcg)
+                out.setdefault(rows[label], {"seconds": float("nan")}).update(on_first(pt), lds_first_seconds=secs)
                 logger.info("%s: LDS on the first %d test points %.3f (%.0fs)", label, kcg, np.nanmean(pt), secs)
         for label in matrices:
-            pt = lds[label].per_test[:kcg]
-            out[label].update(lds_first=float(np.nanmean(pt)), lds_first_min=float(np.nanmin(pt)), lds_first_k=kcg)
+            out[label].update(on_first(lds[label].per_test[:kcg]))
         LOO_SOURCE["cnn"] += (f"; CG on H and on G (new solves at the figure's damping) scored on the first {kcg} "
                               f"LDS test points only, every estimator beside them on the same {kcg} "
                               f"(column 'LDS, first {kcg}'; CG's seconds there: its solves and scoring for them)")
