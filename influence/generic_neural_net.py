@@ -25,8 +25,12 @@ non-convex network, or away from a minimum), and CG needs no damping heuristic. 
 exactly when the outputs are linear in ``theta`` (the logistic models, the SVM, a
 network's last layer over frozen features).
 
-The influence quantities built on it are in :mod:`influence.influence_quantities`;
-the inverse-HVP solvers in :mod:`influence.solvers`.
+The model holds the parameters, the forward pass, the per-example loss, the data, fit
+and re-fit. The curvature is an operator object (:mod:`influence.curvature`), solvers are
+fitted on it (:mod:`influence.solvers`), and the influence quantities are an
+:class:`~influence.estimators.InfluenceFunction` over model, operator and solver; the
+model's ``hvp``, ``s_test``, ``influence_matrix``, ... are thin wrappers over them
+(:mod:`influence.shortcuts`), and nothing of theirs is stored on the model.
 """
 from __future__ import annotations
 
@@ -39,10 +43,11 @@ import numpy as np
 import scipy.optimize
 import tensorflow as tf
 
-from .curvature import CurvatureMixin, check_curvature
-from .influence_quantities import InfluenceMixin
-from .kernels import compile_kernels
+from .curvature import check_curvature
+from .model_kernels import GradientKernels
+from .shortcuts import InfluenceShortcuts
 from .utils import hash_arrays, progress
+from .validation import check_number
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +65,7 @@ class ParamBlock:
         return int(np.prod(self.shape)) if self.shape else 1
 
 
-class GenericNeuralNet(CurvatureMixin, InfluenceMixin):
+class GenericNeuralNet(InfluenceShortcuts):
     """Base class: a differentiable model with a flat parameter vector and influence tools.
 
     Subclasses implement :meth:`_param_blocks` (shapes), :meth:`_forward` (outputs from
@@ -86,8 +91,9 @@ class GenericNeuralNet(CurvatureMixin, InfluenceMixin):
     progress : bool
         Show tqdm progress bars on long loops.
     curvature : {"hessian", "gauss-newton"}
-        The matrix every solver inverts: the Hessian ``H`` of the objective, or the
-        Gauss-Newton matrix ``G`` (module docstring). May be changed after fitting.
+        The default matrix of the convenience methods (``s_test`` ...; each also takes
+        ``curvature=``): the Hessian ``H`` of the objective, or the Gauss-Newton matrix
+        ``G`` (module docstring).
     strategy : tf.distribute.Strategy or None
         When given, every sum over the training set (objective, gradient, HVP) and every
         per-example pass (scores, per-example gradients) splits each batch across the
@@ -96,11 +102,20 @@ class GenericNeuralNet(CurvatureMixin, InfluenceMixin):
     """
 
     multi_output_targets = False  # targets of shape (n, ...) (e.g. several regression outputs), not only (n,)
+    #: the outputs are linear in theta (then H = G, and per-example curvatures are exact)
+    linear_outputs = False
+    #: most columns one batched HVP pass carries (a wider V is split): a many-column HVP holds one
+    #: copy of the batch's activations per column. None: 1024 where the outputs are linear in
+    #: theta, else 8 (see :meth:`influence.curvature.CurvatureOperator.columns_per_pass`).
+    hvp_max_columns: int | None = None
+    #: a closed form of the explicit Hessian, ``() -> (p, p)``, where the model knows one (the
+    #: curvature operators use it for their explicit matrix); None: built from HVPs
+    _closed_form_hessian = None
 
     def __init__(self, weight_decay: float = 0.0, dtype: str = "float64", batch_size: int = 8192,
                  cache_dir: str | None = None, seed: int = 0, max_hessian_params: int = 10000,
                  progress: bool = False, curvature: str = "hessian", strategy=None):
-        self.weight_decay = float(weight_decay)
+        self.weight_decay = check_number("weight_decay", weight_decay, low=0.0)
         self.curvature = check_curvature(curvature)
         self.dtype = dtype
         self.batch_size = int(batch_size)
@@ -247,7 +262,6 @@ class GenericNeuralNet(CurvatureMixin, InfluenceMixin):
         self.y_train_ = tf.constant(y_enc)
         self.n_train_ = len(X)
         self._data_fingerprint = None
-        self._hessian_cache = None
         return self
 
     @property
@@ -257,11 +271,6 @@ class GenericNeuralNet(CurvatureMixin, InfluenceMixin):
             self._data_fingerprint = hash_arrays(self.X_train_np_, self.y_train_np_)
         return self._data_fingerprint
 
-    @property
-    def state_key_(self) -> tuple:
-        """What a cached solve depends on: theta, the training data and the curvature."""
-        return hash_arrays(self.theta_), self.data_fingerprint_, self.curvature
-
     def set_theta(self, theta) -> "GenericNeuralNet":
         theta = np.asarray(theta, dtype=self.dtype).reshape(-1)
         if theta.shape != (self.n_params,):
@@ -269,7 +278,6 @@ class GenericNeuralNet(CurvatureMixin, InfluenceMixin):
         if not np.all(np.isfinite(theta)):
             raise ValueError("theta contains NaN or infinite values")
         self.theta_ = theta
-        self._hessian_cache = None
         return self
 
     def fit(self, X, y, theta0=None) -> "GenericNeuralNet":
@@ -315,10 +323,9 @@ class GenericNeuralNet(CurvatureMixin, InfluenceMixin):
         return {b.name: t.numpy() for b, t in zip(self.blocks_, self.unflatten(tf.constant(self.theta_)))}
 
     # ------------------------------------------------------------------ compiled kernels
-    # ------------------------------------------------------------------ compiled kernels
     def _compile(self):
-        """Build the tf.function kernels (:func:`influence.kernels.compile_kernels`)."""
-        compile_kernels(self)
+        """Build the model's gradient kernels (:class:`influence.model_kernels.GradientKernels`)."""
+        self._kernels = GradientKernels(self)
 
     # ------------------------------------------------------------------ batching helpers
     def _theta_tf(self, theta=None) -> tf.Tensor:
@@ -413,7 +420,7 @@ class GenericNeuralNet(CurvatureMixin, InfluenceMixin):
         """``R(theta)`` and its gradient over the whole training set."""
         self._require_fit()
         th_np = self.theta_ if theta is None else np.asarray(theta, dtype=self.dtype)
-        total, grad = self._map_train(self._tf_loss_sum_and_grad, self._theta_tf(th_np))
+        total, grad = self._map_train(self._kernels.loss_sum_and_grad, self._theta_tf(th_np))
         total = float(total)
         n = self.n_train_
         return (total / n + self._reg_value(th_np),
@@ -430,7 +437,7 @@ class GenericNeuralNet(CurvatureMixin, InfluenceMixin):
         self._require_fit()
         X, y = self._check_xy(X, y)
         th = self._theta_tf(theta)
-        return np.concatenate([self._tf_losses(th, tf.constant(X[sl]), tf.constant(y[sl])).numpy()
+        return np.concatenate([self._kernels.losses(th, tf.constant(X[sl]), tf.constant(y[sl])).numpy()
                                for sl in self._slices(len(X))]) if len(X) else np.zeros(0)
 
     def mean_loss(self, X, y, theta=None) -> float:
@@ -457,8 +464,24 @@ class GenericNeuralNet(CurvatureMixin, InfluenceMixin):
         th = self._theta_tf(theta)
         g = np.zeros(self.n_params)
         for sl in self._slices(len(X)):
-            g += self._tf_loss_sum_and_grad(th, tf.constant(X[sl]), tf.constant(y[sl]))[1].numpy()
+            g += self._kernels.loss_sum_and_grad(th, tf.constant(X[sl]), tf.constant(y[sl]))[1].numpy()
         return g / len(X)
+
+    def test_gradient(self, X_test, y_test) -> np.ndarray:
+        """``grad L(z_test)``: gradient of the mean test loss, without the regulariser."""
+        return self.loss_gradient(*self.as_batch(X_test, y_test))
+
+    def test_gradients(self, X_test, y_test) -> np.ndarray:
+        """``grad L(z_test_k)`` for each test point separately, shape (k, p); vectorised."""
+        self._require_fit()
+        X_test, y_test = self._check_xy(X_test, y_test, "X_test")
+        th = self._theta_tf()
+        if len(X_test) == 0:
+            return np.zeros((0, self.n_params))
+        bs = min(self.batch_size, self._rows_per_chunk())
+        kernel = self._kernels.per_example_grads
+        return np.concatenate([kernel(th, tf.constant(X_test[sl]), tf.constant(y_test[sl])).numpy()
+                               for sl in self._slices(len(X_test), bs)])
 
     def per_example_gradients(self, indices=None, include_regularizer: bool = True,
                               batch_size: int | None = None) -> np.ndarray:
@@ -469,7 +492,7 @@ class GenericNeuralNet(CurvatureMixin, InfluenceMixin):
         bs = batch_size or min(self.batch_size, self._rows_per_chunk())
         if len(idx) == 0:
             return np.zeros((0, self.n_params))
-        out = self._map_train(self._tf_per_example_grads, th, reduce="concat", indices=idx, batch_size=bs)
+        out = self._map_train(self._kernels.per_example_grads, th, reduce="concat", indices=idx, batch_size=bs)
         if include_regularizer:
             out += self.weight_decay * self.decay_mask_ * self.theta_
         return out
@@ -500,6 +523,7 @@ class GenericNeuralNet(CurvatureMixin, InfluenceMixin):
         """
         from .solvers import conjugate_gradient
 
+        op = self.curvature_operator()
         saved = self.theta_
         try:
             f, g = self.objective_and_gradient(theta)
@@ -508,7 +532,7 @@ class GenericNeuralNet(CurvatureMixin, InfluenceMixin):
                 if gn <= tol * 1e-2 or not np.isfinite(gn):
                     break
                 self.theta_ = np.asarray(theta, dtype=self.dtype)
-                step, _, _ = conjugate_gradient(self.hvp, g, tol=inner_tol, maxiter=max(50, min(self.n_params, 500)))
+                step, _, _ = conjugate_gradient(op.hvp, g, tol=inner_tol, maxiter=max(50, min(self.n_params, 500)))
                 new = theta - step
                 f_new, g_new = self.objective_and_gradient(new)
                 if not f_new <= f + 1e-12 * abs(f):

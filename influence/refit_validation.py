@@ -145,7 +145,7 @@ def refit_journal(model, X_test, y_test, path) -> Journal:
     where the model keeps one) and the test points."""
     state = getattr(model, "adam_state_", None)
     return Journal(path, {"what": "re-fit test losses", "model": model._cache_identity(),
-                          "theta_and_data": list(model.state_key_[:2]),
+                          "theta_and_data": [hash_arrays(model.theta_), model.data_fingerprint_],
                           "optimiser_state": None if state is None else hash_arrays(*state),
                           "test": hash_arrays(np.asarray(X_test), np.asarray(y_test))})
 

@@ -94,7 +94,8 @@ def add_arguments(parser):
 
 
 def main(exp):
-    from influence import leave_one_out
+    from influence import AutoDamping, CGSolver, EKFACSolver, InfluenceFunction, KFACSolver, leave_one_out
+    from influence.evaluation.fit_record import fit_from_journal
     from influence.models.all_cnn import AllCNN
 
     args = exp.args
@@ -127,30 +128,24 @@ def main(exp):
     if lanczos not in book:                           # resumed run takes the same damping, hence the cached s_test
         book.add(lanczos, list(model.hessian_eigenvalue_bounds(tol=1e-2, maxiter=40 if args.quick else 200)))
     lmin, lmax = book.get(lanczos)
-    # H + damping I must be positive definite for CG: raise the damping past a negative eigenvalue
-    raise_factor = 4.5 if args.quick else 1.5
-    damping = max(args.damping, raise_factor * -lmin) if lmin < -0.5 * args.damping else args.damping
+    # H + damping I must be positive definite for CG: damping="auto"'s rule from the recorded eigenvalues, at
+    # least --damping, raised past a negative eigenvalue (and tripled while CG still meets negative curvature)
+    auto = AutoDamping(minimum=args.damping, factor=4.5 if args.quick else 1.5, accuracy=0.0, bounds=(lmin, lmax))
+    res = InfluenceFunction(CGSolver(damping=auto, tol=tol, maxiter=2000)).fit(model).s_test(xt, yt)
+    damping = res.damping
     if damping != args.damping:
         logger.warning("smallest Hessian eigenvalue %.3g: damping raised from %g to %.3g", lmin, args.damping, damping)
-    res = model.s_test(xt, yt, solver="cg", damping=damping, tol=tol, maxiter=2000)
-    for _ in range(4):  # Lanczos (loose tolerance) can miss a negative eigenvalue that CG then meets
-        if not res.info.get("negative_curvature"):
-            break
-        damping *= 3
-        logger.warning("CG met negative curvature: damping raised to %.3g", damping)
-        res = model.s_test(xt, yt, solver="cg", damping=damping, tol=tol, maxiter=2000)
     pred = model.influence_scores(res.x) / model.n_train_  # -I_up,loss / n
     idx = np.argsort(-np.abs(pred))[:num_remove]
     gn = None
     if args.gauss_newton if args.gauss_newton is not None else not args.quick:
-        model.curvature = "gauss-newton"
-        gn = model.s_test(xt, yt, solver="cg", damping=args.damping, tol=tol, maxiter=2000)
-        model.curvature = "hessian"
+        gn = InfluenceFunction(CGSolver(damping=args.damping, tol=tol, maxiter=2000),
+                               curvature="gauss-newton").fit(model).s_test(xt, yt)
         pred_gn = model.influence_scores(gn.x) / model.n_train_
     kron = {}
     if not args.no_kfac:  # Kronecker-factored influence of the same points (factor passes timed with the solve)
-        for name in ("kfac", "ekfac"):
-            kres = model.s_test(xt, yt, solver=name, damping=args.damping, use_cache=False)
+        for name, solver in (("kfac", KFACSolver(damping=args.damping)), ("ekfac", EKFACSolver(damping=args.damping))):
+            kres = InfluenceFunction(solver).fit(model).s_test(xt, yt, use_cache=False)
             kron[name] = (kres, model.influence_scores(kres.x) / model.n_train_)
     # quick: a handful of short re-fits run faster in this process than in freshly started workers
     refits = exp.out / "refits.jsonl"
@@ -200,32 +195,6 @@ def main(exp):
         notes="Paper: Pearson R = 0.86 (500k Adam steps; LOO by 30k more steps from the fitted parameters). "
               "Here LOO re-training continues Adam for retrain_steps from the final optimiser state at "
               "retrain_learning_rate, against a control run on the same minibatches (see scripts/fig2_cnn_loo.py).")
-
-
-def fit_from_journal(model, X, y, path, fresh=False):
-    """Fit the CNN, or restore the fit an earlier run with the same configuration and data
-    recorded at ``path`` (theta, the Adam moments and step count that re-training continues,
-    the final learning rate): a killed run resumes without re-training. Returns the journal
-    (the run records more of its fit there: the Hessian's extreme eigenvalues)."""
-    from influence.result_store import Journal
-    from influence.utils import hash_arrays
-
-    if fresh and Path(path).exists():
-        Path(path).unlink()
-    book = Journal(path, {"model": model._cache_identity(), "data": hash_arrays(np.asarray(X), np.asarray(y))})
-    saved = book.arrays("fit") if "fit" in book else None
-    if saved is not None:
-        model.set_training_data(X, y).set_theta(saved["theta"])
-        model.adam_state_ = (saved["m"], saved["v"], int(saved["t"]))
-        model.final_learning_rate_ = book.get("fit")["final_learning_rate"]
-        model.grad_norm_ = float(np.linalg.norm(model.gradient()))
-        logger.info("fit restored from %s (delete it or pass --fresh to re-train)", path)
-        return book
-    model.fit(X, y)
-    m, v, t = model.adam_state_
-    book.add("fit", {"final_learning_rate": model.final_learning_rate_}, arrays={"theta": model.theta_, "m": m, "v": v,
-                                                                                 "t": np.int64(t)})
-    return book
 
 
 def draw_figure(actual, preds: dict, test_idx: int, quick: bool):

@@ -74,7 +74,6 @@ import numpy as np
 from influence.experiment import run
 
 NAME = "fig5_training_set_attack"
-MARGIN_BINS = ((0, 2), (2, 4), (4, 6), (6, 8), (8, np.inf))
 logger = logging.getLogger(NAME)
 
 
@@ -124,56 +123,11 @@ def add_arguments(parser):
                              "of different --only-deciles add up)")
 
 
-def _attempt_name(k) -> str:
-    return "2nd image alone" if k == "1b" else f"{k} image{'s' if k > 1 else ''}"
-
-
-def _mean(values):
-    return float(np.mean(values)) if len(values) else None
-
-
-def _better_example(res, best) -> bool:
-    """The figure shows the most confident target flipped with one image (else the closest miss)."""
-    if best is None:
-        return True
-    if res.flipped[0] != best.flipped[0]:
-        return bool(res.flipped[0])
-    if res.flipped[0]:
-        return res.prob_true_before[0] > best.prob_true_before[0]
-    return res.prob_true_after[0] < best.prob_true_after[0]
-
-
-class _Recorded:
-    """An attack recorded in the journal, standing in for its AttackResult: enough to pick
-    the figure's example (:func:`_better_example`) and, where stored, to draw it."""
-
-    def __init__(self, rec, k, arrays=None):
-        self.flipped = np.array([rec[f"flipped_{k}"]])
-        self.prob_true_before = np.array([rec[f"p_true_before_{k}"]])
-        self.prob_true_after = np.array([rec[f"p_true_after_{k}"]])
-        if arrays is not None:
-            self.x_original, self.x_perturbed = arrays["x_original"], arrays["x_perturbed"]
-            self.train_indices, self.test_indices = arrays["train_indices"], arrays["test_indices"]
-
-    @staticmethod
-    def arrays_of(res) -> dict:
-        return {"x_original": res.x_original, "x_perturbed": res.x_perturbed, "train_indices": res.train_indices,
-                "test_indices": res.test_indices}
-
-    @classmethod
-    def load(cls, book, name, rec, k):
-        """The recorded attack with its images, or None where they were not stored (the
-        caller then repeats the attack: it was not the example when it was recorded)."""
-        arrays = book.arrays(name)
-        return None if arrays is None else cls(rec, k, arrays)
-
-
 def main(exp):
-    import matplotlib.pyplot as plt
-    from tqdm.auto import tqdm
 
     from inception import BinaryInceptionModel, prepare_dogfish
     from influence.applications.attack import TrainingSetAttack, stratified_targets
+    from influence.applications.attack_campaign import campaign_figure, mean_or_none as _mean, run_attacks, summarize
     from influence.result_store import Journal
     from influence.utils import hash_arrays
 
@@ -230,58 +184,11 @@ def main(exp):
                              "labels": hash_arrays(d.y_train, d.y_test), "level": pre.level,
                              "bounds": list(pre.bounds), "step": att.step, "max_iter": max_iter,
                              "prefilter": att.prefilter, "weights": str(args.inception_weights)})
-    rows, examples, max_change, reused, ran, ranked_now = [], {}, 0.0, 0, 0, 0
-    for t in tqdm(np.concatenate([targets, extra]), desc="attack targets"):
-        ranked = book.get(f"{int(t)}-rank")  # the candidate ranking is recorded too: ~20 backward passes
-        if ranked is not None and len(ranked["candidates"]) >= n_rank:
-            cand = np.asarray(ranked["candidates"], dtype=np.int64)
-        else:
-            cand, _ = att.rank_candidates(prep.F_test[[t]], d.y_test[[t]], n_rank)
-            book.add(f"{int(t)}-rank", {"candidates": cand.tolist()})
-            ranked_now += 1
-        row = {"test_idx": int(t), "candidates": cand[:2].tolist(), "margin": float(margin_test[t])}
-        counts = (1, "1b", 2) if args.second_alone else (1, 2)
-        counts += tuple(sweep_counts) if int(t) in sweep else ()
-        for k in counts:
-            name = f"{int(t)}-{k}"
-            res = book.get(name)
-            if res is not None:  # recorded by an earlier (killed or partial) run with the same settings
-                row.update({key: v for key, v in res.items() if key != "max_change_levels"})
-                reused += 1
-                max_change = max(max_change, res["max_change_levels"])
-                if k == 1 and _better_example(_Recorded(res, k), examples.get("best")):
-                    best = _Recorded.load(book, name, res, k)
-                    if best is None:  # not the example when recorded: repeat the attack for its images, keep them
-                        best = att.attack([t], cand[:1], prep.F_test, d.y_test)
-                        book.add(name, res, arrays=_Recorded.arrays_of(best))
-                    examples["best"] = best
-                continue
-            res = att.attack([t], cand[1:2] if k == "1b" else cand[:k], prep.F_test, d.y_test)
-            ran += 1
-            change = np.abs(res.x_perturbed - res.x_original).max() / pre.level
-            max_change = max(max_change, float(change))
-            same = np.array_equal(pre.to_uint8(res.x_perturbed), d.X_train[res.train_indices])
-            if not same:
-                raise AssertionError(f"perturbed image for target {t} does not round to the original")
-            fields = {f"flipped_{k}": bool(res.flipped[0]), f"iterations_{k}": res.iterations,
-                      f"p_true_before_{k}": float(res.prob_true_before[0]),
-                      f"p_true_after_{k}": float(res.prob_true_after[0]), f"stop_{k}": res.stop_reason,
-                      f"seconds_{k}": res.wall_time_s}
-            row.update(fields)
-            best = k == 1 and _better_example(res, examples.get("best"))
-            if best:
-                examples["best"] = res
-            book.add(name, {**fields, "max_change_levels": float(change)},  # the figure's example keeps its images
-                     arrays=_Recorded.arrays_of(res) if best else None)
-        if args.second_alone:
-            row["flipped_1_either"] = row["flipped_1"] or row["flipped_1b"]
-        rows.append(row)
-        logger.info("target %d (P(true) %.4f): %s", t, row["p_true_before_1"], ", ".join(
-            f"{_attempt_name(k)} {'FLIPPED' if row[f'flipped_{k}'] else 'kept'} "
-            f"({row[f'iterations_{k}']} it, P(true) -> {row[f'p_true_after_{k}']:.3f})" for k in counts))
-
+    by_idx, best, c = run_attacks(att, book, np.concatenate([targets, extra]), prep.F_test, d.y_test, margin_test,
+                                  d.X_train, pre, n_rank=n_rank, second_alone=args.second_alone, sweep=sweep,
+                                  sweep_counts=sweep_counts)
+    max_change, reused, ran, ranked_now = c["max_change"], c["reused"], c["ran"], c["ranked_now"]
     logger.info("attacks: %d run, %d reused from %s", ran, reused, journal)
-    by_idx = {r["test_idx"]: r for r in rows}
     low_rows = [by_idx[int(t)] for t in least]
     rows = [by_idx[int(t)] for t in targets]
     sweep_rows = [by_idx[int(t)] for t in sample if int(t) in sweep]
@@ -290,32 +197,8 @@ def main(exp):
                              dtype=bool).reshape(len(sweep_rows), len(all_counts))
     sweep_p_after = np.array([[r[f"p_true_after_{k}"] for k in all_counts] for r in sweep_rows],
                              dtype=float).reshape(len(sweep_rows), len(all_counts))
-    f1 = float(np.mean([r["flipped_1"] for r in rows]))
-    f2 = float(np.mean([r["flipped_2"] for r in rows]))
-    by_decile = []
-    if strata is not None:  # rows follow `targets` (sorted); the strata object follows its own order
-        row_of = {r["test_idx"]: r for r in rows}
-        ordered = [row_of[int(t)] for t in strata.targets]
-        flags = {k: np.array([r[key] for r in ordered], dtype=float)
-                 for k, key in (("1", "flipped_1"), ("2", "flipped_2"), ("1_either", "flipped_1_either"))
-                 if key in ordered[0]}
-        rates = {k: strata.rates(v) for k, v in flags.items()}
-        for s_ in sorted(set(strata.stratum.tolist())):
-            entry = {"decile": s_ + 1, "n_pool": int(strata.sizes[s_]), "n": int(np.sum(strata.stratum == s_)),
-                     "log_odds_min": float(strata.lows[s_]), "log_odds_median": float(strata.medians[s_]),
-                     "log_odds_max": float(strata.highs[s_])}
-            entry.update({f"flip_rate_{k}": float(v[s_]) for k, v in rates.items()})
-            by_decile.append(entry)
-        sample_f1, sample_f2 = f1, f2
-        f1, f2 = strata.estimate(flags["1"]), strata.estimate(flags["2"])
+    f1, f2, by_strata, by_decile, bins = summarize(rows, strata, args.second_alone)
     margins = np.array([r["margin"] for r in rows])
-    bins = {}
-    for lo, hi in MARGIN_BINS:
-        sel = [r for r in rows if lo <= r["margin"] < hi]
-        bins[f"[{lo:g},{hi:g})"] = {"n": len(sel), "flip_rate_1": _mean([r["flipped_1"] for r in sel]),
-                                     "flip_rate_2": _mean([r["flipped_2"] for r in sel])}
-        if args.second_alone:
-            bins[f"[{lo:g},{hi:g})"]["flip_rate_1_either"] = _mean([r["flipped_1_either"] for r in sel])
     metrics = {"flip_rate_1": f1, "flip_rate_2": f2, "n_targets": n_targets, "test_accuracy": test_acc,
                "target_mode": mode, "data_source": prep.source, "n_correct": int(len(correct)),
                "n_test": int(len(d.y_test)),
@@ -331,16 +214,7 @@ def main(exp):
                "mean_iterations_2": float(np.mean([r["iterations_2"] for r in rows])),
                "mean_seconds_per_target": float(np.mean([sum(r.get(f"seconds_{k}", 0.0) for k in (1, "1b", 2))
                                                          for r in rows]))}
-    if strata is not None:
-        metrics.update({"flip_rate_1_stratified_sample": sample_f1, "flip_rate_2_stratified_sample": sample_f2,
-                        "flip_rates_by_decile": by_decile, "n_deciles": int(len(strata.sizes)),
-                        "lowest_decile_flip_rate_1": by_decile[0]["flip_rate_1"] if by_decile[0]["decile"] == 1
-                        else None,
-                        "lowest_decile_flip_rate_2": by_decile[0]["flip_rate_2"] if by_decile[0]["decile"] == 1
-                        else None})
-        if "1_either" in flags:
-            metrics["flip_rate_1_either_estimated"] = strata.estimate(flags["1_either"])
-        metrics["estimate_covers_deciles"] = sorted({int(v) + 1 for v in strata.stratum})
+    metrics.update(by_strata)
     if args.second_alone:  # the original's [2nd] try: the second-ranked image alone
         metrics["flip_rate_1_second"] = _mean([r["flipped_1b"] for r in rows])
         metrics["flip_rate_1_either"] = _mean([r["flipped_1_either"] for r in rows])
@@ -362,7 +236,6 @@ def main(exp):
         metrics.update({"multi_n_targets": len(many), "multi_flipped": int(res.flipped.sum()),
                         "multi_iterations": res.iterations, "multi_train_idx": int(cand[0])})
 
-    best = examples["best"]
     t, i = int(best.test_indices[0]), int(best.train_indices[0])
     delta = (best.x_perturbed[0] - best.x_original[0]) / pre.level  # in 8-bit levels
     exp.save_arrays(test_indices=targets, candidates=np.array([r["candidates"] for r in rows]),
@@ -386,68 +259,8 @@ def main(exp):
                         "p_true_after_1_second": np.array([r["p_true_after_1b"] for r in rows])}
                        if args.second_alone else {}))
 
-    names = ("dog", "fish")
-    fig = plt.figure(figsize=(14, 8.2), layout="constrained")
-    grid = fig.add_gridspec(2, 12, height_ratios=(1, 1.15))
-    axes = [fig.add_subplot(grid[0, 3 * j:3 * j + 3]) for j in range(4)]
-    axes += [fig.add_subplot(grid[1, 4 * j:4 * j + 4]) for j in range(3)]
-    axes[0].imshow(d.X_train[i])
-    axes[0].set_title(f"original training image {i}\n(label {names[d.y_train[i]]})", fontsize=10)
-    amp = np.abs(delta).max() or 1.0
-    axes[1].imshow(np.clip(0.5 + 0.5 * delta / amp, 0, 1))
-    axes[1].set_title(f"perturbation, amplified\n(max {np.abs(delta).max():.2f} of an 8-bit level)", fontsize=10)
-    axes[2].imshow(pre.to_uint8(best.x_perturbed[0]))
-    axes[2].set_title("perturbed training image\n(identical as 8-bit)", fontsize=10)
-    axes[3].imshow(d.X_test[t])
-    p_before = best.prob_true_before[0]
-    p_after = best.prob_true_after[0]
-    axes[3].set_title(f"test image {t} ({names[d.y_test[t]]})\nP({names[d.y_test[t]]}): {p_before:.3f} -> "
-                      f"{p_after:.3f}" + (" FLIPPED" if best.flipped[0] else ""), fontsize=10)
-    for ax in axes[:4]:
-        ax.axis("off")
-    ax = axes[4]
-    every = rows + [by_idx[int(t)] for t in extra]
-    for k, mark in ((1, "o"), (2, "s")):
-        m_ = np.array([r["margin"] for r in every])
-        after = np.array([r[f"p_true_after_{k}"] for r in every])
-        ax.scatter(m_, after, marker=mark, s=16, alpha=0.7, label=f"{k} image{'s' if k > 1 else ''}")
-    ax.axhline(0.5, color="k", lw=0.8, ls="--")
-    ax.set_xlabel("target's log-odds of its true label before the attack")
-    ax.set_ylabel("P(true label) after the attack")
-    ax.set_title("each target (flipped: below the dashed line)", fontsize=10)
-    ax.legend(fontsize=8)
-    ax = axes[5]
-    if by_decile:
-        xs = [b["log_odds_median"] for b in by_decile]
-        for k, mark in (("1", "o-"), ("2", "s-")):
-            ax.plot(xs, [b[f"flip_rate_{k}"] for b in by_decile], mark, label=f"ours, {k} image{'s' if k == '2' else ''}")
-        ax.set_xlabel("median log-odds of the stratum (confidence decile)")
-        ax.set_title(f"flip rate by target confidence ({by_decile[0]['n']} targets per stratum)", fontsize=10)
-    else:
-        lab = [b for b in bins.values() if b["n"]]
-        xs = [0.5 * (lo + (hi if np.isfinite(hi) else lo + 4)) for lo, hi in MARGIN_BINS
-              if bins[f"[{lo:g},{hi:g})"]["n"]]
-        for k, mark in (("1", "o-"), ("2", "s-")):
-            ax.plot(xs, [b[f"flip_rate_{k}"] for b in lab], mark, label=f"ours, {k} image{'s' if k == '2' else ''}")
-        ax.set_xlabel("target log-odds (bins of 2)")
-        ax.set_title("flip rate by target confidence", fontsize=10)
-    ax.axhline(0.57, color="C0", ls=":", lw=1, label="paper, 1 image (57%)")
-    ax.axhline(0.77, color="C1", ls=":", lw=1, label="paper, 2 images (77%)")
-    ax.set_ylim(-0.03, 1.03)
-    ax.set_ylabel("fraction of targets flipped")
-    ax.legend(fontsize=8)
-    ax = axes[6]
-    if sweep_rows:
-        ax.plot(all_counts, metrics["more_images"]["flip_rate"], "o-", label=f"ours ({len(sweep_rows)} target{'s' if len(sweep_rows) > 1 else ''})")
-    ax.plot([1, 2, 10], [0.57, 0.77, 590 / 591], "s--", color="gray", label="paper (591 targets)")
-    ax.set_xscale("log")
-    ax.set_xticks(all_counts if sweep_rows else [1, 2, 10])
-    ax.set_xticklabels([str(k) for k in (all_counts if sweep_rows else [1, 2, 10])])
-    ax.set_ylim(-0.03, 1.03)
-    ax.set_xlabel("training images perturbed")
-    ax.set_ylabel("fraction of targets flipped")
-    ax.set_title("more images", fontsize=10)
-    ax.legend(fontsize=8)
+    fig = campaign_figure(d, pre, best, rows + [by_idx[int(t)] for t in extra], by_decile, bins,
+                          metrics["more_images"]["flip_rate"] if sweep_rows else None, all_counts)
     covered = sorted({int(v) + 1 for v in strata.stratum}) if strata is not None else []
     what = (f"of {n_targets} targets" if strata is None else
             "estimated over all correctly classified test images" if len(covered) == len(strata.sizes) else

@@ -1,12 +1,13 @@
-"""Training-data attribution estimators behind one call, to compare with influence functions:
-``get_estimator(name, **options).influence_matrix(model, X_test, y_test)`` -> (n_test, n_train).
+"""Training-data attribution estimators behind one interface, to compare with influence functions:
+``get_estimator(name, **options).fit(model).influence_matrix(X_test, y_test)`` -> (n_test, n_train).
 
 Every estimator returns scores in the sign convention of ``I_up,loss``: **positive = harmful**
 (the training point raises the test loss), negative = helpful; divide by ``-n`` for the
 scale of a predicted change in test loss on removal (only influence functions predict it
-in absolute terms; the others rank). Estimators:
+in absolute terms; the others rank). ``self_scores()`` gives each training point's score
+for itself. Estimators:
 
-- ``"influence"``: ``I_up,loss`` by any inverse-HVP solver (``solver=...`` and its options);
+- ``"influence"``: :class:`InfluenceFunction`, ``I_up,loss`` by any inverse-HVP solver on H or G;
 - ``"tracin"``: TracInCP (Pruthi et al. 2020), ``-sum_k lr_k grad L(z_test; theta_k) . grad L(z; theta_k)``
   over saved checkpoints; without checkpoints, the gradient dot product at the fitted parameters;
 - ``"trak"``: TRAK (Park et al. 2023) with a seeded random projection and an optional ensemble;
@@ -15,26 +16,22 @@ in absolute terms; the others rank). Estimators:
 """
 from __future__ import annotations
 
-from .base import Estimator, InfluenceFunction
+from ..registry import Registry
+from .base import Estimator
 from .baselines import GradientCosine, GradientDot, RandomScores
+from .influence_function import InfluenceFunction, InfluenceRanking
 from .tracin import TracIn, TracInCheckpoints
 from .trak import TRAK, gaussian_projection
 
-ESTIMATORS = {cls.name: cls for cls in (InfluenceFunction, TracIn, TRAK, GradientDot, GradientCosine, RandomScores)}
+ESTIMATORS = Registry("estimator", Estimator)
+for _cls in (InfluenceFunction, TracIn, TRAK, GradientDot, GradientCosine, RandomScores):
+    ESTIMATORS.register(_cls)
 
-__all__ = ["ESTIMATORS", "Estimator", "GradientCosine", "GradientDot", "InfluenceFunction", "RandomScores", "TRAK",
-           "TracIn", "TracInCheckpoints", "gaussian_projection", "get_estimator"]
+__all__ = ["ESTIMATORS", "Estimator", "GradientCosine", "GradientDot", "InfluenceFunction", "InfluenceRanking",
+           "RandomScores", "TRAK", "TracIn", "TracInCheckpoints", "gaussian_projection", "get_estimator"]
 
 
 def get_estimator(name: str | Estimator, **options) -> Estimator:
     """An estimator instance from its name (``influence``, ``tracin``, ``trak``, ``grad_dot``,
     ``grad_cos``, ``random``) and its options."""
-    if isinstance(name, Estimator):
-        if options:
-            raise ValueError("pass options either to the estimator instance or here, not both")
-        return name
-    try:
-        cls = ESTIMATORS[name]
-    except KeyError:
-        raise ValueError(f"unknown estimator {name!r}; choose one of {sorted(ESTIMATORS)}") from None
-    return cls(**options)
+    return ESTIMATORS.create(name, **options)

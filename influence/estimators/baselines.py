@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Estimator, test_and_train_gradients
+from ..validation import check_number
+
+from .base import Estimator, squared_gradient_norms, test_and_train_gradients
 
 
 class GradientDot(Estimator):
@@ -12,12 +14,15 @@ class GradientDot(Estimator):
 
     name = "grad_dot"
 
-    def influence_matrix(self, model, X_test, y_test, indices=None) -> np.ndarray:
-        G_test, idx, chunks = test_and_train_gradients(model, X_test, y_test, indices)
+    def _influence_matrix(self, X_test, y_test, indices=None) -> np.ndarray:
+        G_test, idx, chunks = test_and_train_gradients(self.model_, X_test, y_test, indices)
         out = np.empty((len(G_test), len(idx)))
         for sl, G in chunks:
             out[:, sl] = -G_test @ G.T
         return out
+
+    def _self_scores(self) -> np.ndarray:
+        return -squared_gradient_norms(self.model_, include_regularizer=True)
 
 
 class GradientCosine(Estimator):
@@ -25,13 +30,16 @@ class GradientCosine(Estimator):
 
     name = "grad_cos"
 
-    def influence_matrix(self, model, X_test, y_test, indices=None) -> np.ndarray:
-        G_test, idx, chunks = test_and_train_gradients(model, X_test, y_test, indices)
+    def _influence_matrix(self, X_test, y_test, indices=None) -> np.ndarray:
+        G_test, idx, chunks = test_and_train_gradients(self.model_, X_test, y_test, indices)
         G_test = G_test / np.maximum(np.linalg.norm(G_test, axis=1, keepdims=True), 1e-300)
         out = np.empty((len(G_test), len(idx)))
         for sl, G in chunks:
             out[:, sl] = -G_test @ (G / np.maximum(np.linalg.norm(G, axis=1, keepdims=True), 1e-300)).T
         return out
+
+    def _self_scores(self) -> np.ndarray:
+        return -np.ones(self.model_.n_train_)  # every gradient's cosine with itself
 
 
 class RandomScores(Estimator):
@@ -40,8 +48,13 @@ class RandomScores(Estimator):
     name = "random"
 
     def __init__(self, seed: int = 0):
-        self.seed = int(seed)
+        super().__init__()
+        self.seed = check_number("seed", seed, low=0, integer=True)
 
-    def influence_matrix(self, model, X_test, y_test, indices=None) -> np.ndarray:
+    def _influence_matrix(self, X_test, y_test, indices=None) -> np.ndarray:
+        model = self.model_
         X_test, _ = model.as_batch(X_test, y_test)
         return np.random.default_rng(self.seed).standard_normal((len(X_test), len(model._check_indices(indices))))
+
+    def _self_scores(self) -> np.ndarray:
+        return np.random.default_rng(self.seed).standard_normal(self.model_.n_train_)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Estimator, test_and_train_gradients
+from .base import Estimator, squared_gradient_norms, test_and_train_gradients
 
 
 class TracIn(Estimator):
@@ -23,6 +23,7 @@ class TracIn(Estimator):
     name = "tracin"
 
     def __init__(self, checkpoints: list | None = None):
+        super().__init__()
         self._checkpoints = checkpoints
         self.used_ = None
 
@@ -30,7 +31,23 @@ class TracIn(Estimator):
         cps = self._checkpoints if self._checkpoints is not None else getattr(model, "checkpoints_", None)
         return list(cps or [])
 
-    def influence_matrix(self, model, X_test, y_test, indices=None) -> np.ndarray:
+    def _self_scores(self) -> np.ndarray:
+        """``-sum_k lr_k ||grad L(z_i; theta_k)||^2`` (without checkpoints: at the fit)."""
+        model = self.model_
+        cps = self.checkpoints_of(model)
+        self.used_ = "tracin" if cps else "grad_dot_at_fit"
+        saved = model.theta_.copy()
+        total = np.zeros(model.n_train_)
+        try:
+            for theta, lr in cps or [(model.theta_, 1.0)]:
+                model.set_theta(theta)
+                total += float(lr) * squared_gradient_norms(model, include_regularizer=False)
+        finally:
+            model.set_theta(saved)
+        return -total
+
+    def _influence_matrix(self, X_test, y_test, indices=None) -> np.ndarray:
+        model = self.model_
         cps = self.checkpoints_of(model)
         self.used_ = "tracin" if cps else "grad_dot_at_fit"
         if not cps:

@@ -17,8 +17,11 @@ that supports the test prediction (helpful), so the estimator returns ``-tau``, 
 """
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 
+from ..validation import check_number
 from .base import Estimator
 
 
@@ -30,16 +33,23 @@ def gaussian_projection(p: int, proj_dim: int, seed: int = 0) -> np.ndarray | No
     return np.random.default_rng(seed).standard_normal((p, proj_dim)) / np.sqrt(proj_dim)
 
 
+_KERNELS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> its compiled margin kernel
+
+
 def _margin_kernel(model):
-    """tf.function ``(theta, x, y) -> (margins (b,), Q (b,), margin gradients (b, p))``, cached on the model."""
-    cached = getattr(model, "_trak_kernel", None)
+    """tf.function ``(theta, x, y) -> (margins (b,), Q (b,), margin gradients (b, p))``, one per model
+    (held here, weakly keyed by the model, which is never modified)."""
+    cached = _KERNELS.get(model)
     if cached is not None:
         return cached
     import tensorflow as tf
 
+    handle = model
+    model = weakref.proxy(model)  # the compiled kernel must not keep the model alive
+
     from ..models.smooth_hinge import SmoothHingeSVM
 
-    if isinstance(model, SmoothHingeSVM):
+    if isinstance(handle, SmoothHingeSVM):
         temp = float(model.temp)
 
         def margin(out, y):
@@ -77,8 +87,8 @@ def _margin_kernel(model):
         m, g = tf.vectorized_map(one, (x, y))
         return m, weight(m), g
 
-    model._trak_kernel = tf.function(kernel, reduce_retracing=True)
-    return model._trak_kernel
+    _KERNELS[handle] = compiled = tf.function(kernel, reduce_retracing=True)
+    return compiled
 
 
 def projected_margin_gradients(model, X, y_encoded, P, chunk: int | None = None):
@@ -106,16 +116,31 @@ class TRAK(Estimator):
     name = "trak"
 
     def __init__(self, proj_dim: int = 2048, damping: float = 0.0, seed: int = 0, models: list | None = None):
-        if int(proj_dim) < 1:
-            raise ValueError("proj_dim must be >= 1")
-        if not float(damping) >= 0:
-            raise ValueError("damping must be >= 0")
-        self.proj_dim = int(proj_dim)
-        self.damping = float(damping)
-        self.seed = int(seed)
+        super().__init__()
+        self.proj_dim = check_number("proj_dim", proj_dim, low=1, integer=True)
+        self.damping = check_number("damping", damping, low=0.0)
+        self.seed = check_number("seed", seed, low=0, integer=True)
         self._models = models
 
-    def influence_matrix(self, model, X_test, y_test, indices=None) -> np.ndarray:
+    def _features(self, m, k):
+        """``(P, Phi, Q, (Phi^T Phi + damping I)^+ as (U, inv))`` of ensemble member ``k``."""
+        P = gaussian_projection(m.n_params, self.proj_dim, self.seed + k)
+        Phi, Q = projected_margin_gradients(m, m.X_train_np_, m.y_train_.numpy(), P)
+        w, U = np.linalg.eigh(Phi.T @ Phi + self.damping * np.eye(Phi.shape[1]))
+        inv = np.where(w > 1e-12 * max(w.max(), 1e-300), 1 / np.where(w > 0, w, 1), 0.0)  # pseudo-inverse
+        return P, Phi, Q, U, inv
+
+    def _self_scores(self) -> np.ndarray:
+        """``-tau(i, i) = -phi_i^T (Phi^T Phi + damping I)^+ phi_i Q_i``, averaged over the ensemble."""
+        ensemble = list(self._models) if self._models else [self.model_]
+        total = 0.0
+        for k, m in enumerate(ensemble):
+            _, Phi, Q, U, inv = self._features(m, k)
+            total = total + np.sum(((Phi @ U) * inv) * (Phi @ U), axis=1) * Q
+        return -total / len(ensemble)
+
+    def _influence_matrix(self, X_test, y_test, indices=None) -> np.ndarray:
+        model = self.model_
         ensemble = list(self._models) if self._models else [model]
         X_test, y_test = model.as_batch(X_test, y_test)
         idx = model._check_indices(indices)
@@ -123,11 +148,8 @@ class TRAK(Estimator):
         for k, m in enumerate(ensemble):
             if m.n_train_ != model.n_train_:
                 raise ValueError("every model of the ensemble must be fitted on the same training set")
-            P = gaussian_projection(m.n_params, self.proj_dim, self.seed + k)
+            P, Phi, Q, U, inv = self._features(m, k)
             Xt, yt = m._check_xy(X_test, y_test, "X_test")
             phi_t, _ = projected_margin_gradients(m, Xt, yt, P)
-            Phi, Q = projected_margin_gradients(m, m.X_train_np_, m.y_train_.numpy(), P)
-            w, U = np.linalg.eigh(Phi.T @ Phi + self.damping * np.eye(Phi.shape[1]))
-            inv = np.where(w > 1e-12 * max(w.max(), 1e-300), 1 / np.where(w > 0, w, 1), 0.0)  # pseudo-inverse
             total += (((phi_t @ U) * inv) @ (U.T @ Phi[idx].T)) * Q[idx]
         return -total / len(ensemble)

@@ -141,9 +141,9 @@ class BinaryLogisticRegression(ConvexClassifier):
         r = 1.0 / (1.0 + np.exp(-(X @ self.theta_))) - self.y_train_np_[idx]
         return -(r ** 2) * np.sum(Z * Z, axis=0)
 
-    def hessian(self):
-        """Closed form ``X^T diag(p(1-p)) X / n + wd I``."""
-        self._check_hessian_size()
+    def _closed_form_hessian(self):
+        """Closed form ``X^T diag(p(1-p)) X / n + wd I`` (= G: the outputs are linear in theta);
+        the curvature operators' explicit matrix."""
         X = self.X_train_np_
         p = 1.0 / (1.0 + np.exp(-(X @ self.theta_)))
         return (X.T * (p * (1 - p))) @ X / self.n_train_ + self.weight_decay * np.diag(self.decay_mask_)

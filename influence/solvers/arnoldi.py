@@ -10,7 +10,8 @@ import time
 
 import numpy as np
 
-from .base import InverseHVPSolver, NotPositiveDefiniteError, SolveResult, relative_residual
+from ..validation import check_number
+from .base import AutoDamping, InverseHVPSolver, NotPositiveDefiniteError, SolveResult, relative_residual
 
 logger = logging.getLogger(__name__)
 
@@ -27,8 +28,8 @@ class ArnoldiSolver(InverseHVPSolver):
     The second term is dropped when ``fill`` is None (the default, as in the paper above:
     ``v`` is projected onto the top eigenspace). A number assumes every remaining
     eigenvalue equals ``fill``, e.g. the weight decay, the floor of an L2-regularised
-    convex model's spectrum. The decomposition is cached on the model for the current
-    theta, training data and curvature, so every later solve, for any number of
+    convex model's spectrum. The decomposition is held by the solver, keyed by the
+    operator's theta, training data and curvature, so every later solve, for any number of
     right-hand sides, costs two (p, rank) products and one HVP for the residual.
     Exact (up to ``tol``) when ``rank = p``; otherwise an approximation whose error the
     returned residual shows. For ``rank >= p - 1`` (ARPACK needs rank < p) the explicit
@@ -36,34 +37,33 @@ class ArnoldiSolver(InverseHVPSolver):
     """
 
     name = "arnoldi"
+    approximate = True
 
     def __init__(self, damping: float = 0.0, rank: int = 50, fill: float | None = None, tol: float = 1e-6,
                  maxiter: int | None = None, seed: int = 0):
         super().__init__(damping)
-        if int(rank) < 1:
-            raise ValueError("rank must be >= 1")
-        if fill is not None and not float(fill) >= 0:
-            raise ValueError("fill must be None or >= 0")
-        if fill is not None and self.damping != "auto" and float(fill) + self.damping <= 0:
+        self.rank = check_number("rank", rank, low=1, integer=True)
+        self.fill = check_number("fill", fill, low=0.0, allow_none=True)
+        if self.fill is not None and not isinstance(self.damping, AutoDamping) and self.fill + self.damping <= 0:
             raise ValueError("fill + damping must be > 0 (the complement would be divided by zero)")
-        self.rank = int(rank)
-        self.fill = None if fill is None else float(fill)
-        self.tol = float(tol)
-        self.maxiter = maxiter
-        self.seed = int(seed)
+        self.tol = check_number("tol", tol, low=0.0)
+        self.maxiter = check_number("maxiter", maxiter, low=1, integer=True, allow_none=True)
+        self.seed = check_number("seed", seed, low=0, integer=True)
 
-    def eigenpairs(self, model) -> tuple[np.ndarray, np.ndarray]:
-        """``(lambda, V)``: the ``rank`` largest eigenvalues (descending) and eigenvectors."""
-        p = model.n_params
+    def eigenpairs(self, operator=None) -> tuple[np.ndarray, np.ndarray]:
+        """``(lambda, V)``: the ``rank`` largest eigenvalues (descending) and eigenvectors of the
+        operator (cached per operator state; shared by :meth:`with_damping` copies)."""
+        op = self.operator_ if operator is None else operator
+        p = op.n_params
         rank = min(self.rank, p)
-        key = (*model.state_key_, rank, self.tol, self.seed,
-               self.maxiter)
-        cached = getattr(model, "_eigen_cache", None)
-        if cached is not None and cached[0] == key:
-            return cached[1]
+        key = (op.state_key(), rank, self.tol, self.seed, self.maxiter)
+        return self._memo("eigenpairs", key, lambda: self._lanczos(op, rank))
+
+    def _lanczos(self, op, rank):
+        p = op.n_params
         t0 = time.perf_counter()
         if rank >= p - 1:
-            lam, V = np.linalg.eigh(model.hessian())
+            lam, V = np.linalg.eigh(op.dense())
             lam, V = lam[::-1][:rank], V[:, ::-1][:, :rank]
             matvecs = p
         else:
@@ -73,21 +73,20 @@ class ArnoldiSolver(InverseHVPSolver):
 
             def matvec(u):
                 count[0] += 1
-                return model.hvp(np.ravel(u))
+                return op.hvp(np.ravel(u))
 
-            op = spla.LinearOperator((p, p), matvec=matvec, dtype=np.float64)
+            lin = spla.LinearOperator((p, p), matvec=matvec, dtype=np.float64)
             v0 = np.random.default_rng(self.seed).standard_normal(p)
-            lam, V = spla.eigsh(op, k=rank, which="LA", tol=self.tol, v0=v0, maxiter=self.maxiter)
+            lam, V = spla.eigsh(lin, k=rank, which="LA", tol=self.tol, v0=v0, maxiter=self.maxiter)
             order = np.argsort(lam)[::-1]
             lam, V = lam[order], V[:, order]
             matvecs = count[0]
         logger.info("arnoldi: %d eigenpairs in %.2fs (%d HVPs); eigenvalues %.3g .. %.3g", rank,
                     time.perf_counter() - t0, matvecs, lam[0], lam[-1])
-        model._eigen_cache = (key, (lam, V))
         return lam, V
 
-    def _solve(self, model, v):
-        lam, V = self.eigenpairs(model)
+    def _solve(self, v):
+        lam, V = self.eigenpairs()
         shifted = lam + self.damping
         if np.any(shifted <= 0):
             raise NotPositiveDefiniteError(
@@ -99,7 +98,7 @@ class ArnoldiSolver(InverseHVPSolver):
             if self.fill + self.damping <= 0:
                 raise ValueError("fill + damping must be > 0 (the complement would be divided by zero)")
             x = x + (v - V @ coef) / (self.fill + self.damping)
-        res = relative_residual(model, x, v, self.damping)
+        res = relative_residual(self.operator_, x, v, self.damping)
         return SolveResult(x=x, solver=self.name, iterations=len(lam), residual=res, converged=res <= 1e-6,
                            damping=self.damping, info={"rank": len(lam), "eigenvalue_min": float(lam[-1]),
                                                        "eigenvalue_max": float(lam[0])})

@@ -1,17 +1,18 @@
 """The one interface every inverse-HVP solver implements, and what they share.
 
-A solver solves ``(H + damping * I) x = v`` for one right-hand side ``v`` of shape (p,) or
-several at once (shape (p, k)), where ``H`` is a model's Hessian (its Gauss-Newton matrix
-when the model's ``curvature`` is "gauss-newton"), and returns a :class:`SolveResult` with
-the solution and its diagnostics. ``damping`` means the same thing for every solver. (The
-original code's LiSSA ``damping`` d corresponds to ``damping = d * scale`` here.)
+A solver is fitted on a curvature operator ``C`` (:mod:`influence.curvature`: the Hessian
+``H`` or the Gauss-Newton matrix ``G`` of a model), holds what it precomputes (a Cholesky
+factor, eigenpairs, Kronecker factors), and solves ``(C + damping I) x = v`` for one
+right-hand side ``v`` of shape (p,) or several at once (shape (p, k))::
 
-``damping="auto"`` follows Koh's rule for non-convex models (influence-release #6): no
-damping where ``H`` is positive definite, else 1.5 times the magnitude of its smallest
-eigenvalue (Lanczos on HVPs, good to about 1e-4 of the largest eigenvalue, which is the
-least damping used where the smallest is not clearly positive; the explicit Hessian's
-eigenvalues for the exact solver), tripled up to ``AUTO_DAMPING_RETRIES`` times while CG
-still meets negative curvature. The value used is ``SolveResult.damping``.
+    solver = CGSolver(damping=0.01, tol=1e-8).fit(GaussNewtonOperator(model))
+    result = solver.solve(v)            # a SolveResult: x and its diagnostics
+
+``solver.solve(model, v)`` fits on the model's shared operator for its ``curvature`` first.
+Precomputed values are keyed by the operator's state (theta, data): a solve after the
+model changed recomputes them. ``damping`` means the same thing for every solver (the
+original code's LiSSA ``damping`` d is ``damping = d * scale`` here); ``damping="auto"``
+is :class:`~influence.solvers.damping.AutoDamping`.
 """
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+
+from .damping import (AUTO_DAMPING_FACTOR, AUTO_DAMPING_LANCZOS_TOL, AUTO_DAMPING_RETRIES,  # noqa: F401
+                      AutoDamping, check_damping)
 
 logger = logging.getLogger(__name__)
 
@@ -35,10 +39,10 @@ class NotPositiveDefiniteError(np.linalg.LinAlgError):
 
 @dataclass
 class SolveResult:
-    """Solution ``x`` of ``(H + damping I) x = v`` and how it was obtained.
+    """Solution ``x`` of ``(C + damping I) x = v`` and how it was obtained.
 
-    ``residual`` is the relative residual ``||(H + damping I) x - v|| / ||v||``, computed
-    afresh with full HVPs (for several right-hand sides: the largest over columns).
+    ``residual`` is the relative residual ``||(C + damping I) x - v|| / ||v||``, computed
+    afresh with full products (for several right-hand sides: the largest over columns).
     """
 
     x: np.ndarray
@@ -55,88 +59,120 @@ class SolveResult:
         return asdict(self)
 
 
-def column_residuals(model, x: np.ndarray, v: np.ndarray, damping: float) -> np.ndarray:
-    """``||(H + damping I) x_k - v_k|| / ||v_k||`` for each column ``k`` (a zero ``v_k``: the absolute norm)."""
-    r = model.hvp(x) + damping * x - v
+def column_residuals(operator, x: np.ndarray, v: np.ndarray, damping: float) -> np.ndarray:
+    """``||(C + damping I) x_k - v_k|| / ||v_k||`` for each column ``k`` (a zero ``v_k``: the absolute norm)."""
+    r = operator.hvp(x) + damping * x - v
     num = np.linalg.norm(r, axis=0)
     den = np.linalg.norm(v, axis=0)
     return np.atleast_1d(num / np.where(den > 0, den, 1.0))
 
 
-def relative_residual(model, x: np.ndarray, v: np.ndarray, damping: float) -> float:
-    """``max_k ||(H + damping I) x_k - v_k|| / ||v_k||``."""
-    return float(np.max(column_residuals(model, x, v, damping)))
-
-
-AUTO_DAMPING_FACTOR = 1.5   # damping="auto": this times |smallest eigenvalue| where it is negative
-AUTO_DAMPING_RETRIES = 4    # ... tripled at most this often while CG meets negative curvature
-AUTO_DAMPING_LANCZOS_TOL = 1e-4  # Lanczos tolerance: eigenvalues good to about this times lambda_max
+def relative_residual(operator, x: np.ndarray, v: np.ndarray, damping: float) -> float:
+    """``max_k ||(C + damping I) x_k - v_k|| / ||v_k||``."""
+    return float(np.max(column_residuals(operator, x, v, damping)))
 
 
 class InverseHVPSolver:
-    """Interface: ``solve(model, v) -> SolveResult`` for ``(H + damping I) x = v``."""
+    """Interface: ``fit(operator)``, then ``solve(v) -> SolveResult`` for ``(C + damping I) x = v``.
+
+    Subclasses set ``name``, validate their options in ``__init__`` and implement
+    ``_solve(v)`` with ``self.operator_``; what they precompute goes through
+    :meth:`_memo`, keyed by the operator's state, and is shared by copies that
+    :meth:`with_damping` makes.
+    """
 
     name = "base"
+    #: an approximation of the inverse (its residual says how close), not an iterative solve to a tolerance
+    approximate = False
 
-    def __init__(self, damping: float | str = 0.0):
-        if isinstance(damping, str):
-            if damping != "auto":
-                raise ValueError(f"damping must be a number >= 0 or 'auto', got {damping!r}")
-            self.damping = damping
-        elif not float(damping) >= 0:
-            raise ValueError("damping must be >= 0")
+    def __init__(self, damping: float | str | AutoDamping = 0.0):
+        self.damping = check_damping(damping)
+        self._store: dict = {}   # fitted values, keyed by what they depend on; shared by with_damping copies
+        self.operator_ = None
+
+    # ------------------------------------------------------------------ fitting
+    def fit(self, operator) -> "InverseHVPSolver":
+        """Bind the solver to a curvature operator (a model: its shared operator for its curvature)."""
+        from ..curvature import as_operator
+
+        self.operator_ = as_operator(operator)
+        return self
+
+    def _memo(self, name: str, key, compute):
+        """``compute()`` once per ``key`` (e.g. the operator's state and the options it depends on)."""
+        hit = self._store.get(name)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        value = compute()
+        self._store[name] = (key, value)
+        return value
+
+    def with_damping(self, damping) -> "InverseHVPSolver":
+        """A copy with another damping that shares this solver's precomputed values."""
+        other = copy.copy(self)
+        other.damping = check_damping(damping)
+        return other
+
+    # ------------------------------------------------------------------ solving
+    def config(self) -> dict:
+        """Settings that determine the result (used in cache keys)."""
+        cfg = {"solver": self.name}
+        for k, v in vars(self).items():
+            if k.startswith("_") or k.endswith("_"):
+                continue
+            cfg[k] = v.config() if isinstance(v, AutoDamping) else v
+        return cfg
+
+    def solve(self, *args) -> SolveResult:
+        """``solve(v)`` on the fitted operator, or ``solve(model_or_operator, v)`` (fits first)."""
+        if len(args) == 2:
+            target, v = args
+            from ..curvature import CurvatureOperator
+
+            if not (isinstance(target, CurvatureOperator) and target is self.operator_):
+                self.fit(target)
+        elif len(args) == 1:
+            (v,) = args
         else:
-            self.damping = float(damping)
+            raise TypeError("solve(v) or solve(model_or_operator, v)")
+        if self.operator_ is None:
+            raise RuntimeError(f"{type(self).__name__} is not fitted: call fit(operator) first")
+        p = self.operator_.n_params
+        v = np.asarray(v, dtype=np.float64)
+        if v.ndim not in (1, 2) or v.shape[0] != p:
+            raise ValueError(f"v must have shape ({p},) or ({p}, k); got {v.shape}")
+        if not np.all(np.isfinite(v)):
+            raise ValueError("v contains NaN or infinite values")
+        t0 = time.perf_counter()
+        res = self._solve_auto_damping(v) if isinstance(self.damping, AutoDamping) else self._solve(v)
+        res.time_s = time.perf_counter() - t0
+        res.info.setdefault("curvature", self.operator_.kind)
+        res.info.setdefault("approximate", self.approximate)
+        logger.info("%s solve on %s: %d iterations, relative residual %.2e, %.2fs", self.name,
+                    self.operator_.kind, res.iterations, res.residual, res.time_s)
+        return res
 
-    def eigenvalue_bounds(self, model) -> tuple[float, float, float]:
-        """(smallest, largest) eigenvalue of H and the absolute accuracy of the smallest,
-        for ``damping="auto"``: Lanczos on HVPs, good to about ``tol * lambda_max``."""
-        lmin, lmax = model.hessian_eigenvalue_bounds(tol=AUTO_DAMPING_LANCZOS_TOL)
-        return lmin, lmax, AUTO_DAMPING_LANCZOS_TOL * abs(lmax)
+    def _auto_eigenvalues(self, auto: AutoDamping):
+        return auto.eigenvalues(self.operator_, dense=False)
 
-    def _solve_auto_damping(self, model, v) -> SolveResult:
-        """Koh's rule: damping 0 where H is surely positive definite (smallest eigenvalue
-        above the estimate's accuracy), else 1.5 |smallest eigenvalue| but at least that
-        accuracy; raised 3x while CG still meets negative curvature. The eigenvalues are
-        cached on the model for the current theta, data and curvature."""
-        key = (*model.state_key_, self.name == "exact")
-        cached = getattr(model, "_eigenvalue_bounds_cache", None)
-        if cached is None or cached[0] != key:
-            model._eigenvalue_bounds_cache = (key, self.eigenvalue_bounds(model))
-        lmin, lmax, accuracy = model._eigenvalue_bounds_cache[1]
-        solver = copy.copy(self)
-        solver.damping = 0.0 if lmin > accuracy else max(AUTO_DAMPING_FACTOR * -lmin, accuracy)
+    def _solve_auto_damping(self, v) -> SolveResult:
+        auto = self.damping
+        lmin, lmax, accuracy = self._auto_eigenvalues(auto)
+        solver = self.with_damping(auto.choose(lmin, accuracy))
         logger.info("damping='auto': smallest eigenvalue %.3g (+- %.2g), damping %.3g", lmin, accuracy,
                     solver.damping)
-        res = solver._solve(model, v)
+        res = solver._solve(v)
         retries = 0
-        while res.info.get("negative_curvature") and retries < AUTO_DAMPING_RETRIES:
-            solver.damping = max(3 * solver.damping, accuracy)
+        while res.info.get("negative_curvature") and retries < auto.retries:
+            solver = solver.with_damping(auto.raised(solver.damping, accuracy))
             retries += 1
             logger.warning("damping='auto': CG met negative curvature, damping raised to %.3g", solver.damping)
-            res = solver._solve(model, v)
+            res = solver._solve(v)
         res.info.update(damping_auto=True, damping_retries=retries, smallest_eigenvalue=lmin,
                         largest_eigenvalue=lmax)
         return res
 
-    def config(self) -> dict:
-        """Settings that determine the result (used in cache keys)."""
-        return {"solver": self.name, **{k: v for k, v in vars(self).items() if not k.startswith("_")}}
-
-    def solve(self, model, v: np.ndarray) -> SolveResult:
-        v = np.asarray(v, dtype=np.float64)
-        if v.ndim not in (1, 2) or v.shape[0] != model.n_params:
-            raise ValueError(f"v must have shape ({model.n_params},) or ({model.n_params}, k); got {v.shape}")
-        if not np.all(np.isfinite(v)):
-            raise ValueError("v contains NaN or infinite values")
-        t0 = time.perf_counter()
-        res = self._solve_auto_damping(model, v) if self.damping == "auto" else self._solve(model, v)
-        res.time_s = time.perf_counter() - t0
-        logger.info("%s solve: %d iterations, relative residual %.2e, %.2fs", self.name, res.iterations,
-                    res.residual, res.time_s)
-        return res
-
-    def _solve(self, model, v):  # pragma: no cover - abstract
+    def _solve(self, v):  # pragma: no cover - abstract
         raise NotImplementedError
 
     def __repr__(self):

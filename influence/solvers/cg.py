@@ -12,6 +12,7 @@ from typing import Callable
 import numpy as np
 
 from .base import InverseHVPSolver, SolveResult, column_residuals
+from ..validation import check_number
 from .block_cg import block_conjugate_gradient
 
 logger = logging.getLogger(__name__)
@@ -84,19 +85,20 @@ class CGSolver(InverseHVPSolver):
     name = "cg"
     REFINEMENTS = 3  # block CG: restarts on the true residual when the recursive one drifted
 
-    def __init__(self, damping: float = 0.0, tol: float = 1e-10, maxiter: int | None = None, preconditioner=None,
-                 block: bool = True):
+    def __init__(self, damping: float | str = 0.0, tol: float = 1e-10, maxiter: int | None = None,
+                 preconditioner=None, block: bool = True):
         super().__init__(damping)
-        self.tol = float(tol)
-        self.maxiter = maxiter
+        self.tol = check_number("tol", tol, low=0.0, low_open=True)
+        self.maxiter = check_number("maxiter", maxiter, low=1, integer=True, allow_none=True)
         if preconditioner is not None and not callable(preconditioner):
             raise TypeError("preconditioner must be a callable r -> M^-1 r")
         self._preconditioner = preconditioner
         self._block = bool(block)  # the same answer either way: not part of the cache key
 
-    def _solve(self, model, v):
-        maxiter = self.maxiter or min(model.n_params, 1000)
-        matvec = lambda u: model.hvp(u) + self.damping * u  # noqa: E731
+    def _solve(self, v):
+        op = self.operator_
+        maxiter = self.maxiter or min(op.n_params, 1000)
+        matvec = lambda u: op.hvp(u) + self.damping * u  # noqa: E731
         info, residuals = {}, None
         if v.ndim == 2 and v.shape[1] > 1 and self._block:
             x, it, negative, sizes = block_conjugate_gradient(matvec, v, self.tol, maxiter,
@@ -118,13 +120,14 @@ class CGSolver(InverseHVPSolver):
             info.update(block=True, block_sizes=sizes, hvp_columns=int(sum(sizes)), refinements=refinements)
         else:
             x, it, negative = conjugate_gradient(matvec, v, self.tol, maxiter, preconditioner=self._preconditioner)
+        dtype = op.model.dtype
         if negative:
-            hint = (" (or round-off: this model computes in %s; float64 gives the tightest solves)" % model.dtype
-                    if model.dtype != "float64" else "")
+            hint = (" (or round-off: this model computes in %s; float64 gives the tightest solves)" % dtype
+                    if dtype != "float64" else "")
             logger.warning("CG met negative curvature: H + %g I is not positive definite; raise damping, or use "
-                           "the model's curvature='gauss-newton' (positive semi-definite)%s", self.damping, hint)
+                           "curvature='gauss-newton' (positive semi-definite)%s", self.damping, hint)
         if residuals is None:
-            residuals = column_residuals(model, x, v, self.damping)
+            residuals = column_residuals(op, x, v, self.damping)
         res = float(np.max(residuals))
         if v.ndim == 2:
             info["residuals"] = residuals.tolist()

@@ -1,6 +1,7 @@
-"""Exact inverse-HVPs: a Cholesky factorisation of the explicit Hessian (p up to ~10k).
+"""Exact inverse-HVPs: a Cholesky factorisation of the explicit matrix (p up to ~10k).
 
-``x = (H + damping I)^-1 v`` by two triangular solves with the cached factor of ``H + damping I``.
+``x = (C + damping I)^-1 v`` by two triangular solves with the factor of ``C + damping I``,
+computed once per operator state and damping and held by the solver.
 """
 from __future__ import annotations
 
@@ -11,31 +12,36 @@ from .base import InverseHVPSolver, NotPositiveDefiniteError, SolveResult, relat
 
 
 class ExactSolver(InverseHVPSolver):
-    """Cholesky factorisation of the explicit Hessian (models with up to ~10k parameters).
+    """Cholesky factorisation of the explicit matrix (models with up to ~10k parameters).
 
-    The factorisation is cached on the model for the current theta and damping, so later
-    solves cost only two triangular solves.
+    Parameters
+    ----------
+    damping : float >= 0, "auto" or AutoDamping
+        Added to the diagonal ("auto": from the explicit matrix's smallest eigenvalue).
     """
 
     name = "exact"
 
-    def eigenvalue_bounds(self, model) -> tuple[float, float, float]:
-        w = np.linalg.eigvalsh(model.hessian())
-        return float(w[0]), float(w[-1]), 1e-12 * abs(float(w[-1]))
+    def _auto_eigenvalues(self, auto):
+        return auto.eigenvalues(self.operator_, dense=True)
 
-    def _solve(self, model, v):
-        key = (*model.state_key_, self.damping)
-        cached = getattr(model, "_cholesky_cache", None)
-        if cached is None or cached[0] != key:
-            H = model.hessian() + self.damping * np.eye(model.n_params)
+    def factor(self):
+        """The Cholesky factor of ``C + damping I`` (cached per operator state and damping)."""
+        op = self.operator_
+
+        def compute():
+            H = op.dense() + self.damping * np.eye(op.n_params)
             try:
-                factor = scipy.linalg.cho_factor(H, lower=True)
+                return scipy.linalg.cho_factor(H, lower=True)
             except np.linalg.LinAlgError as exc:
                 lmin = float(np.linalg.eigvalsh(H)[0])
                 raise NotPositiveDefiniteError(
                     f"H + {self.damping} I is not positive definite (smallest eigenvalue {lmin:.3g}); "
                     f"add damping > {-lmin:.3g}") from exc
-            model._cholesky_cache = (key, factor)
-        x = scipy.linalg.cho_solve(model._cholesky_cache[1], v)
+
+        return self._memo(f"cholesky-{self.damping!r}", op.state_key(), compute)
+
+    def _solve(self, v):
+        x = scipy.linalg.cho_solve(self.factor(), v)
         return SolveResult(x=x, solver=self.name, iterations=1, converged=True, damping=self.damping,
-                           residual=relative_residual(model, x, v, self.damping))
+                           residual=relative_residual(self.operator_, x, v, self.damping))

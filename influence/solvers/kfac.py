@@ -23,7 +23,7 @@ that eigenbasis, ``(1/n) sum_i (Q_A^T G_i Q_S)^2`` (one more pass), which is exa
 applied as ``Q_A (Q_A^T V Q_S / (Lambda + ...)) Q_S^T`` without forming any Kronecker
 product; the regulariser ``wd * mask`` enters as its diagonal in the eigenbasis (exact
 when every row of the block is decayed). Blocks are independent: the curvature is
-block-diagonal over layers. The factors are computed once per fitted model and cached.
+block-diagonal over layers. The factors are computed once per operator state and held by the solver.
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..validation import check_choice, check_number
 from .base import InverseHVPSolver, SolveResult, relative_residual
 
 logger = logging.getLogger(__name__)
@@ -92,27 +93,30 @@ def _kernel_matrix_shape(shape) -> tuple[int, int]:
 
 
 def compute_factors(model, fisher: str = "expectation", mc_samples: int = 1, seed: int = 0,
-                    corrected: bool = False) -> list[BlockFactors]:
-    """The Kronecker factors of every factorable layer of ``model`` (cached on the model)."""
+                    corrected: bool = False, kernels=None) -> list[BlockFactors]:
+    """The Kronecker factors of every factorable layer of ``model`` (its current theta and
+    data), with their eigendecompositions; with ``corrected``, EK-FAC's eigenvalues too."""
     if fisher not in FISHERS:
         raise ValueError(f"fisher must be one of {FISHERS}, got {fisher!r}")
-    key = (*model.state_key_, fisher, int(mc_samples), int(seed))
-    cache = getattr(model, "_kfac_cache", None)
-    if cache is None or cache[0] != key:
-        t0 = time.perf_counter()
-        blocks = _factor_pass(model, fisher, int(mc_samples), int(seed))
-        for f in blocks:
-            f.ea, f.qa = np.linalg.eigh(f.A)
-            f.es, f.qs = np.linalg.eigh(f.S)
-        logger.info("K-FAC factors of %d layers in %.2fs (%s)", len(blocks), time.perf_counter() - t0, fisher)
-        model._kfac_cache = cache = (key, blocks)
-    blocks = cache[1]
-    if corrected and any(f.corrected is None for f in blocks):
-        t0 = time.perf_counter()
-        for f, lam in zip(blocks, _eigenvalue_pass(model, blocks, fisher, int(mc_samples), int(seed))):
-            f.corrected = lam
-        logger.info("EK-FAC eigenvalues in %.2fs", time.perf_counter() - t0)
+    kernels = kernels or _make_kernels(model, fisher, int(mc_samples))
+    t0 = time.perf_counter()
+    blocks = _factor_pass(model, kernels, fisher, int(mc_samples), int(seed))
+    for f in blocks:
+        f.ea, f.qa = np.linalg.eigh(f.A)
+        f.es, f.qs = np.linalg.eigh(f.S)
+    logger.info("K-FAC factors of %d layers in %.2fs (%s)", len(blocks), time.perf_counter() - t0, fisher)
+    if corrected:
+        correct_eigenvalues(model, blocks, fisher, mc_samples, seed, kernels)
     return blocks
+
+
+def correct_eigenvalues(model, blocks, fisher, mc_samples, seed, kernels=None) -> None:
+    """EK-FAC: fill each block's ``corrected`` eigenvalues (one more pass over the data)."""
+    kernels = kernels or _make_kernels(model, fisher, int(mc_samples))
+    t0 = time.perf_counter()
+    for f, lam in zip(blocks, _eigenvalue_pass(model, kernels, blocks, fisher, int(mc_samples), int(seed))):
+        f.corrected = lam
+    logger.info("EK-FAC eigenvalues in %.2fs", time.perf_counter() - t0)
 
 
 def _check_coverage(model, taps):
@@ -143,7 +147,7 @@ def _backward_signals(model, tape, out, s_list, y, losses):
 
     if losses:
         return [tape.gradient(total, s_list, unconnected_gradients=tf.UnconnectedGradients.ZERO) for total in losses]
-    from ..kernels import output_hessians
+    from ..curvature.kernels import output_hessians
 
     w, U = tf.linalg.eigh(output_hessians(model, out, y))
     R = U * tf.sqrt(tf.maximum(w, 0))[:, None, :]          # R R^T = H_f, per example
@@ -216,11 +220,10 @@ def _batch_seed(seed, j):
     return tf.constant([seed, j], dtype=tf.int32)
 
 
-def _factor_pass(model, fisher, mc_samples, seed) -> list[BlockFactors]:
+def _factor_pass(model, kernels, fisher, mc_samples, seed) -> list[BlockFactors]:
     from ..utils import progress
 
     model._require_fit()
-    kernels = _kernel_cache(model, fisher, mc_samples)
     th = model._theta_tf()
     x0 = model.X_train_[:1]
     _, taps = model._kfac_taps(model.unflatten(th), x0)
@@ -238,12 +241,11 @@ def _factor_pass(model, fisher, mc_samples, seed) -> list[BlockFactors]:
             for t, (A, S) in zip(taps, totals)]
 
 
-def _eigenvalue_pass(model, blocks, fisher, mc_samples, seed) -> list[np.ndarray]:
+def _eigenvalue_pass(model, kernels, blocks, fisher, mc_samples, seed) -> list[np.ndarray]:
     import tensorflow as tf
 
     from ..utils import progress
 
-    kernels = _kernel_cache(model, fisher, mc_samples)
     th = model._theta_tf()
     qas = [tf.constant(f.qa) for f in blocks]
     qss = [tf.constant(f.qs) for f in blocks]
@@ -256,14 +258,6 @@ def _eigenvalue_pass(model, blocks, fisher, mc_samples, seed) -> list[np.ndarray
         totals = out if totals is None else [a + b for a, b in zip(totals, out)]
     m = mc_samples if fisher == "mc" else 1
     return [t / (model.n_train_ * m) for t in totals]
-
-
-def _kernel_cache(model, fisher, mc_samples):
-    key = (fisher, mc_samples)
-    cache = getattr(model, "_kfac_kernels", None)
-    if cache is None or cache[0] != key:
-        model._kfac_kernels = cache = (key, _make_kernels(model, fisher, mc_samples))
-    return cache[1]
 
 
 class KFACSolver(InverseHVPSolver):
@@ -281,23 +275,31 @@ class KFACSolver(InverseHVPSolver):
 
     name = "kfac"
     corrected = False
+    approximate = True
 
     def __init__(self, damping: float | str = 0.0, fisher: str = "expectation", mc_samples: int = 1, seed: int = 0,
                  residual_columns: int | None = 8):
         super().__init__(damping)
-        if fisher not in FISHERS:
-            raise ValueError(f"fisher must be one of {FISHERS}, got {fisher!r}")
-        if int(mc_samples) < 1:
-            raise ValueError("mc_samples must be >= 1")
-        if residual_columns is not None and int(residual_columns) < 1:
-            raise ValueError(f"residual_columns must be None or >= 1, got {residual_columns!r}")
-        self._residual_columns = None if residual_columns is None else int(residual_columns)  # not in cache keys
+        check_choice("fisher", fisher, FISHERS)
+        self._residual_columns = check_number("residual_columns", residual_columns, low=1, integer=True,
+                                              allow_none=True)  # not in cache keys
         self.fisher = fisher
-        self.mc_samples = int(mc_samples)
-        self.seed = int(seed)
+        self.mc_samples = check_number("mc_samples", mc_samples, low=1, integer=True)
+        self.seed = check_number("seed", seed, low=0, integer=True)
 
-    def factors(self, model) -> list[BlockFactors]:
-        return compute_factors(model, self.fisher, self.mc_samples, self.seed, corrected=self.corrected)
+    def factors(self, operator=None) -> list[BlockFactors]:
+        """The Kronecker factors at the operator's state (computed once, held by the solver;
+        shared by :meth:`with_damping` copies)."""
+        op = self.operator_ if operator is None else operator
+        model = op._handle
+        kernels = self._memo("kernels", (id(op), self.fisher, self.mc_samples),
+                             lambda: _make_kernels(model, self.fisher, self.mc_samples))
+        key = (op.state_key(), self.fisher, self.mc_samples, self.seed)
+        blocks = self._memo("factors", key, lambda: compute_factors(model, self.fisher, self.mc_samples, self.seed,
+                                                                    kernels=kernels))
+        if self.corrected and any(f.corrected is None for f in blocks):
+            correct_eigenvalues(model, blocks, self.fisher, self.mc_samples, self.seed, kernels)
+        return blocks
 
     def eigenvalues(self, f: BlockFactors) -> np.ndarray:
         """The block's eigenvalues in its Kronecker eigenbasis, (d_in, d_out)."""
@@ -313,8 +315,9 @@ class KFACSolver(InverseHVPSolver):
                          model.blocks_[f.bias_block].decay))
         return rows, d_out
 
-    def _solve(self, model, v):
-        blocks = self.factors(model)
+    def _solve(self, v):
+        model = self.operator_.model
+        blocks = self.factors()
         cols = v if v.ndim == 2 else v[:, None]
         x = np.zeros_like(cols)
         smallest = np.inf
@@ -338,8 +341,8 @@ class KFACSolver(InverseHVPSolver):
         x = x if v.ndim == 2 else x[:, 0]
         k = 1 if v.ndim == 1 else v.shape[1]
         checked = k if self._residual_columns is None else min(k, self._residual_columns)
-        # model.hvp bounds its columns per pass
-        res = relative_residual(model, *((x, v) if v.ndim == 1 else (x[:, :checked], v[:, :checked])), self.damping)
+        # the operator bounds its columns per pass
+        res = relative_residual(self.operator_, *((x, v) if v.ndim == 1 else (x[:, :checked], v[:, :checked])), self.damping)
         return SolveResult(x=x, solver=self.name, iterations=1, residual=res, converged=res <= 1e-6,
                            damping=self.damping, info={"blocks": [f.name for f in blocks], "fisher": self.fisher,
                                                        "smallest_eigenvalue": smallest, "residual_columns": checked})

@@ -127,12 +127,12 @@ def test_fig2_cnn_loo_resumes_from_its_journals(tmp_path):
         assert runs[1][1][key] == runs[0][1][key], key
     assert len((out / "refits.jsonl").read_text().splitlines()) == 4  # control + 3, nothing added
     # the K-FAC benchmark's CNN rows alone, on this stored run
-    bench = tmp_path / "cnn_kfac.md"
+    bench = tmp_path / "cnn_kfac"
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark_influence.py"), "--cnn-kfac-only",
                            "--data-dir", str(data), "--cnn-loo", str(out), "--cnn-cg-tests", "1", "--out", str(bench)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    text = bench.read_text()
+    text = (bench / "BENCHMARK.md").read_text()
     assert "ekfac: score all 120 points for 100 test points" in text and "CG (damping" in text
     assert "LOO Pearson on the 3 stored re-fits" in text
     diag = next(line for line in text.splitlines() if "span of H's top 20 eigenvectors" in line)

@@ -230,7 +230,7 @@ def test_wide_hvp_is_split_into_blocks_of_columns(digits):
     net = keras.Sequential([keras.Input((64,)), keras.layers.Dense(6, activation="tanh", dtype="float64"),
                             keras.layers.Dense(10, dtype="float64")])
     m = KerasModel(net, loss="softmax", weight_decay=0.01).set_training_data(X[:80], y[:80])
-    assert m._hvp_columns_per_pass() == 8  # outputs not linear in theta: 8 columns per pass by default
+    assert m.curvature_operator().columns_per_pass() == 8  # outputs not linear in theta: 8 columns per pass by default
     V = np.random.default_rng(0).standard_normal((m.n_params, 7))
     one_by_one = np.stack([m.hvp(V[:, j]) for j in range(7)], axis=1)
     passes = []

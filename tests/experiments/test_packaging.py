@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = ["demo_digits", "fig1_components", "fig2_logreg_loo", "fig2_cnn_loo", "fig3_smooth_hinge",
            "sec53_hospital_readmission", "fig6_spam_mislabel", "fig4_inception_vs_rbf", "fig5_training_set_attack"]
 

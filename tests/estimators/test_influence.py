@@ -122,9 +122,9 @@ def test_s_test_cache_is_used_and_invalidated(tmp_path, binary_digits, monkeypat
     calls = []
     original = CGSolver._solve
 
-    def counting(self, model, v):
+    def counting(self, v):
         calls.append(1)
-        return original(self, model, v)
+        return original(self, v)
 
     monkeypatch.setattr(CGSolver, "_solve", counting)
     a = m.s_test(Xte[0], yte[0], solver="cg")
@@ -405,35 +405,37 @@ def test_influence_matrix_resumes_after_a_failure(multiclass_model, digits, tmp_
     want = m.influence_matrix(Xte, yte, indices=idx, solver="exact")
     path = tmp_path / "I.npy"
     solves = []
-    real = m.inverse_hvp
+    from influence import InfluenceFunction
 
-    def failing_after_one(v, *a, **kw):
+    real = InfluenceFunction.inverse_hvp
+
+    def failing_after_one(self, v):
         if solves:
             raise RuntimeError("interrupted")
         solves.append(v.shape[1])
-        return real(v, *a, **kw)
+        return real(self, v)
 
-    monkeypatch.setattr(m, "inverse_hvp", failing_after_one)
+    monkeypatch.setattr(InfluenceFunction, "inverse_hvp", failing_after_one)
     with pytest.raises(RuntimeError, match="interrupted"):
         m.influence_matrix(Xte, yte, indices=idx, solver="exact", out=path, test_chunk=3, resume=True)
     assert not path.exists()
     assert (tmp_path / "I.npy.partial.npy").is_file() and (tmp_path / "I.npy.partial.json").is_file()
 
-    def counting(v, *a, **kw):
+    def counting(self, v):
         solves.append(v.shape[1])
-        return real(v, *a, **kw)
+        return real(self, v)
 
-    monkeypatch.setattr(m, "inverse_hvp", counting)
+    monkeypatch.setattr(InfluenceFunction, "inverse_hvp", counting)
     got = m.influence_matrix(Xte, yte, indices=idx, solver="exact", out=path, test_chunk=3, resume=True)
     assert solves == [3, 3, 1]  # the first chunk was not solved again
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["I.npy"]
     # another computation (different test points) never reuses a stale checkpoint
     solves.clear()
-    monkeypatch.setattr(m, "inverse_hvp", failing_after_one)
+    monkeypatch.setattr(InfluenceFunction, "inverse_hvp", failing_after_one)
     with pytest.raises(RuntimeError):
         m.influence_matrix(Xte[:6], yte[:6], indices=idx, solver="exact", out=path, test_chunk=3, resume=True)
-    monkeypatch.setattr(m, "inverse_hvp", counting)
+    monkeypatch.setattr(InfluenceFunction, "inverse_hvp", counting)
     solves.clear()
     other = m.influence_matrix(Xte[1:7], yte[1:7], indices=idx, solver="exact", out=path, test_chunk=3, resume=True)
     assert solves == [3, 3]

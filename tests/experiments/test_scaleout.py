@@ -8,7 +8,7 @@ import numpy as np
 
 from influence import leave_one_out
 
-HELPER = Path(__file__).resolve().parent / "helpers" / "mirrored_check.py"
+HELPER = Path(__file__).resolve().parents[1] / "helpers" / "mirrored_check.py"
 
 
 def test_mirrored_strategy_equals_single_device():

@@ -1,5 +1,6 @@
 """Inverse-HVP solvers against exact solves, and their diagnostics and failure modes."""
 import numpy as np
+from helpers.indefinite import NegativeDecayLogistic
 import pytest
 
 from influence import CGSolver, ExactSolver, LissaDivergenceError, LissaSolver, get_solver
@@ -123,7 +124,7 @@ def test_exact_refuses_indefinite(binary_model):
     lmin = np.linalg.eigvalsh(m.hessian())[0]
     # a negative "damping" is refused, so emulate an indefinite H by a model with negative wd
     from influence import BinaryLogisticRegression
-    neg = BinaryLogisticRegression(weight_decay=-(lmin + 1.0))
+    neg = NegativeDecayLogistic(weight_decay=-(lmin + 1.0))
     neg.set_training_data(m.X_train_np_, m.y_train_np_).set_theta(m.theta_)
     with pytest.raises(NotPositiveDefiniteError, match="add damping"):
         neg.inverse_hvp(np.ones(m.n_params), "exact")
@@ -218,12 +219,15 @@ def test_arnoldi_full_rank_is_exact_and_columns_are_independent(binary_model):
                                m.influence_up_loss(x, y, solver="exact", use_cache=False), rtol=1e-8)
 
 
-def test_arnoldi_caches_its_eigenpairs_per_theta_and_curvature(multiclass_model):
+def test_arnoldi_caches_its_eigenpairs_per_theta_and_curvature(multiclass_model, monkeypatch):
+    from influence.curvature import CurvatureOperator
+
     m = multiclass_model.clone().fit(multiclass_model.X_train_np_, multiclass_model.y_train_np_)
     v = np.ones(m.n_params)
     calls = []
-    hvp = m.hvp
-    m.hvp = lambda u, indices=None: (calls.append(np.ndim(u)), hvp(u, indices))[1]
+    hvp = CurvatureOperator.hvp
+    monkeypatch.setattr(CurvatureOperator, "hvp",
+                        lambda self, u, indices=None: (calls.append(np.ndim(u)), hvp(self, u, indices))[1])
     m.inverse_hvp(v, "arnoldi", rank=10)
     first = len(calls)
     assert first > 10  # the Lanczos iteration
@@ -250,7 +254,7 @@ def test_arnoldi_refuses_bad_settings_and_indefinite_kept_eigenvalues(binary_mod
         ArnoldiSolver(fill=0.0)
     m = binary_model
     lmin = np.linalg.eigvalsh(m.hessian())[0]
-    neg = BinaryLogisticRegression(weight_decay=-(lmin + 1.0))
+    neg = NegativeDecayLogistic(weight_decay=-(lmin + 1.0))
     neg.set_training_data(m.X_train_np_, m.y_train_np_).set_theta(m.theta_)
     with pytest.raises(NotPositiveDefiniteError, match="add damping"):
         neg.inverse_hvp(np.ones(m.n_params), "arnoldi", rank=m.n_params)
@@ -263,7 +267,7 @@ def indefinite_model(binary_model):
 
     m = binary_model
     w = np.linalg.eigvalsh(m.hessian())
-    neg = BinaryLogisticRegression(weight_decay=-(w[0] + 0.05))  # shifts the spectrum down by w[0] + 0.05
+    neg = NegativeDecayLogistic(weight_decay=-(w[0] + 0.05))  # shifts the spectrum down by w[0] + 0.05
     neg.set_training_data(m.X_train_np_, m.y_train_np_).set_theta(m.theta_)
     return neg
 
@@ -299,15 +303,14 @@ def test_auto_damping_is_raised_when_cg_still_meets_negative_curvature(indefinit
     meets negative curvature and the damping is raised until H + damping I is definite."""
     m = indefinite_model
     w = np.linalg.eigvalsh(m.hessian())
-    monkeypatch.setattr(m, "hessian_eigenvalue_bounds", lambda tol: (0.1 * float(w[0]), float(w[-1])))
-    m._eigenvalue_bounds_cache = None
+    monkeypatch.setattr(m.curvature_operator(), "eigenvalue_bounds",
+                        lambda tol, maxiter=None: (0.1 * float(w[0]), float(w[-1])))
     v = np.random.default_rng(10).standard_normal(m.n_params)
     res = m.inverse_hvp(v, "cg", damping="auto")
     assert res.info["damping_retries"] >= 1 and not res.info["negative_curvature"]
     assert res.damping > -w[0] and res.converged
     want = np.linalg.solve(m.hessian() + res.damping * np.eye(m.n_params), v)
     assert rel(res.x, want) < 1e-7
-    m._eigenvalue_bounds_cache = None
 
 
 def test_auto_damping_where_the_estimate_cannot_tell_the_sign(indefinite_model, monkeypatch):
@@ -317,11 +320,9 @@ def test_auto_damping_where_the_estimate_cannot_tell_the_sign(indefinite_model, 
 
     m = indefinite_model
     lmax = 10.0 / AUTO_DAMPING_LANCZOS_TOL  # accuracy 10, above the true |lambda_min|
-    monkeypatch.setattr(m, "hessian_eigenvalue_bounds", lambda tol: (0.5 * tol * lmax, lmax))
-    m._eigenvalue_bounds_cache = None
+    monkeypatch.setattr(m.curvature_operator(), "eigenvalue_bounds", lambda tol, maxiter=None: (0.5 * tol * lmax, lmax))
     res = m.inverse_hvp(np.ones(m.n_params), "cg", damping="auto")
     assert res.damping == pytest.approx(10.0) and res.info["damping_retries"] == 0 and res.converged
-    m._eigenvalue_bounds_cache = None
 
 
 def test_auto_damping_eigenvalues_are_cached_per_theta(indefinite_model, monkeypatch):
@@ -330,10 +331,10 @@ def test_auto_damping_eigenvalues_are_cached_per_theta(indefinite_model, monkeyp
     v = np.ones(m.n_params)
     first = m.inverse_hvp(v, "cg", damping="auto")
 
-    def refuse(tol):
+    def refuse(tol, maxiter):
         raise AssertionError("eigenvalues recomputed for the same theta")
 
-    monkeypatch.setattr(m, "hessian_eigenvalue_bounds", refuse)
+    monkeypatch.setattr(m.curvature_operator(), "_lanczos_bounds", refuse)
     again = m.inverse_hvp(2 * v, "cg", damping="auto")
     assert again.damping == first.damping
     m.set_theta(m.theta_ * 1.01)

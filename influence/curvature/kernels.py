@@ -1,0 +1,106 @@
+"""The compiled curvature kernels of one model: Hessian- and Gauss-Newton-vector products.
+
+Each kernel takes ``theta`` and a batch ``(x, y)`` explicitly and returns a sum over the
+batch, so one trace serves every batch and every theta. ``H v`` is double backprop,
+``grad_theta(grad_theta(sum L) . v)``; ``G v`` is ``J^T [d^2 L / d f^2] J v`` (forward mode
+for ``J v``, reverse mode for ``J^T``). The regulariser is added by the operator.
+"""
+from __future__ import annotations
+
+import tensorflow as tf
+
+
+def output_hessians(model, out: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+    """``d^2 L(z_i) / d f_i^2`` for each example of a batch, (b, k, k) symmetrised, with ``f_i``
+    the example's outputs ``out[i]`` flattened to k entries (a binary model: k = 1)."""
+    k = 1
+    for dim in out.shape[1:]:
+        k *= int(dim)
+    f = tf.reshape(tf.stop_gradient(out), [-1, k])
+    with tf.GradientTape() as outer:
+        outer.watch(f)
+        with tf.GradientTape() as inner:
+            inner.watch(f)
+            total = tf.reduce_sum(model._loss(tf.reshape(f, tf.shape(out)), y))
+        g = inner.gradient(total, f)
+    S = outer.batch_jacobian(g, f, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    return 0.5 * (S + tf.linalg.matrix_transpose(S))
+
+
+def _loss_grad(model, theta, x, y):
+    with tf.GradientTape() as tape:
+        tape.watch(theta)
+        total = tf.reduce_sum(model._loss(model._forward(model.unflatten(theta), x), y))
+    return tape.gradient(total, theta)
+
+
+def hessian_kernels(model):
+    """``(one, many)``: ``sum_i nabla^2 L(z_i) v`` over a batch, for v (p,) and V (p, k)."""
+    def hvp_sum(theta, x, y, v):
+        with tf.GradientTape() as outer:
+            outer.watch(theta)
+            gv = tf.reduce_sum(_loss_grad(model, theta, x, y) * tf.stop_gradient(v))
+        return outer.gradient(gv, theta)
+
+    def hvp_sum_many(theta, x, y, V):  # vectorised over the k columns
+        with tf.GradientTape() as outer:
+            outer.watch(theta)
+            gV = tf.linalg.matvec(tf.stop_gradient(V), _loss_grad(model, theta, x, y), transpose_a=True)
+        return tf.transpose(outer.jacobian(gV, theta, experimental_use_pfor=True))
+
+    return hvp_sum, hvp_sum_many
+
+
+def gauss_newton_kernels(model):
+    """``(one, many)``: ``sum_i J_i^T [d^2 L / d f^2] J_i v`` over a batch."""
+    def gnvp_sum(theta, x, y, v):
+        with tf.GradientTape() as tape:
+            tape.watch(theta)
+            with tf.autodiff.ForwardAccumulator(theta, v) as acc:
+                out = model._forward(model.unflatten(theta), x)
+            jv = tf.stop_gradient(acc.jvp(out, unconnected_gradients=tf.UnconnectedGradients.ZERO))
+        f = tf.stop_gradient(out)
+        with tf.GradientTape() as outer:
+            outer.watch(f)
+            with tf.GradientTape() as inner:
+                inner.watch(f)
+                total = tf.reduce_sum(model._loss(f, y))
+            gjv = tf.reduce_sum(inner.gradient(total, f) * jv)
+        hjv = tf.stop_gradient(outer.gradient(gjv, f, unconnected_gradients=tf.UnconnectedGradients.ZERO))
+        return tape.gradient(out, theta, output_gradients=hjv, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+    def gnvp_sum_many(theta, x, y, V):
+        return tf.transpose(tf.vectorized_map(lambda v: gnvp_sum(theta, x, y, v), tf.transpose(V)))
+
+    return gnvp_sum, gnvp_sum_many
+
+
+def per_example_gn_eigmax_kernel(model):
+    """Largest eigenvalue of each example's ``J_i^T S_i J_i`` (``S_i = d^2 L / d f^2`` at ``f_i``):
+    that of the small (k, k) matrix ``S_i^1/2 (J_i J_i^T) S_i^1/2``."""
+    def per_example_gn_eigmax(theta, x, y):
+        out = model._forward(model.unflatten(theta), x)
+        k = 1
+        for dim in out.shape[1:]:
+            k *= int(dim)
+
+        def jac(xi):
+            with tf.GradientTape(persistent=True) as tape:
+                tape.watch(theta)
+                fi = tf.reshape(model._forward(model.unflatten(theta), xi[None]), [-1])
+                parts = [fi[j] for j in range(k)]
+            return tf.stack([tape.gradient(part, theta, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+                             for part in parts])
+
+        J = tf.vectorized_map(jac, x)                                    # (b, k, p)
+        K = tf.einsum("bip,bjp->bij", J, J)
+        w, U = tf.linalg.eigh(output_hessians(model, out, y))            # S_i = U diag(w) U^T
+        root = tf.einsum("bij,bj,bkj->bik", U, tf.sqrt(tf.maximum(w, 0)), U)
+        M = root @ K @ root
+        return tf.linalg.eigvalsh(0.5 * (M + tf.linalg.matrix_transpose(M)))[:, -1]
+
+    return per_example_gn_eigmax
+
+
+def compiled(fn):
+    return tf.function(fn, reduce_retracing=True)

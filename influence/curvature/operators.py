@@ -1,0 +1,301 @@
+"""Curvature operators: the matrix every solver inverts, as an object over a fitted model.
+
+``HessianOperator(model)`` is ``H = (1/n) sum_i nabla^2 L(z_i) + wd * diag(mask)``, the
+Hessian of the training objective at the model's current ``theta``;
+``GaussNewtonOperator(model)`` is ``G = (1/n) sum_i J_i^T [d^2 L / d f^2] J_i + wd *
+diag(mask)`` (see :mod:`influence.generic_neural_net`), positive semi-definite for every
+loss convex in the outputs. With ``indices``, the loss part averages over those training
+points only (a sub-sampled operator); the regulariser is always whole.
+
+An operator owns its compiled kernels and its caches (the explicit matrix, the extreme
+eigenvalues, each training point's curvature), each keyed by :meth:`state_key` (theta,
+the training data, the operator): a model re-fitted or given new data gets fresh values.
+The model itself is never modified. :func:`operator_for` hands out one shared operator per
+model and curvature, so that convenience calls reuse the compiled kernels.
+"""
+from __future__ import annotations
+
+import logging
+import weakref
+
+import numpy as np
+import tensorflow as tf
+
+from ..utils import hash_arrays, progress
+from . import kernels as K
+
+logger = logging.getLogger(__name__)
+
+CURVATURES = ("hessian", "gauss-newton")
+
+
+def check_curvature(curvature: str) -> str:
+    if curvature not in CURVATURES:
+        raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
+    return curvature
+
+
+class CurvatureOperator:
+    """A symmetric (p, p) curvature matrix of a fitted model, applied by batched passes.
+
+    Parameters
+    ----------
+    model : GenericNeuralNet
+        A model with training data; read at each call (its current theta and data).
+    indices : array of int or None
+        Training points the loss part averages over (None: all).
+    """
+
+    kind = "base"
+
+    def __init__(self, model, indices=None, *, _weak: bool = False):
+        model._require_fit()
+        self._model_ref = weakref.ref(model) if _weak else (lambda m=model: m)
+        self.indices = None if indices is None else model._check_indices(indices)
+        handle = weakref.proxy(model) if _weak else model  # compiled kernels must not keep a shared model alive
+        one, many = self._make_kernels(handle)
+        self._handle = handle
+        self._one, self._many = K.compiled(one), K.compiled(many)
+        self._batch_many = many  # uncompiled: for loops that compile it inside their own tf.function
+        self._eigmax = None
+        self._caches: dict[str, tuple] = {}
+
+    # ------------------------------------------------------------------ identity
+    @property
+    def model(self):
+        model = self._model_ref()
+        if model is None:
+            raise RuntimeError("the model of this curvature operator no longer exists")
+        return model
+
+    @property
+    def n_params(self) -> int:
+        return self.model.n_params
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.n_params, self.n_params
+
+    @property
+    def n_points(self) -> int:
+        return self.model.n_train_ if self.indices is None else len(self.indices)
+
+    def state_key(self) -> tuple:
+        """What every value this operator computes depends on: theta, the training data, the
+        operator's kind and its sub-sample."""
+        m = self.model
+        return (hash_arrays(m.theta_), m.data_fingerprint_, self.kind,
+                None if self.indices is None else hash_arrays(self.indices))
+
+    def _cached(self, name: str, key, compute):
+        hit = self._caches.get(name)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        value = compute()
+        self._caches[name] = (key, value)
+        return value
+
+    #: whether a training point's curvature from the Gauss-Newton form is exact for this operator
+    def _example_curvature_exact(self) -> bool:
+        return self.model.linear_outputs
+
+    def _make_kernels(self, model):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ products
+    def columns_per_pass(self) -> int:
+        """Most columns one batched pass carries (the model's ``hvp_max_columns``; default
+        1024 where the outputs are linear in theta, else 8: a many-column pass holds one copy
+        of the batch's activations per column)."""
+        cols = self.model.hvp_max_columns
+        if cols is not None:
+            if int(cols) < 1:
+                raise ValueError(f"hvp_max_columns must be >= 1, got {cols}")
+            return int(cols)
+        return 1024 if self.model.linear_outputs else 8
+
+    def hvp(self, v: np.ndarray, indices=None) -> np.ndarray:
+        """``C v`` (or ``C V`` for a (p, k) matrix). ``indices``: average the loss part over
+        those training points instead of the operator's own."""
+        m = self.model
+        v = np.asarray(v, dtype=m.dtype)
+        if v.shape[0] != m.n_params or v.ndim not in (1, 2):
+            raise ValueError(f"v must have shape ({m.n_params},) or ({m.n_params}, k), got {v.shape}")
+        if not np.all(np.isfinite(v)):
+            raise ValueError("v contains NaN or infinite values")
+        step = self.columns_per_pass()
+        if v.ndim == 2 and v.shape[1] > step:  # bounded memory: a block of columns per pass over the data
+            return np.concatenate([self.hvp(v[:, j:j + step], indices) for j in range(0, v.shape[1], step)], axis=1)
+        idx = self.indices if indices is None else m._check_indices(indices)
+        n = m.n_train_ if idx is None else len(idx)
+        out = m._map_train(self._one if v.ndim == 1 else self._many, m._theta_tf(), tf.constant(v), indices=idx)
+        mask = m.decay_mask_ if v.ndim == 1 else m.decay_mask_[:, None]
+        return out / n + m.weight_decay * mask * v
+
+    matvec = hvp
+
+    def __matmul__(self, v):
+        return self.hvp(v)
+
+    def batch_sum_many(self, theta, x, y, V):
+        """``sum_{i in batch} C_i V`` (no regulariser) as TF ops, for loops compiled elsewhere (LiSSA)."""
+        return self._batch_many(theta, x, y, V)
+
+    # ------------------------------------------------------------------ explicit matrix & spectrum
+    def dense(self) -> np.ndarray:
+        """The explicit (p, p) matrix from batched products (cached; refused above the model's
+        ``max_hessian_params``)."""
+        m = self.model
+        if m.n_params > m.max_hessian_params:
+            raise ValueError(f"explicit Hessian refused for p = {m.n_params} > max_hessian_params = "
+                             f"{m.max_hessian_params}; use the 'cg' or 'lissa' solver")
+
+        def compute():
+            closed = getattr(m, "_closed_form_hessian", None)
+            if closed is not None and self.indices is None and (self.kind == "hessian" or m.linear_outputs):
+                return closed()
+            p = m.n_params
+            chunk = min(p, 128)
+            H = np.empty((p, p))
+            for j in progress(range(0, p, chunk), total=-(-p // chunk), desc="Hessian", enabled=m.progress):
+                E = np.zeros((p, min(chunk, p - j)))
+                E[np.arange(j, j + E.shape[1]), np.arange(E.shape[1])] = 1.0
+                H[:, j:j + E.shape[1]] = self.hvp(E)
+            return 0.5 * (H + H.T)
+
+        return self._cached("dense", self.state_key(), compute)
+
+    def eigenvalue_bounds(self, tol: float = 1e-4, maxiter: int | None = None) -> tuple[float, float]:
+        """(smallest, largest) eigenvalue by Lanczos (ARPACK) on products, cached per state.
+
+        Good to about ``tol * largest`` in absolute terms: a small positive smallest value does
+        not prove the matrix positive definite (``damping="auto"`` allows for this).
+        """
+        return self._cached("bounds", (self.state_key(), float(tol), maxiter),
+                            lambda: self._lanczos_bounds(tol, maxiter))
+
+    def _lanczos_bounds(self, tol, maxiter):
+        import scipy.sparse.linalg as spla
+
+        m = self.model
+        p = m.n_params
+        if p <= 2:
+            w = np.linalg.eigvalsh(self.dense())
+            return float(w[0]), float(w[-1])
+        op = spla.LinearOperator((p, p), matvec=lambda v: self.hvp(np.ravel(v)), dtype=np.float64)
+        v0 = np.random.default_rng(m.seed).standard_normal(p)
+        maxiter = maxiter or max(100, 10 * p)
+        lmax = spla.eigsh(op, k=1, which="LA", tol=tol, v0=v0, maxiter=maxiter, return_eigenvectors=False)[0]
+        # smallest via the largest of (lmax I - C), which converges faster than which="SA"
+        shifted = spla.LinearOperator((p, p), matvec=lambda v: lmax * np.ravel(v) - self.hvp(np.ravel(v)),
+                                      dtype=np.float64)
+        top = spla.eigsh(shifted, k=1, which="LA", tol=tol, v0=v0, maxiter=maxiter, return_eigenvectors=False)[0]
+        lmin = float(lmax - top)
+        if lmin < 0:
+            self._warn_negative(lmin)
+        return lmin, float(lmax)
+
+    def _warn_negative(self, lmin):
+        logger.warning("Gauss-Newton matrix has a negative eigenvalue (%.3g), which only round-off can give "
+                       "(or a loss that is not convex in the outputs)", lmin)
+
+    def dense_eigenvalue_bounds(self) -> tuple[float, float]:
+        """(smallest, largest) eigenvalue of the explicit matrix (cached)."""
+        def compute():
+            w = np.linalg.eigvalsh(self.dense())
+            return float(w[0]), float(w[-1])
+        return self._cached("dense_bounds", self.state_key(), compute)
+
+    def per_example_curvature(self, refine: int = 8) -> np.ndarray:
+        """Largest eigenvalue of each training point's loss curvature (no regulariser), (n,).
+
+        One vectorised pass: for each point, the largest eigenvalue of ``J_i^T S_i J_i`` from a
+        (k, k) eigenproblem. That is the point's exact curvature for the Gauss-Newton operator
+        and where the outputs are linear in theta; for the Hessian of other models it is the
+        Gauss-Newton part: the ``refine`` points with the largest values get 30 power
+        iterations on their own Hessian, and every value is scaled by the largest ratio found
+        (at least 1). Cached per state.
+        """
+        return self._cached("example_curvature", (self.state_key(), int(refine)),
+                            lambda: self._example_curvature(int(refine)))
+
+    def _example_curvature(self, refine):
+        m = self.model
+        if self._eigmax is None:
+            self._eigmax = K.compiled(K.per_example_gn_eigmax_kernel(self._handle))
+        k = int(np.prod(m.outputs(m.X_train_np_[:1]).shape[1:]))
+        bs = max(1, min(m.batch_size, m._rows_per_chunk() // max(k, 1)))
+        lam = m._map_train(self._eigmax, m._theta_tf(), reduce="concat", batch_size=bs, desc="per-example curvature")
+        lam = np.maximum(lam, 0.0)
+        if not self._example_curvature_exact() and refine > 0:
+            ratio = 1.0
+            rng = np.random.default_rng(m.seed)
+            for i in np.argsort(-lam)[:refine]:
+                u = rng.standard_normal(m.n_params)
+                u /= np.linalg.norm(u)
+                for _ in range(30):
+                    w = self.hvp(u, indices=[i])
+                    est = float(np.linalg.norm(w))
+                    u = w / max(est, 1e-300)
+                if lam[i] > 0:
+                    ratio = max(ratio, est / lam[i])
+            logger.info("per-example curvature: Gauss-Newton part scaled by %.3g from power iterations on the %d "
+                        "largest", ratio, refine)
+            lam = lam * ratio
+        return lam
+
+    def __repr__(self):
+        return f"{type(self).__name__}({type(self.model).__name__}, p={self.n_params}, n={self.n_points})"
+
+
+class HessianOperator(CurvatureOperator):
+    """``H``: the Hessian of the training objective (double backprop)."""
+
+    kind = "hessian"
+
+    def _make_kernels(self, model):
+        return K.hessian_kernels(model)
+
+    def _warn_negative(self, lmin):
+        logger.warning("Hessian has a negative eigenvalue (%.3g): the objective is not convex at theta; "
+                       "use damping of at least %.3g for CG or LiSSA, or curvature='gauss-newton'", lmin, -lmin)
+
+
+class GaussNewtonOperator(CurvatureOperator):
+    """``G``: the generalised Gauss-Newton matrix (forward mode for ``J v``, reverse for ``J^T``)."""
+
+    kind = "gauss-newton"
+
+    def _make_kernels(self, model):
+        return K.gauss_newton_kernels(model)
+
+    def _example_curvature_exact(self) -> bool:
+        return True
+
+
+OPERATORS = {cls.kind: cls for cls in (HessianOperator, GaussNewtonOperator)}
+
+_SHARED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def operator_for(model, curvature: str | None = None) -> CurvatureOperator:
+    """The shared operator of ``model`` for ``curvature`` (default: the model's ``curvature``).
+
+    One per model and curvature, kept while the model lives (it holds the model weakly), so
+    every convenience call reuses its compiled kernels and caches."""
+    curvature = check_curvature(model.curvature if curvature is None else curvature)
+    model._require_fit()
+    ops = _SHARED.setdefault(model, {})
+    op = ops.get(curvature)
+    if op is None:
+        op = ops[curvature] = OPERATORS[curvature](model, _weak=True)
+    return op
+
+
+def as_operator(obj, curvature: str | None = None) -> CurvatureOperator:
+    """An operator as it is, or the shared operator of a model."""
+    if isinstance(obj, CurvatureOperator):
+        if curvature is not None and check_curvature(curvature) != obj.kind:
+            raise ValueError(f"curvature={curvature!r} given with a {obj.kind} operator")
+        return obj
+    return operator_for(obj, curvature)
