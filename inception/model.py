@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from influence.datasets.manifest import DataError, DataMissingError
+
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 logger = logging.getLogger(__name__)
@@ -37,8 +39,13 @@ DEFAULT_WEIGHTS = "inception/inception_v3_2015_12_05_notop_keras_order.npz"
 WEIGHTS_SHA256 = "94d71dbe83c043bea91a6cb9112ecc205c8ffc665ab03e840b6fcb5764925345"
 
 
-class WeightsError(RuntimeError):
-    """The Inception weights file is missing, unreadable or does not fit the architecture."""
+class WeightsError(DataError):
+    """The Inception weights file is missing, unreadable or does not fit the architecture (a
+    data error: the experiment scripts exit 3, as for any unreadable data)."""
+
+
+class WeightsMissingError(WeightsError, DataMissingError):
+    """The Inception weights file is not there (exit 2, with the recipe to get it)."""
 
 
 @dataclass(frozen=True)
@@ -187,7 +194,7 @@ def load_inception(weights: str | os.PathLike | None = None, data_dir=None, veri
                             f"file to use Keras's stock weights.")
     if str(weights) == "imagenet" or str(weights).endswith(".h5"):
         if str(weights) != "imagenet" and not Path(weights).is_file():
-            raise WeightsError(f"missing Inception weights file {weights}")
+            raise WeightsMissingError(f"missing Inception weights file {weights}")
         model = build_inception_v3(last_pool="avg")
         try:
             import keras
@@ -207,7 +214,7 @@ def load_inception(weights: str | os.PathLike | None = None, data_dir=None, veri
         return model, KERAS_STOCK
     path = Path(weights)
     if not path.is_file():
-        raise WeightsError(f"missing Inception weights file {path} (see data/README.md: inception/)")
+        raise WeightsMissingError(f"missing Inception weights file {path} (see data/README.md: inception/)")
     if verify_checksum:
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
         if digest != WEIGHTS_SHA256:

@@ -8,16 +8,22 @@ run is the default), and writes into ``--out``:
   or null where the paper gives none), ``targets`` (name -> acceptance threshold),
   ``config``, ``wall_time_s`` and software versions;
 - ``arrays.npz``: the raw arrays behind the figure;
-- ``<experiment>.png`` and ``.pdf``: the figure.
+- ``<experiment>.png`` and ``.pdf``: the figure;
+- ``outputs.json``: the files this run wrote.
 
-Every file is written atomically. A missing dataset exits with status 2 ("data missing"),
+Every file is written atomically. A folder holds one run: a new run first removes the
+files the previous one listed in ``outputs.json`` (journals of long runs, which a rerun
+resumes from, are not outputs and stay) and the temporary files of killed writes. An
+``--out`` that is a file or cannot be written to is refused before any work. A missing dataset exits with status 2 ("data missing"),
 a corrupt or unreadable one with status 3 ("data unreadable"); both messages say how to
 fetch the data.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import platform
 import sys
 import time
@@ -25,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .datasets.manifest import DataError, DataMissingError
-from .utils import atomic_path, save_npz, write_json
+from .utils import atomic_path, remove_stale_temporaries, save_npz, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +58,33 @@ def experiment_parser(name: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def index_in(size: int, what: str):
+    """An argparse type: an integer index into ``what`` of ``size`` entries, refused at parse time."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not 0 <= value < size:
+            raise argparse.ArgumentTypeError(f"{value} is not an index into {what} (0 to {size - 1})")
+        return value
+    return parse
+
+
+def check_out(out: Path) -> str | None:
+    """Why ``out`` cannot take this run's files (None: it can), found before any work."""
+    if out.exists() and not out.is_dir():
+        return f"--out {out} is a file, not a folder"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        return f"--out {out} cannot be written to ({exc.strerror or exc})"
+    return None
+
+
 def software_versions() -> dict[str, str]:
     import numpy
     import scipy
@@ -70,15 +103,43 @@ def software_versions() -> dict[str, str]:
 class Experiment:
     """Output folder, timing and writers for one experiment run."""
 
+    MANIFEST = "outputs.json"
+
     def __init__(self, name: str, args: argparse.Namespace):
         self.name = name
         self.args = args
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.t0 = time.perf_counter()
+        self._written: list[str] = []
+        self._remove_previous_run()
+
+    def _remove_previous_run(self) -> None:
+        """The last run's outputs (as its manifest lists them; without one, the contract's own
+        names) and the temporaries of killed writes go, so the folder never mixes two runs."""
+        manifest = self.out / self.MANIFEST
+        try:
+            names = json.loads(manifest.read_text())["files"]
+        except (OSError, ValueError, KeyError, TypeError):
+            names = ["metrics.json", "arrays.npz", f"{self.name}.png", f"{self.name}.pdf"]
+        stale = [self.out / n for n in names if "/" not in str(n) and (self.out / n).is_file()]
+        for path in stale:
+            path.unlink()
+        if manifest.is_file():
+            manifest.unlink()
+        if stale:
+            logger.info("removed the previous run's outputs from %s: %s", self.out, ", ".join(p.name for p in stale))
+        remove_stale_temporaries(self.out, every=True)
+
+    def output(self, filename: str) -> Path:
+        """``out/filename``, listed as one of this run's outputs (write it atomically)."""
+        if filename not in self._written:
+            self._written.append(filename)
+            write_json(self.out / self.MANIFEST, {"experiment": self.name, "files": self._written})
+        return self.out / filename
 
     def save_arrays(self, **arrays) -> Path:
-        path = self.out / "arrays.npz"
+        path = self.output("arrays.npz")
         save_npz(path, **arrays)
         return path
 
@@ -91,7 +152,7 @@ class Experiment:
             fig._quick_stamped = True
         paths = []
         for ext in ("png", "pdf"):
-            path = self.out / f"{stem}.{ext}"
+            path = self.output(f"{stem}.{ext}")
             with atomic_path(path, suffix=f".{ext}") as tmp:
                 fig.savefig(tmp, dpi=150, bbox_inches="tight", format=ext)
             paths.append(path)
@@ -99,7 +160,7 @@ class Experiment:
 
     def write_metrics(self, metrics: dict[str, Any], paper: dict[str, Any], targets: dict[str, str] | None = None,
                       config: dict[str, Any] | None = None, notes: str = "") -> Path:
-        path = self.out / "metrics.json"
+        path = self.output("metrics.json")
         write_json(path, {
             "experiment": self.name,
             "quick": bool(self.args.quick),
@@ -127,11 +188,14 @@ def run(name: str, description: str, main: Callable[[Experiment], None],
     if add_arguments:
         add_arguments(parser)
     args = parser.parse_args(argv)
+    out = Path(args.out)
+    created = not out.exists()
+    problem = check_out(out)
+    if problem:
+        parser.error(problem)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import matplotlib
     matplotlib.use("Agg")
-    out = Path(args.out)
-    created = not out.exists()
     try:
         main(Experiment(name, args))
     except DataMissingError as exc:

@@ -47,9 +47,16 @@ from .curvature import check_curvature
 from .model_kernels import GradientKernels
 from .shortcuts import InfluenceShortcuts
 from .utils import hash_arrays, progress
-from .validation import check_number
+from .validation import check_choice, check_number
 
 logger = logging.getLogger(__name__)
+
+
+NONSTATIONARY = ("warn", "raise", "ignore")  # what fit() does when theta is not a stationary point
+
+
+class NotStationaryError(RuntimeError):
+    """The fitted theta is not a stationary point of the objective (``nonstationary="raise"``)."""
 
 
 @dataclass(frozen=True)
@@ -94,6 +101,13 @@ class GenericNeuralNet(InfluenceShortcuts):
         The default matrix of the convenience methods (``s_test`` ...; each also takes
         ``curvature=``): the Hessian ``H`` of the objective, or the Gauss-Newton matrix
         ``G`` (module docstring).
+    stationarity_tol : float
+        Largest gradient norm ``||grad R(theta)||`` at which a fitted theta counts as a
+        stationary point (influence functions assume one).
+    nonstationary : {"warn", "raise", "ignore"}
+        What :meth:`fit` does when the fit ends above ``stationarity_tol``: a WARNING with
+        the gradient norm (default), :class:`NotStationaryError`, or nothing. Every solve
+        records the gradient norm of the last fit in its ``info``.
     strategy : tf.distribute.Strategy or None
         When given, every sum over the training set (objective, gradient, HVP) and every
         per-example pass (scores, per-example gradients) splits each batch across the
@@ -114,14 +128,19 @@ class GenericNeuralNet(InfluenceShortcuts):
 
     def __init__(self, weight_decay: float = 0.0, dtype: str = "float64", batch_size: int = 8192,
                  cache_dir: str | None = None, seed: int = 0, max_hessian_params: int = 10000,
-                 progress: bool = False, curvature: str = "hessian", strategy=None):
+                 progress: bool = False, curvature: str = "hessian", strategy=None,
+                 stationarity_tol: float = 1e-5, nonstationary: str = "warn"):
         self.weight_decay = check_number("weight_decay", weight_decay, low=0.0)
         self.curvature = check_curvature(curvature)
-        self.dtype = dtype
-        self.batch_size = int(batch_size)
+        if str(dtype) not in ("float32", "float64"):
+            raise ValueError(f"dtype must be one of ('float32', 'float64'), got {dtype!r}")
+        self.dtype = str(dtype)
+        self.batch_size = check_number("batch_size", batch_size, low=1, integer=True)
         self.cache_dir = cache_dir
-        self.seed = int(seed)
-        self.max_hessian_params = int(max_hessian_params)
+        self.seed = check_number("seed", seed, low=0, integer=True)
+        self.max_hessian_params = check_number("max_hessian_params", max_hessian_params, low=1, integer=True)
+        self.stationarity_tol = check_number("stationarity_tol", stationarity_tol, low=0.0)
+        self.nonstationary = check_choice("nonstationary", nonstationary, NONSTATIONARY)
         self.progress = progress
         self.strategy = strategy
         self._built = False
@@ -220,8 +239,8 @@ class GenericNeuralNet(InfluenceShortcuts):
             raise ValueError(f"{name} must have shape (n_examples, ...features), got shape {X.shape}")
         if self._built and X.shape[1:] != self.x_shape_:
             raise ValueError(f"{name} has example shape {X.shape[1:]}, the model was built for {self.x_shape_}")
-        if not np.issubdtype(X.dtype, np.number):
-            raise ValueError(f"{name} must be numeric, got dtype {X.dtype}")
+        if not np.issubdtype(X.dtype, np.number) or np.issubdtype(X.dtype, np.complexfloating):
+            raise ValueError(f"{name} must be real-valued and numeric, got dtype {X.dtype}")
         X = X.astype(self.dtype, copy=False)
         if not np.all(np.isfinite(X)):
             raise ValueError(f"{name} contains NaN or infinite values")
@@ -240,9 +259,25 @@ class GenericNeuralNet(InfluenceShortcuts):
             raise ValueError("labels contain NaN or infinite values")
         return X, self._encode_targets(y)
 
+    def _restoring_on_failure(self, fn, *args):
+        """``fn(*args)``; if it raises, the model's attributes are put back as they were, so a
+        failed call leaves no half-built layout (feature count, classes) behind."""
+        saved = dict(vars(self))
+        try:
+            return fn(*args)
+        except BaseException:
+            vars(self).clear()
+            vars(self).update(saved)
+            raise
+
     def set_training_data(self, X, y) -> "GenericNeuralNet":
         """Store the training set (builds the parameter layout on first call)."""
+        return self._restoring_on_failure(self._set_training_data, X, y)
+
+    def _set_training_data(self, X, y) -> "GenericNeuralNet":
         X = self._check_x(X, "X_train")
+        if len(X) == 0:
+            raise ValueError("the training set is empty")
         if not self._built:
             self.x_shape_ = tuple(X.shape[1:])
             self.y_shape_ = tuple(np.shape(y)[1:])
@@ -255,8 +290,6 @@ class GenericNeuralNet(InfluenceShortcuts):
             if not hasattr(self, "theta_"):
                 self.theta_ = self._init_theta(np.random.default_rng(self.seed)).astype(self.dtype)
         X, y_enc = self._check_xy(X, y, "X_train")
-        if len(X) == 0:
-            raise ValueError("the training set is empty")
         self.X_train_np_, self.y_train_np_ = X, np.asarray(y)
         self.X_train_ = tf.constant(X)
         self.y_train_ = tf.constant(y_enc)
@@ -281,14 +314,36 @@ class GenericNeuralNet(InfluenceShortcuts):
         return self
 
     def fit(self, X, y, theta0=None) -> "GenericNeuralNet":
-        """Store the training set and minimise the objective (warm start from ``theta0``)."""
+        """Store the training set and minimise the objective (warm start from ``theta0``).
+
+        A fit that fails (or ends at a non-finite objective) leaves the model as it was.
+        Ending above ``stationarity_tol`` warns, raises or passes (``nonstationary``)."""
+        return self._restoring_on_failure(self._fit, X, y, theta0)
+
+    def _fit(self, X, y, theta0):
         self.set_training_data(X, y)
         if theta0 is not None:
             self.set_theta(theta0)
-        self.set_theta(self._train(self.theta_.copy()))
-        self.grad_norm_ = float(np.linalg.norm(self.gradient()))
-        logger.info("%s fitted: objective %.10g, gradient norm %.3g", type(self).__name__,
-                    self.objective(), self.grad_norm_)
+        theta = np.asarray(self._train(self.theta_.copy()))
+        if not np.all(np.isfinite(theta)):
+            raise FloatingPointError(f"{type(self).__name__}.fit diverged (theta not finite); scale the features or "
+                                     f"raise weight_decay (now {self.weight_decay})")
+        self.set_theta(theta)
+        f, g = self.objective_and_gradient()
+        self.grad_norm_ = float(np.linalg.norm(g))
+        if not (np.isfinite(f) and np.isfinite(self.grad_norm_)):
+            raise FloatingPointError(f"{type(self).__name__}.fit ended at objective {f} with gradient norm "
+                                     f"{self.grad_norm_}: scale the features (their largest magnitude is "
+                                     f"{float(np.max(np.abs(self.X_train_np_))):.3g})")
+        logger.info("%s fitted: objective %.10g, gradient norm %.3g", type(self).__name__, f, self.grad_norm_)
+        if self.grad_norm_ > self.stationarity_tol and self.nonstationary != "ignore":
+            msg = (f"{type(self).__name__}.fit ended at gradient norm {self.grad_norm_:.3g} > stationarity_tol = "
+                   f"{self.stationarity_tol:g}: theta is not a stationary point of the objective, and influence "
+                   f"there is a different quantity (raise the optimiser's iterations, or pass "
+                   f"nonstationary='ignore' if this is intended)")
+            if self.nonstationary == "raise":
+                raise NotStationaryError(msg)
+            logger.warning(msg)
         return self
 
     def retrain_without(self, indices) -> np.ndarray:
@@ -509,7 +564,7 @@ class GenericNeuralNet(InfluenceShortcuts):
         res = scipy.optimize.minimize(self.objective_and_gradient, theta0, jac=True, method="L-BFGS-B",
                                       options=dict(maxiter=maxiter, maxcor=30, gtol=tol, ftol=1e-15, maxls=50))
         theta = res.x
-        logger.debug("L-BFGS: %s iterations, %s", res.nit, res.message)
+        logger.debug("L-BFGS: %s iterations, %s", res.nit, res.message)  # fit() checks where it ended
         if newton_polish:
             theta = self.newton_polish(theta, tol=tol)
         return theta

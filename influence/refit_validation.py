@@ -169,16 +169,28 @@ def retrain_test_losses(model, groups, X_test, y_test, executor: Executor | None
     model._require_fit()
     groups = [model._check_indices(g) for g in groups]
     X_test, y_test = model.as_batch(X_test, y_test)
+    if len(X_test) == 0:
+        raise ValueError("no test points given: X_test is empty")
     losses = np.full((len(groups), len(X_test)), np.nan)
     todo = list(range(len(groups)))
     done = None
     if journal is not None:
         book = refit_journal(model, X_test, y_test, journal)
         names = [_group_name(g) for g in groups]
+        usable = set()
         for j, name in enumerate(names):
-            if name in book:
-                losses[j] = book.get(name)
-        todo = [j for j in todo if names[j] not in book]
+            rec = book.get(name)
+            if rec is None:
+                continue
+            row = np.asarray(rec, dtype=float) if isinstance(rec, list) and all(
+                isinstance(v, (int, float)) for v in rec) else None
+            if row is None or row.shape != (len(X_test),) or not np.all(np.isfinite(row)):
+                logger.warning("%s: the record of re-fit %s is not %d finite test losses (%r); re-fitting it",
+                               journal, name, len(X_test), rec if len(str(rec)) < 80 else str(rec)[:80] + "...")
+                continue
+            losses[j] = row
+            usable.add(j)
+        todo = [j for j in todo if j not in usable]
         if len(todo) < len(groups):
             logger.info("re-fits: %d of %d recorded in %s, %d to run", len(groups) - len(todo), len(groups),
                         journal, len(todo))
@@ -227,6 +239,10 @@ def leave_one_out(model, X_test, y_test, indices, predicted=None, executor: Exec
         if predicted.shape != indices.shape:
             raise ValueError(f"predicted has shape {predicted.shape}, expected {indices.shape}")
     X_test, y_test = model.as_batch(X_test, y_test)
+    if len(X_test) == 0:
+        raise ValueError("no test points given: X_test is empty")
+    if len(indices) == 0 and not control:
+        raise ValueError("no training indices given to leave out")
     t0 = time.perf_counter()
     base = model.mean_loss(X_test, y_test)
     info = {"fitted_test_loss": base}

@@ -7,15 +7,17 @@ optional checkpoint so that a killed run restarts where it stopped.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from .utils import atomic_path, write_json
+from .utils import atomic_path, remove_stale_temporaries, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -47,38 +49,57 @@ def save_solve(path: Path, key: str, result) -> None:
 
 
 # ---------------------------------------------------------------------- matrices on disk
-def read_checkpoint(path: Path, key: str) -> set | None:
-    """The test-chunk start rows recorded as done in a checkpoint for ``key`` (None: no
-    usable checkpoint, e.g. another computation's)."""
+def rows_digest(rows: np.ndarray) -> str:
+    """SHA-256 of a block of rows (what a checkpoint records for each finished chunk)."""
+    return hashlib.sha256(np.ascontiguousarray(rows, dtype=np.float64).tobytes()).hexdigest()
+
+
+def read_checkpoint(path: Path, key: str) -> dict | None:
+    """``{start row: "stop:rows digest"}`` of the chunks a checkpoint for ``key`` records as done (None:
+    no usable checkpoint, e.g. another computation's, or one without digests)."""
     try:
         info = json.loads(path.read_text())
-    except (OSError, ValueError):
+        if info.get("key") != key or not isinstance(info.get("chunks"), dict):
+            return None
+        return {int(k): str(v) for k, v in info["chunks"].items()}
+    except (OSError, ValueError, TypeError, AttributeError):
         return None
-    return set(info["done"]) if info.get("key") == key else None
 
 
-def write_checkpoint(path: Path, key: str, done: set) -> None:
-    write_json(path, {"key": key, "done": sorted(done)})
+def write_checkpoint(path: Path, key: str, chunks: dict) -> None:
+    write_json(path, {"key": key, "chunks": {str(k): v for k, v in sorted(chunks.items())}})
 
 
-FillFn = Callable[[np.ndarray, set, "Callable[[int], None] | None"], object]
+def set_aside(path: Path, why: str) -> Path:
+    """Rename an unusable file out of the way (kept, not deleted) and say so."""
+    aside = path.with_name(f"{path.name}.unusable-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    os.replace(path, aside)
+    logger.warning("%s: %s; set aside as %s and started over", path, why, aside.name)
+    return aside
+
+
+FillFn = Callable[[np.ndarray, set, "Callable[[int, int], None] | None"], object]
 
 
 def fill_matrix(shape: tuple[int, int], fill: FillFn, out=None, resume_key: str | None = None) -> np.ndarray:
     """A float64 matrix of ``shape`` filled by ``fill(result, done, chunk_done)``.
 
     ``fill`` writes the rows of every chunk whose start row is not in ``done`` and calls
-    ``chunk_done(start)`` (when not None) after each. ``out`` None: in memory. ``out`` a
+    ``chunk_done(start, stop)`` (when not None) after each. ``out`` None: in memory. ``out`` a
     ``.npy`` path: written there as a memory map that appears only when complete, and
     returned opened read-only. With ``resume_key``, the rows go to ``<out>.partial.npy``
-    and ``<out>.partial.json`` records the finished chunks after each one; a later call
-    with the same key fills only the missing chunks. Both files are kept if ``fill``
-    fails, and replaced by ``out`` when it completes.
+    and ``<out>.partial.json`` records each finished chunk with a digest of its rows; a
+    later call with the same key checks every recorded chunk against its digest, recomputes
+    those that fail (with a warning naming the file) and the missing ones. A partial file
+    that cannot be read as the matrix is set aside (renamed, not deleted) and the run
+    starts over. Both files are kept if ``fill`` fails, and replaced by ``out`` when it completes.
     """
     if out is None:
         result = np.empty(shape)
         fill(result, set(), None)
         return result
+    out = Path(out)
+    remove_stale_temporaries(out.parent)
     if resume_key is None:
         with atomic_path(out, suffix=".npy") as tmp:
             result = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float64, shape=shape)
@@ -86,21 +107,38 @@ def fill_matrix(shape: tuple[int, int], fill: FillFn, out=None, resume_key: str 
             result.flush()
             del result
         return np.load(out, mmap_mode="r")
-    out = Path(out)
     partial, checkpoint = out.with_name(out.name + ".partial.npy"), out.with_name(out.name + ".partial.json")
-    done = read_checkpoint(checkpoint, resume_key) if partial.is_file() else None
-    if done is None:
+    chunks = read_checkpoint(checkpoint, resume_key) if partial.is_file() else None
+    result = None
+    if chunks is not None:
+        try:
+            result = np.load(partial, mmap_mode="r+")
+            if result.shape != tuple(shape) or result.dtype != np.float64:
+                raise ValueError(f"it holds a {result.dtype} array of shape {result.shape}, not float64 {tuple(shape)}")
+        except Exception as exc:  # noqa: BLE001 -- unreadable or not this matrix: never trusted
+            result = None
+            set_aside(partial, f"unreadable as the partial matrix ({exc})")
+            chunks = None
+    if result is None:
         partial.parent.mkdir(parents=True, exist_ok=True)
-        result, done = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float64, shape=shape), set()
-        write_checkpoint(checkpoint, resume_key, done)
+        result, chunks = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float64, shape=shape), {}
+        write_checkpoint(checkpoint, resume_key, chunks)
     else:
-        result = np.load(partial, mmap_mode="r+")
-        logger.info("resuming %s: chunks starting at rows %s already done", partial, sorted(done))
+        for start in sorted(chunks):
+            stop, _, digest = chunks[start].partition(":")
+            if not stop.isdigit() or not start < int(stop) <= shape[0] or \
+                    rows_digest(result[start:int(stop)]) != digest:
+                logger.warning("%s: the rows of the chunk at row %d do not match their recorded digest (truncated "
+                               "or overwritten); recomputing them", partial, start)
+                del chunks[start]
+        logger.info("resuming %s: chunks starting at rows %s verified", partial, sorted(chunks))
+    done = set(chunks)
 
-    def chunk_done(start: int, result=result) -> None:
+    def chunk_done(start: int, stop: int, result=result) -> None:
         result.flush()
         done.add(start)
-        write_checkpoint(checkpoint, resume_key, done)
+        chunks[start] = f"{stop}:{rows_digest(result[start:stop])}"
+        write_checkpoint(checkpoint, resume_key, chunks)
 
     fill(result, done, chunk_done)
     result.flush()

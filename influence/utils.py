@@ -5,6 +5,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -23,7 +24,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + suffix)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp" + suffix)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -34,6 +35,45 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+_TEMPORARY = re.compile(r"^\.(?P<name>.+?)\.(?P<pid>\d+)\.[^./]+\.tmp")
+_OLD_TEMPORARY = re.compile(r"^\..+\.[^./]+\.tmp")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder, every: bool = False) -> list[Path]:
+    """Remove the hidden temporary files that killed atomic writes (:func:`atomic_path`) left in
+    ``folder``: those whose writing process no longer runs, or with ``every`` (a folder that
+    only this run writes to) every one, including those of the older pattern without a pid."""
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for p in folder.iterdir():
+        m = _TEMPORARY.match(p.name)
+        stale = (m is not None and (every or (int(m["pid"]) != os.getpid() and not _alive(int(m["pid"]))))) or (
+            every and m is None and _OLD_TEMPORARY.match(p.name) is not None)
+        if stale and p.is_file():
+            try:
+                p.unlink()
+                removed.append(p)
+            except OSError:
+                pass
+    if removed:
+        import logging
+
+        logging.getLogger(__name__).info("removed %d temporary file(s) of killed writes in %s", len(removed), folder)
+    return removed
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -75,10 +75,9 @@ def sizes(args):
 
 
 def main(exp):
-    from pathlib import Path
-
     from influence.datasets.manifest import DataError
     from influence.evaluation import leaderboard as lb
+    from influence.utils import atomic_path
 
     args = exp.args
     boards, notes = {}, []
@@ -98,7 +97,8 @@ def main(exp):
     if not boards:
         raise DataError("; ".join(notes) or "no model ran")
     lines, metrics = lb.markdown(boards, notes)
-    (Path(exp.out) / "ESTIMATORS.md").write_text("\n".join(lines) + "\n")
+    with atomic_path(exp.output("ESTIMATORS.md")) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
     exp.save_figure(lb.plot(boards, args.quick))
     exp.save_arrays(**{f"{n}__{k}": np.array([r.get(k, np.nan) for r in b.rows.values()])
                        for n, b in boards.items() for k in ("seconds", "lds", "loo_pearson", "found_at_10pct")},

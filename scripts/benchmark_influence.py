@@ -33,14 +33,14 @@ import sys
 
 import numpy as np
 
-from influence.experiment import run
+from influence.experiment import index_in, run
 
 NAME = "benchmark_influence"
 logger = logging.getLogger(NAME)
 
 
 def add_arguments(parser):
-    parser.add_argument("--test-idx", type=int, default=8,
+    parser.add_argument("--test-idx", type=index_in(10000, "the MNIST test set"), default=8,
                         help="MNIST test point whose influences are timed (default: 8, as Fig 2)")
     parser.add_argument("--loop-subset", type=int, default=1000, help="points timed in the loop baseline")
     parser.add_argument("--skip-exact", action="store_true", help="skip the explicit 7,840 x 7,840 Hessian")
@@ -97,7 +97,7 @@ def write(exp, lines, rows):
 
     from influence.utils import atomic_path
 
-    with atomic_path(exp.out / "BENCHMARK.md") as tmp:
+    with atomic_path(exp.output("BENCHMARK.md")) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     labels = [r[0].strip() for r in rows]
     seconds = np.array([r[1] for r in rows], dtype=float)
@@ -106,7 +106,8 @@ def write(exp, lines, rows):
     ax.barh(np.arange(len(rows)), np.maximum(seconds, 1e-4))
     ax.set_yticks(np.arange(len(rows)), [lbl[:70] for lbl in labels], fontsize=7)
     ax.invert_yaxis()
-    ax.set(xscale="log", xlabel="seconds", title="cost of each stage" + (" (quick)" if exp.args.quick else ""))
+    ax.set(xscale="log" if len(rows) else "linear", xlabel="seconds",
+           title="cost of each stage" + (" (quick)" if exp.args.quick else ""))
     fig.tight_layout()
     exp.save_figure(fig)
     metrics = {f"seconds.{lbl}": float(t) for lbl, t in zip(labels, seconds)}
@@ -132,7 +133,9 @@ def main(exp):
         lines = ["## Kronecker-factored curvature on the Fig 2 CNN", "", header(args, f"--cnn-loo {args.cnn_loo} "
                  f"--cnn-cg-tests {args.cnn_cg_tests}"), "", "| model | stage | seconds | notes |", "|---|---|---|---|",
                  *rows, ""]
-        return write(exp, lines, [])
+        return write(exp, lines, [(f"{cells[1]}: {cells[2]}", float(cells[3].split(";")[0]), "") for cells in
+                                  (line.split("|") for line in rows) if cells[3].strip().split(";")[0].strip()
+                                  .replace(".", "", 1).isdigit()])
     data = load_mnist(args.data_dir)
     model = LogisticRegression(n_classes=10, weight_decay=0.01)
     _, t_fit = bm.timed(model.fit, data.train.x, data.train.y)

@@ -17,7 +17,7 @@ import sys
 import numpy as np
 
 from influence.datasets.mnist import load_binary_mnist
-from influence.experiment import run
+from influence.experiment import index_in, run
 
 NAME = "fig1_components"
 logger = logging.getLogger(NAME)
@@ -25,7 +25,7 @@ VARIANTS = {"no_train_loss": "without train loss", "no_hessian": "without H", "n
 
 
 def add_arguments(parser):
-    parser.add_argument("--test-idx", type=int, default=30, help="index into the 1-vs-7 test set (paper: 30)")
+    parser.add_argument("--test-idx", type=index_in(2163, "the 1-vs-7 test set"), default=30, help="index into the 1-vs-7 test set (paper: 30)")
     parser.add_argument("--weight-decay", type=float, default=0.01,
                         help="L2 weight decay wd (default: 0.01, the paper's)")
 

@@ -51,14 +51,14 @@ import numpy as np
 import scipy.stats
 
 from influence.datasets.mnist import load_mnist
-from influence.experiment import run
+from influence.experiment import index_in, run
 
 NAME = "fig2_cnn_loo"
 logger = logging.getLogger(NAME)
 
 
 def add_arguments(parser):
-    parser.add_argument("--test-idx", type=int, default=6558, help="index into the MNIST test set (paper: 6558)")
+    parser.add_argument("--test-idx", type=index_in(10000, "the MNIST test set"), default=6558, help="index into the MNIST test set (paper: 6558)")
     parser.add_argument("--num-remove", type=int, default=None, help="default 100 (--quick: 5)")
     parser.add_argument("--damping", type=float, default=0.01,
                         help="damping added to H for CG (default: 0.01, the paper's)")

@@ -20,14 +20,14 @@ import sys
 import numpy as np
 
 from influence.datasets.mnist import load_mnist
-from influence.experiment import run
+from influence.experiment import index_in, run
 
 NAME = "fig2_logreg_loo"
 logger = logging.getLogger(NAME)
 
 
 def add_arguments(parser):
-    parser.add_argument("--test-idx", type=int, default=8, help="index into the MNIST test set (paper: 8)")
+    parser.add_argument("--test-idx", type=index_in(10000, "the MNIST test set"), default=8, help="index into the MNIST test set (paper: 8)")
     parser.add_argument("--num-remove", type=int, default=None, help="training points to retrain without "
                         "(default 500, --quick 6)")
     parser.add_argument("--weight-decay", type=float, default=0.01,

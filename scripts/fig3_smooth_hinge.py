@@ -21,7 +21,7 @@ import sys
 import numpy as np
 
 from influence.datasets.mnist import load_binary_mnist
-from influence.experiment import run
+from influence.experiment import index_in, run
 
 NAME = "fig3_smooth_hinge"
 logger = logging.getLogger(NAME)
@@ -29,7 +29,7 @@ TEMPS = (0.0, 0.001, 0.1)
 
 
 def add_arguments(parser):
-    parser.add_argument("--test-idx", type=int, default=1597, help="index into the 1-vs-7 test set (paper: 1597)")
+    parser.add_argument("--test-idx", type=index_in(2163, "the 1-vs-7 test set"), default=1597, help="index into the 1-vs-7 test set (paper: 1597)")
     parser.add_argument("--num-remove", type=int, default=None, help="default 100 (--quick: 30)")
     parser.add_argument("--weight-decay", type=float, default=0.01, help="L2 weight decay wd (default: 0.01)")
     parser.add_argument("--jobs", type=int, default=None, help="parallel re-training processes (default: all CPUs)")

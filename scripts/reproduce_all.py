@@ -8,7 +8,8 @@ experiment whose data is missing is reported as skipped with the command that fe
 it; corrupt or unreadable data, or any other error, is a failure, and the others still
 run. An experiment is "up to date" (not rerun, unless ``--force``) only when its last
 successful run had the same code (a hash of the library and the script), the same
-arguments and the same data files (size and modification time). ``--only`` reruns the
+arguments and the same data files (size and content hash). Each experiment runs in a
+process group of its own that ends with this driver, even a killed one. ``--only`` reruns the
 named experiments and keeps the other rows of REPORT.md.
 Exit status: 0 if nothing failed (skips for missing data are not failures), 1 otherwise.
 """
@@ -60,14 +61,31 @@ def data_files(datasets: list[str], data_dir: str | None) -> list[Path]:
     return files
 
 
-def run_key(script: Path, cmd_args: list[str], datasets: list[str], data_dir: str | None) -> dict:
+def content_hash(path: Path, cache: dict | None = None) -> str:
+    """SHA-256 of a file's bytes, remembered in ``cache`` under its path, size, modification and
+    change times and inode (a file rewritten in place, even with its mtime restored, has a new
+    ctime: hashed again)."""
+    st = path.stat()
+    ident = f"{path}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
+    if cache is not None and ident in cache:
+        return cache[ident]
+    from influence.utils import sha256_file
+
+    digest = sha256_file(path)
+    if cache is not None:
+        cache[ident] = digest
+    return digest
+
+
+def run_key(script: Path, cmd_args: list[str], datasets: list[str], data_dir: str | None,
+            hashes: dict | None = None) -> dict:
     """What a result depends on: the code (hash of the library and the script), the arguments
-    and the data files (path, size, modification time)."""
+    and the data files (path, size, content hash; ``hashes`` caches the hashes)."""
     h = hashlib.sha256()
     for path in sorted([script, *(REPO / "influence").rglob("*.py"), *(REPO / "inception").rglob("*.py")]):
         h.update(str(path.relative_to(REPO)).encode())
         h.update(path.read_bytes())
-    data = [[str(p), p.stat().st_size, int(p.stat().st_mtime)] for p in data_files(datasets, data_dir)]
+    data = [[str(p), p.stat().st_size, content_hash(p, hashes)] for p in data_files(datasets, data_dir)]
     return {"code": h.hexdigest(), "args": cmd_args, "data": data}
 
 
@@ -84,7 +102,9 @@ def run_with_heartbeat(name: str, cmd: list[str], log_path: Path, every: float) 
     seconds; returns (exit status, the output's last 20 lines)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     last = {"line": "", "tail": []}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # in a process group of its own that ends with this driver (even a SIGKILL'd one): no orphans
+    guard = [sys.executable, str(REPO / "influence" / "process_group.py"), "--"]
+    proc = subprocess.Popen(guard + cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
     def pump():
         with open(log_path, "wb") as log:
@@ -138,6 +158,11 @@ def main(argv=None) -> int:
     if args.only and rows_path.is_file():
         kept = {r["name"]: r for r in json.loads(rows_path.read_text())}
     todo = [e for e in EXPERIMENTS if not args.only or e[0] in args.only]
+    hashes_path = out_root / ".data_hashes.json"  # content hashes of the data files, computed once per version
+    try:
+        hashes = json.loads(hashes_path.read_text())
+    except (OSError, ValueError):
+        hashes = {}
 
     def run_one(name, datasets, description) -> dict:
         script = REPO / "scripts" / f"{name}.py"
@@ -145,7 +170,7 @@ def main(argv=None) -> int:
         row = {"name": name, "description": description, "out": str(out)}
         cmd_args = ["--seed", str(args.seed)] + (["--quick"] if args.quick else []) + \
             (["--data-dir", args.data_dir] if args.data_dir else [])
-        key = run_key(script, cmd_args, datasets, args.data_dir)
+        key = run_key(script, cmd_args, datasets, args.data_dir, hashes)
         if not args.force and is_up_to_date(out, key):
             row.update(status="ok", message="up to date (use --force to rerun)")
             row["wall_time_s"] = json.loads((out / "metrics.json").read_text()).get("wall_time_s")
@@ -181,6 +206,7 @@ def main(argv=None) -> int:
             done = dict(zip([e[0] for e in todo], pool.map(lambda e: run_one(*e), todo)))
     else:
         done = {e[0]: run_one(*e) for e in todo}
+    write_json(hashes_path, hashes)
     rows = [done[name] if name in done else kept[name] for name, _, _ in EXPERIMENTS
             if name in done or name in kept]
     write_json(rows_path, rows)

@@ -110,10 +110,18 @@ def load_dogfish(data_dir=None, n_train: int = 900, n_test: int = 300, seed: int
             try:
                 import json
                 meta = json.loads((folder / "meta.json").read_text())
-                arrays = {k: np.load(folder / f"{k}.npy") for k in ("X_train", "y_train", "X_test", "y_test")}
+                arrays = {k: np.load(folder / f"{k}.npy", allow_pickle=False)
+                          for k in ("X_train", "y_train", "X_test", "y_test")}
+                digests = meta.get("sha256") or {}
+                bad = [k for k, a in arrays.items() if digests.get(k) != hash_arrays(a)]
+                if bad:  # corrupted in place (same size), or a cache written before digests were kept
+                    raise ValueError(f"{', '.join(bad)} do not match the digests recorded with the cache")
+                for k in ("y_train", "y_test"):
+                    if not np.all((arrays[k] == 0) | (arrays[k] == 1)):
+                        raise ValueError(f"{k} holds labels other than 0 and 1")
                 return DogFishData(**arrays, names_train=meta["names_train"], names_test=meta["names_test"], key=key)
             except Exception as exc:
-                logger.warning("ignoring unreadable cache %s (%s)", folder, exc)
+                logger.warning("ignoring unusable cache %s (%s); decoding the images again", folder, exc)
     rng = np.random.default_rng(seed)
     sel = {"train": [], "test": []}
     try:
@@ -144,7 +152,9 @@ def load_dogfish(data_dir=None, n_train: int = 900, n_test: int = 300, seed: int
             with atomic_path(folder / f"{k}.npy") as tmp:
                 with open(tmp, "wb") as f:
                     np.save(f, getattr(data, k))
-        write_json(folder / "meta.json", {"names_train": data.names_train, "names_test": data.names_test})
+        write_json(folder / "meta.json", {"names_train": data.names_train, "names_test": data.names_test,
+                                          "sha256": {k: hash_arrays(getattr(data, k))
+                                                     for k in ("X_train", "y_train", "X_test", "y_test")}})
     return data
 
 

@@ -167,17 +167,24 @@ def file_checksum(path: Path, checksum_of: str) -> str:
 def verify(dataset: str, data_dir: str | os.PathLike | None = None) -> list[Path]:
     """Check every file of ``dataset`` against the manifest; return their paths."""
     root = resolve_data_dir(data_dir)
-    paths = []
-    for f in MANIFEST[dataset].files:
-        path = dataset_path(dataset, f.name, root)
-        got = file_checksum(path, f.checksum_of)
+    paths, errors = [], []
+    for f in MANIFEST[dataset].files:  # every file is checked: the error names all that fail
+        try:
+            path = dataset_path(dataset, f.name, root)
+            got = file_checksum(path, f.checksum_of)
+        except DataError as exc:
+            errors.append(exc)
+            continue
         if got != f.sha256:
-            raise DataError(
-                f"{path} does not match its checksum (sha256 {got[:12]}..., expected "
-                f"{f.sha256[:12]}...): the file is corrupt or a different version. "
-                + fetch_hint(dataset, root)
-            )
+            errors.append(DataError(f"{path} does not match its checksum (sha256 {got[:12]}..., expected "
+                                    f"{f.sha256[:12]}...): the file is corrupt or a different version."))
+            continue
         paths.append(path)
+    if errors:
+        cls = DataMissingError if all(isinstance(e, DataMissingError) for e in errors) else DataError
+        text = "; ".join(str(e).replace(fetch_hint(dataset, root), "").strip() for e in errors)
+        raise cls(f"{len(errors)} of {len(MANIFEST[dataset].files)} file(s) of {dataset} failed: {text} "
+                  + fetch_hint(dataset, root))
     return paths
 
 

@@ -26,6 +26,7 @@ The same object is the ``"influence"`` estimator of the leaderboard
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +55,24 @@ class InfluenceRanking:
     helpful_change: np.ndarray
     harmful: np.ndarray
     harmful_change: np.ndarray
+
+
+_WRITABLE: set = set()
+
+
+def _writable(folder: Path) -> bool:
+    """Whether files can be written into ``folder`` (created if absent); remembered once true."""
+    if folder in _WRITABLE:
+        return True
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError:
+        return False
+    _WRITABLE.add(folder)
+    return True
 
 
 # ---------------------------------------------------------------------- gradient-side helpers (no solve)
@@ -143,9 +162,15 @@ class InfluenceFunction(Estimator):
             if cached is not None:
                 logger.info("s_test loaded from cache %s", key[:12])
                 return cached
+        if path is not None and not _writable(path.parent):  # found before the solve, not after it
+            logger.warning("s_test not cached: cache_dir %s cannot be written to", path.parent)
+            path = None
         result = self.inverse_hvp(v)
         if path is not None:
-            result_store.save_solve(path, key, result)
+            try:
+                result_store.save_solve(path, key, result)
+            except OSError as exc:  # a finished solve is never thrown away for want of a cache
+                logger.warning("s_test not cached: cannot write %s (%s)", path, exc)
         return result
 
     # ------------------------------------------------------------------ quantities
@@ -268,6 +293,6 @@ class InfluenceFunction(Estimator):
                     G = model.per_example_gradients(idx[j:j + chunk], include_regularizer)
                     result[t:t + tc, j:j + chunk] = -(G @ res.x).T
                 if chunk_done is not None:
-                    chunk_done(t)
+                    chunk_done(t, min(t + tc, k))
 
         return result_store.fill_matrix((k, len(idx)), fill, out, key)

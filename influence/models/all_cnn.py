@@ -39,6 +39,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import tensorflow as tf  # noqa: E402
 
+from ..validation import check_number
 from ..generic_neural_net import GenericNeuralNet, ParamBlock  # noqa: E402
 from ..utils import progress  # noqa: E402
 
@@ -56,23 +57,26 @@ class AllCNN(GenericNeuralNet):
                  retrain_learning_rate: float | None = None, checkpoints: int = 0,
                  dtype: str = "float64", batch_size: int = 1000, **kwargs):
         super().__init__(weight_decay=weight_decay, dtype=dtype, batch_size=batch_size, **kwargs)
-        self.n_classes = n_classes
-        self.channels = tuple(channels)
-        self.strides = tuple(strides)
-        self.kernel_size = kernel_size
-        self.learning_rate = learning_rate
-        self.adam_steps = adam_steps
-        self.train_batch_size = train_batch_size
-        self.decay_fractions = tuple(decay_fractions)
-        self.lbfgs_iter = lbfgs_iter
-        self.lbfgs_tol = lbfgs_tol
-        self.retrain_iter = retrain_iter
+        self.n_classes = check_number("n_classes", n_classes, low=2, integer=True)
+        self.channels = tuple(check_number("channels", c, low=1, integer=True) for c in channels)
+        self.strides = tuple(check_number("strides", s_, low=1, integer=True) for s_ in strides)
+        if len(self.strides) != len(self.channels):
+            raise ValueError(f"strides must have one entry per conv layer ({len(self.channels)}), got {self.strides}")
+        self.kernel_size = check_number("kernel_size", kernel_size, low=1, integer=True)
+        self.learning_rate = check_number("learning_rate", learning_rate, low=0.0, low_open=True)
+        self.adam_steps = check_number("adam_steps", adam_steps, low=0, integer=True)
+        self.train_batch_size = check_number("train_batch_size", train_batch_size, low=1, integer=True)
+        self.decay_fractions = tuple(check_number("decay_fractions", f, low=0.0, high=1.0) for f in decay_fractions)
+        self.lbfgs_iter = check_number("lbfgs_iter", lbfgs_iter, low=0, integer=True)
+        self.lbfgs_tol = check_number("lbfgs_tol", lbfgs_tol, low=0.0, low_open=True)
+        self.retrain_iter = check_number("retrain_iter", retrain_iter, low=0, integer=True, allow_none=True)
         if retrain not in ("adam", "lbfgs"):
             raise ValueError("retrain must be 'adam' or 'lbfgs'")
         self.retrain = retrain
-        self.retrain_steps = retrain_steps
-        self.retrain_seed = retrain_seed
-        self.retrain_learning_rate = retrain_learning_rate
+        self.retrain_steps = check_number("retrain_steps", retrain_steps, low=0, integer=True)
+        self.retrain_seed = check_number("retrain_seed", retrain_seed, low=0, integer=True)
+        self.retrain_learning_rate = check_number("retrain_learning_rate", retrain_learning_rate, low=0.0,
+                                                  low_open=True, allow_none=True)
         self.checkpoints = int(checkpoints)
         self.checkpoints_ = []
         self.adam_state_ = None

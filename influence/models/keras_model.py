@@ -175,11 +175,16 @@ class KerasModel(GenericNeuralNet):
         return y.astype(self.dtype)
 
     def _cache_identity(self) -> dict:
-        """The base class's, plus the architecture: two Keras models with the same
-        configuration string (``<Sequential name=...>``) but different layers or
-        activations must not share cached ``s_test`` vectors."""
+        """The base class's, plus the architecture and the weights outside theta: two Keras
+        models with the same configuration string (``<Sequential name=...>``) but different
+        layers, activations or frozen weights must not share cached ``s_test`` vectors."""
+        from ..utils import hash_arrays
+
         ident = super()._cache_identity()
         ident["model"] = architecture_fingerprint(self.model)
+        if self._built:  # every weight that changes the outputs: the frozen ones and the layers' state too
+            ident["fixed_weights"] = hash_arrays(*[f.numpy() for f in self._frozen if f is not None],
+                                                 *[t.numpy() for t in self._state])
         if callable(self.loss):
             ident["loss"] = function_fingerprint(self.loss)
         return ident

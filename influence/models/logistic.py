@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from ..validation import check_number
 from ..generic_neural_net import GenericNeuralNet, ParamBlock
 
 
@@ -71,11 +72,18 @@ class LogisticRegression(ConvexClassifier):
 
     def __init__(self, n_classes: int | None = None, **kwargs):
         super().__init__(**kwargs)
-        self.n_classes = n_classes
+        self.n_classes = check_number("n_classes", n_classes, low=2, integer=True, allow_none=True)
 
     def _param_blocks(self, x_shape, y):
         if self.n_classes is None:
-            self.n_classes = int(np.max(y)) + 1
+            y = np.asarray(y)
+            if not np.issubdtype(y.dtype, np.number) or not np.all(np.isfinite(y)) or np.any(y != np.round(y)):
+                raise ValueError("class labels must be finite integers (n_classes is taken from them)")
+            k = int(np.max(y)) + 1
+            if k < 2 or len(np.unique(y)) < 2:
+                raise ValueError(f"the training labels hold {len(np.unique(y))} class(es) only; a classifier needs "
+                                 f"n_classes >= 2 (influence in a one-class model is 0 for every point)")
+            self.n_classes = k
         return self._flat_blocks(x_shape, (x_shape[0], self.n_classes))
 
     def _encode_targets(self, y):

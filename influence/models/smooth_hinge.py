@@ -19,6 +19,7 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
+from ..validation import check_number
 from ..generic_neural_net import ParamBlock
 from .logistic import ConvexClassifier
 
@@ -37,9 +38,7 @@ class SmoothHingeSVM(ConvexClassifier):
     def __init__(self, temp: float = 0.0, use_bias: bool = False, weight_decay: float = 0.01,
                  svc_tol: float = 1e-8, svc_max_iter: int = 100000, **kwargs):
         super().__init__(weight_decay=weight_decay, **kwargs)
-        if temp < 0:
-            raise ValueError("temp must be >= 0")
-        self.temp = float(temp)
+        self.temp = check_number("temp", temp, low=0.0)
         self.use_bias = use_bias
         self.svc_tol = svc_tol
         self.svc_max_iter = svc_max_iter

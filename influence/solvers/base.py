@@ -148,6 +148,7 @@ class InverseHVPSolver:
         res.time_s = time.perf_counter() - t0
         res.info.setdefault("curvature", self.operator_.kind)
         res.info.setdefault("approximate", self.approximate)
+        res.info.setdefault("gradient_norm", getattr(self.operator_.model, "grad_norm_", None))  # at the last fit
         logger.info("%s solve on %s: %d iterations, relative residual %.2e, %.2fs", self.name,
                     self.operator_.kind, res.iterations, res.residual, res.time_s)
         return res

@@ -1,9 +1,8 @@
 """Inception v3 weights, the dog-fish loader, RBF kernel features and the end-to-end head."""
-import io
 import json
-import tarfile
 
 import numpy as np
+from helpers.archives import make_dogfish_tar
 import pytest
 
 from conftest import shared_data_dir
@@ -154,24 +153,6 @@ def test_head_influence_through_real_inception_equals_cached_features():
 
 
 # ---------------------------------------------------------------- dog-fish loader
-def make_dogfish_tar(path, n_per=(6, 5), gray_every=4):
-    """A small archive in the shared file's layout (train/ and val/ folders per synset)."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    with tarfile.open(path, "w") as tar:
-        for syn, n in zip(("n02102040", "n01440764"), n_per):
-            for j in range(n):
-                split = "train" if j % 3 else "val"
-                arr = rng.integers(0, 256, (20, 24, 3)).astype(np.uint8)
-                im = Image.fromarray(arr[..., 0], "L") if j % gray_every == 0 else Image.fromarray(arr, "RGB")
-                buf = io.BytesIO()
-                im.save(buf, format="JPEG")
-                info = tarfile.TarInfo(f"imagenette_tench_springer/{split}/{syn}/img_{j:03d}.JPEG")
-                info.size = len(buf.getvalue())
-                tar.addfile(info, io.BytesIO(buf.getvalue()))
-
-
 def test_dogfish_loader_on_generated_archive(tmp_path):
     from influence.datasets.dogfish import load_dogfish
 
