@@ -246,9 +246,16 @@ class GenericNeuralNet(InfluenceShortcuts):
             raise ValueError(f"{name} contains NaN or infinite values")
         return X
 
+    def _check_differentiable_inputs(self) -> None:
+        """Raise where the loss has no gradient with respect to the inputs (``influence_pert_loss``)."""
+
+    def _normalise_targets(self, y) -> np.ndarray:
+        """Targets as the loss takes them (a subclass may accept other layouts, e.g. (n, 1) for one output)."""
+        return np.asarray(y)
+
     def _check_xy(self, X, y, name="X") -> tuple[np.ndarray, np.ndarray]:
         X = self._check_x(X, name)
-        y = np.asarray(y)
+        y = self._normalise_targets(y)
         if self.multi_output_targets:
             if y.ndim < 1 or len(y) != len(X) or (self._built and y.shape[1:] != self.y_shape_):
                 want = self.y_shape_ if self._built else ("...",)
@@ -276,6 +283,7 @@ class GenericNeuralNet(InfluenceShortcuts):
 
     def _set_training_data(self, X, y) -> "GenericNeuralNet":
         X = self._check_x(X, "X_train")
+        y = self._normalise_targets(y)
         if len(X) == 0:
             raise ValueError("the training set is empty")
         if not self._built:
@@ -290,7 +298,7 @@ class GenericNeuralNet(InfluenceShortcuts):
             if not hasattr(self, "theta_"):
                 self.theta_ = self._init_theta(np.random.default_rng(self.seed)).astype(self.dtype)
         X, y_enc = self._check_xy(X, y, "X_train")
-        self.X_train_np_, self.y_train_np_ = X, np.asarray(y)
+        self.X_train_np_, self.y_train_np_ = X, y
         self.X_train_ = tf.constant(X)
         self.y_train_ = tf.constant(y_enc)
         self.n_train_ = len(X)

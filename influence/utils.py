@@ -98,6 +98,17 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+def memo(store: dict, name: str, key, compute):
+    """``store[name]``'s value if it was computed for ``key``, else ``compute()`` (kept for ``key``):
+    one slot per name, so a value is reused only when everything it depends on (the key) matches."""
+    hit = store.get(name)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    value = compute()
+    store[name] = (key, value)
+    return value
+
+
 def hash_arrays(*arrays: Any) -> str:
     """SHA-256 over the dtype, shape and bytes of each array (or JSON of other values)."""
     h = hashlib.sha256()

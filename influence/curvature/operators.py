@@ -21,7 +21,7 @@ import weakref
 import numpy as np
 import tensorflow as tf
 
-from ..utils import hash_arrays, progress
+from ..utils import hash_arrays, memo, progress
 from . import kernels as K
 
 logger = logging.getLogger(__name__)
@@ -88,12 +88,7 @@ class CurvatureOperator:
                 None if self.indices is None else hash_arrays(self.indices))
 
     def _cached(self, name: str, key, compute):
-        hit = self._caches.get(name)
-        if hit is not None and hit[0] == key:
-            return hit[1]
-        value = compute()
-        self._caches[name] = (key, value)
-        return value
+        return memo(self._caches, name, key, compute)
 
     #: whether a training point's curvature from the Gauss-Newton form is exact for this operator
     def _example_curvature_exact(self) -> bool:

@@ -213,8 +213,10 @@ class InfluenceFunction(Estimator):
     def influence_pert_loss(self, X_test, y_test, indices, use_cache: bool = True) -> np.ndarray:
         """``I_pert,loss(z_i, z_test) = d/dx_i I_up,loss(z_i, z_test)``, shape (m, *x_shape).
 
-        The regulariser part of ``g`` does not depend on x, so it drops out.
+        The regulariser part of ``g`` does not depend on x, so it drops out. Refused before any
+        solve where the inputs are not differentiable (integer tokens).
         """
+        self.model_._check_differentiable_inputs()
         s = self.s_test(X_test, y_test, use_cache=use_cache).x
         return score_input_gradients(self.model_, s, indices)
 

@@ -95,13 +95,62 @@ class KerasModel(GenericNeuralNet):
             self._selected = [id(v) in chosen for v in variables]
         if not any(self._selected):
             raise ValueError(f"the layers {list(self.trainable)} have no trainable variables")
+        if self.loss in ("softmax", "sigmoid"):
+            squashed = final_activation(model)
+            if squashed in ("softmax", "sigmoid"):
+                raise ValueError(squashed_message(model, self.loss, squashed))
+
+    def _check_differentiable_inputs(self) -> None:
+        inputs = getattr(self.model, "inputs", None)
+        dtype = str(inputs[0].dtype) if inputs else ""
+        if "int" in dtype or "bool" in dtype:
+            raise ValueError(f"the model takes {dtype} inputs (e.g. token ids): the loss has no gradient with respect "
+                             f"to them, so influence_pert_loss is undefined; influence_up_loss and influence_matrix "
+                             f"apply")
+
+    def _single_output(self) -> bool:
+        outputs = getattr(self.model, "outputs", None)
+        if not outputs:
+            return False
+        shape = tuple(outputs[0].shape[1:])
+        return shape in ((), (1,))
+
+    def _normalise_targets(self, y):
+        """(n, 1) targets of a one-output model are the same as (n,): Keras's habit, taken as is
+        (left as they are they would broadcast against the (n,) predictions)."""
+        y = np.asarray(y)
+        if y.ndim == 2 and y.shape[1] == 1 and (self.loss == "softmax" or self._single_output()):
+            return y[:, 0]
+        return y
 
     # ------------------------------------------------------------------ GenericNeuralNet hooks
+    def _set_training_data(self, X, y):
+        if not self._built:
+            X = np.asarray(X)
+            if len(X) and np.issubdtype(X.dtype, np.number) and not np.issubdtype(X.dtype, np.complexfloating):
+                self._check_probabilities(X[:64].astype(self.dtype) if np.issubdtype(X.dtype, np.floating) else X[:64])
+        return super()._set_training_data(X, y)
+
+    def _check_probabilities(self, x):
+        """Refuse outputs that are probabilities where loss='softmax' takes logits (rows that are
+        non-negative and sum to 1: a softmax applied inside the model, e.g. by a custom layer)."""
+        if self.loss != "softmax":
+            return
+        out = np.asarray(self.model(x, training=False))
+        if out.ndim == 2 and out.shape[1] > 1 and np.all(out >= 0) and np.allclose(out.sum(axis=1), 1.0, atol=1e-6):
+            raise ValueError(squashed_message(self.model, self.loss, "softmax (its outputs' rows sum to 1)"))
+
     def _param_blocks(self, x_shape, y):
         expected = tuple(self.model.inputs[0].shape[1:]) if getattr(self.model, "inputs", None) else None
         if expected is not None and all(d is not None for d in expected) and expected != tuple(x_shape):
             raise ValueError(f"the model takes inputs of shape {expected}, got examples of shape {tuple(x_shape)}")
         variables = self.model.trainable_variables
+        n_out = None if not getattr(self.model, "outputs", None) else tuple(self.model.outputs[0].shape[1:])
+        y = np.asarray(y)
+        if self.loss == "squared" and n_out is not None and None not in n_out and \
+                tuple(y.shape[1:]) not in (tuple(n_out), tuple(d for d in n_out if d != 1)):
+            raise ValueError(f"loss='squared': targets of shape {tuple(y.shape[1:])} per example do not match the "
+                             f"model's outputs {tuple(n_out)}")
         # frozen trainable variables and the non-trainable state enter stateless_call as constants
         self._frozen = [None if sel else tf.constant(v.numpy()) for v, sel in zip(variables, self._selected)]
         self._state = [tf.constant(v.numpy()) for v in self.model.non_trainable_variables]
@@ -204,6 +253,48 @@ class KerasModel(GenericNeuralNet):
         if self.loss == "sigmoid":
             return (out > 0).astype(int)
         return out
+
+
+def final_activation(model) -> str | None:
+    """Name of the activation the model's last layer applies ("softmax", "sigmoid", ...), or None."""
+    import keras
+
+    layers = [layer for layer in getattr(model, "layers", []) if not isinstance(layer, keras.layers.InputLayer)]
+    if not layers:
+        return None
+    last = layers[-1]
+    if isinstance(last, keras.layers.Softmax):
+        return "softmax"
+    act = getattr(last, "activation", None)
+    name = getattr(act, "__name__", None) if act is not None else None
+    return name if name in ("softmax", "sigmoid") else None
+
+
+def squashed_message(model, loss, what) -> str:
+    return (f"loss={loss!r} takes logits, but the model's last layer applies {what}: the {loss} would be applied "
+            f"twice and the objective and every influence would be wrong. Wrap the logits instead: "
+            f"`KerasModel(logits_model(net), loss={loss!r}, ...)` (influence.models.keras_model.logits_model copies "
+            f"the network with its last activation removed; the network itself is not changed).")
+
+
+def logits_model(model):
+    """A copy of a Sequential or functional ``model`` whose last layer outputs its pre-activation
+    (the same weights, copied; ``model`` is not changed): logits for ``loss="softmax"``/``"sigmoid"``."""
+    import keras
+
+    last = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)][-1]
+    if isinstance(last, keras.layers.Softmax):  # a separate softmax layer: its input is the logits
+        return keras.Model(model.inputs, last.input)
+
+    def clone(layer):
+        cfg = layer.get_config()
+        if layer is last:
+            cfg["activation"] = "linear"
+        return type(layer).from_config(cfg)
+
+    copy = keras.models.clone_model(model, clone_function=clone)
+    copy.set_weights(model.get_weights())
+    return copy
 
 
 def architecture_fingerprint(model) -> str:

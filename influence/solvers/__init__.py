@@ -16,7 +16,7 @@ from __future__ import annotations
 from ..registry import Registry
 from .arnoldi import ArnoldiSolver
 from .base import (AUTO_DAMPING_FACTOR, AUTO_DAMPING_LANCZOS_TOL, AUTO_DAMPING_RETRIES, InverseHVPSolver,
-                   LissaDivergenceError, NotPositiveDefiniteError, SolveResult, column_residuals,
+                   LissaDivergenceError, NotPositiveDefiniteError, SolveFailedError, SolveResult, column_residuals,
                    relative_residual)
 from .block_cg import block_conjugate_gradient
 from .cg import CGSolver, conjugate_gradient
@@ -26,7 +26,7 @@ from .kfac import EKFACSolver, KFACSolver
 from .lissa import LissaSolver
 
 __all__ = ["ArnoldiSolver", "AutoDamping", "CGSolver", "EKFACSolver", "ExactSolver", "KFACSolver",
-           "InverseHVPSolver", "LissaDivergenceError", "LissaSolver", "NotPositiveDefiniteError", "SOLVERS",
+           "InverseHVPSolver", "LissaDivergenceError", "LissaSolver", "NotPositiveDefiniteError", "SOLVERS", "SolveFailedError",
            "SolveResult", "block_conjugate_gradient", "column_residuals", "conjugate_gradient", "get_solver",
            "relative_residual", "AUTO_DAMPING_FACTOR", "AUTO_DAMPING_LANCZOS_TOL", "AUTO_DAMPING_RETRIES"]
 

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from ..utils import memo
 from .damping import (AUTO_DAMPING_FACTOR, AUTO_DAMPING_LANCZOS_TOL, AUTO_DAMPING_RETRIES,  # noqa: F401
                       AutoDamping, check_damping)
 
@@ -35,6 +36,14 @@ class LissaDivergenceError(RuntimeError):
 
 class NotPositiveDefiniteError(np.linalg.LinAlgError):
     """H + damping I is not positive definite."""
+
+
+class SolveFailedError(RuntimeError):
+    """An iterative solve did not reach its target (``result``: the failed SolveResult)."""
+
+    def __init__(self, message: str, result=None):
+        super().__init__(message)
+        self.result = result
 
 
 @dataclass
@@ -100,12 +109,7 @@ class InverseHVPSolver:
 
     def _memo(self, name: str, key, compute):
         """``compute()`` once per ``key`` (e.g. the operator's state and the options it depends on)."""
-        hit = self._store.get(name)
-        if hit is not None and hit[0] == key:
-            return hit[1]
-        value = compute()
-        self._store[name] = (key, value)
-        return value
+        return memo(self._store, name, key, compute)
 
     def with_damping(self, damping) -> "InverseHVPSolver":
         """A copy with another damping that shares this solver's precomputed values."""
@@ -151,7 +155,11 @@ class InverseHVPSolver:
         res.info.setdefault("gradient_norm", getattr(self.operator_.model, "grad_norm_", None))  # at the last fit
         logger.info("%s solve on %s: %d iterations, relative residual %.2e, %.2fs", self.name,
                     self.operator_.kind, res.iterations, res.residual, res.time_s)
+        self.check_result(res)
         return res
+
+    def check_result(self, res: SolveResult) -> None:
+        """Raise (or warn) where the solve failed; approximate solvers report, never raise."""
 
     def _auto_eigenvalues(self, auto: AutoDamping):
         return auto.eigenvalues(self.operator_, dense=False)

@@ -12,10 +12,13 @@ from typing import Callable
 import numpy as np
 
 from .base import InverseHVPSolver, SolveResult, column_residuals
-from ..validation import check_number
+from ..validation import check_choice, check_number
+from .base import SolveFailedError
 from .block_cg import block_conjugate_gradient
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_TOL = {"float64": 1e-10, "float32": 1e-5}  # tol=None: what each dtype's HVPs let CG reach
 
 
 def conjugate_gradient(matvec: Callable[[np.ndarray], np.ndarray], b: np.ndarray, tol: float = 1e-10,
@@ -70,7 +73,8 @@ def conjugate_gradient(matvec: Callable[[np.ndarray], np.ndarray], b: np.ndarray
 class CGSolver(InverseHVPSolver):
     """Conjugate gradients on ``H + damping I`` with full-data HVPs.
 
-    Parameters: ``tol`` (relative residual target per column), ``maxiter`` (iterations;
+    Parameters: ``tol`` (relative residual target per column; None: what the model's dtype
+    can reach, 1e-10 in float64, 1e-5 in float32), ``maxiter`` (iterations;
     default ``min(p, 1000)``), ``preconditioner`` (optional callable ``R -> M^-1 R`` for a
     symmetric positive definite ``M`` close to ``H + damping I``, applied to (p,) or
     (p, k) arrays, e.g. a Cholesky solve with the Hessian of a nearby model; it changes
@@ -79,29 +83,52 @@ class CGSolver(InverseHVPSolver):
     Krylov space; False iterates each column on its own, sharing only the batched HVPs).
     ``info`` holds ``negative_curvature``, and for several columns ``residuals`` (each
     column's relative residual) and, for block CG, ``block_sizes`` (directions searched
-    per iteration) and ``hvp_columns`` (their sum: the HVP work).
+    per iteration) and ``hvp_columns`` (their sum: the HVP work). ``on_failure``: a solve that
+    met negative curvature or ended above its residual threshold (``max(10 tol, 1e-6)``)
+    raises :class:`SolveFailedError` ("raise", the default: its ``result`` holds the failed
+    solve) or only warns ("warn").
     """
 
     name = "cg"
     REFINEMENTS = 3  # block CG: restarts on the true residual when the recursive one drifted
 
-    def __init__(self, damping: float | str = 0.0, tol: float = 1e-10, maxiter: int | None = None,
-                 preconditioner=None, block: bool = True):
+    def __init__(self, damping: float | str = 0.0, tol: float | None = None, maxiter: int | None = None,
+                 preconditioner=None, block: bool = True, on_failure: str = "raise"):
         super().__init__(damping)
-        self.tol = check_number("tol", tol, low=0.0, low_open=True)
+        self.tol = check_number("tol", tol, low=0.0, low_open=True, allow_none=True)
+        self.on_failure = check_choice("on_failure", on_failure, ("raise", "warn"))
         self.maxiter = check_number("maxiter", maxiter, low=1, integer=True, allow_none=True)
         if preconditioner is not None and not callable(preconditioner):
             raise TypeError("preconditioner must be a callable r -> M^-1 r")
         self._preconditioner = preconditioner
         self._block = bool(block)  # the same answer either way: not part of the cache key
 
+    def target_tol(self, operator=None) -> float:
+        """The relative residual target: ``tol``, or the model's dtype's (1e-10 float64, 1e-5 float32)."""
+        op = self.operator_ if operator is None else operator
+        return self.tol if self.tol is not None else DEFAULT_TOL.get(op.model.dtype, 1e-10)
+
+    def check_result(self, res) -> None:
+        if res.converged and not res.info.get("negative_curvature"):
+            return
+        why = ("met negative curvature (H + damping I is not positive definite there)"
+               if res.info.get("negative_curvature") else
+               f"stopped after {res.iterations} iterations above its residual threshold")
+        msg = (f"CG {why}: relative residual {res.residual:.3g} at damping {res.damping:.3g}; its answer is not "
+               f"s_test. Add damping (damping='auto'), use curvature='gauss-newton', raise maxiter, or pass "
+               f"on_failure='warn' to keep the failed solve")
+        if self.on_failure == "raise":
+            raise SolveFailedError(msg, res)
+        logger.warning(msg)
+
     def _solve(self, v):
         op = self.operator_
+        tol = self.target_tol()
         maxiter = self.maxiter or min(op.n_params, 1000)
         matvec = lambda u: op.hvp(u) + self.damping * u  # noqa: E731
         info, residuals = {}, None
         if v.ndim == 2 and v.shape[1] > 1 and self._block:
-            x, it, negative, sizes = block_conjugate_gradient(matvec, v, self.tol, maxiter,
+            x, it, negative, sizes = block_conjugate_gradient(matvec, v, tol, maxiter,
                                                               preconditioner=self._preconditioner)
             # the recursive residual drifts from the true one over many block iterations:
             # refine on the true residual until every column meets tol (at most REFINEMENTS times)
@@ -110,16 +137,16 @@ class CGSolver(InverseHVPSolver):
             while not negative and it < maxiter and refinements < self.REFINEMENTS:
                 r = v - matvec(x)
                 rnorm = np.linalg.norm(r, axis=0)
-                if np.all(rnorm <= self.tol * vnorm):
+                if np.all(rnorm <= tol * vnorm):
                     residuals = rnorm / np.where(vnorm > 0, vnorm, 1.0)  # of this x: no second HVP
                     break
                 dx, it2, negative, sizes2 = block_conjugate_gradient(
-                    matvec, r, self.tol * vnorm / np.where(rnorm > 0, rnorm, 1.0), maxiter - it,
+                    matvec, r, tol * vnorm / np.where(rnorm > 0, rnorm, 1.0), maxiter - it,
                     preconditioner=self._preconditioner)
                 x, it, sizes, refinements = x + dx, it + it2, sizes + sizes2, refinements + 1
             info.update(block=True, block_sizes=sizes, hvp_columns=int(sum(sizes)), refinements=refinements)
         else:
-            x, it, negative = conjugate_gradient(matvec, v, self.tol, maxiter, preconditioner=self._preconditioner)
+            x, it, negative = conjugate_gradient(matvec, v, tol, maxiter, preconditioner=self._preconditioner)
         dtype = op.model.dtype
         if negative:
             hint = (" (or round-off: this model computes in %s; float64 gives the tightest solves)" % dtype
@@ -131,8 +158,8 @@ class CGSolver(InverseHVPSolver):
         res = float(np.max(residuals))
         if v.ndim == 2:
             info["residuals"] = residuals.tolist()
-        converged = res <= max(10 * self.tol, 1e-6)
+        converged = res <= max(10 * tol, 1e-6)
         if not converged:
             logger.warning("CG stopped after %d iterations at relative residual %.2e", it, res)
         return SolveResult(x=x, solver=self.name, iterations=it, residual=res, converged=converged,
-                           damping=self.damping, info={"negative_curvature": negative, **info})
+                           damping=self.damping, info={"negative_curvature": negative, "tol": tol, **info})

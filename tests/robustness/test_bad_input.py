@@ -261,3 +261,96 @@ def test_data_unchanged_in_size_and_mtime_but_not_content_is_not_up_to_date(tmp_
     assert reproduce_all.run_key(script, [], ["mnist"], str(tmp_path), hashes) != key
     assert reproduce_all.run_key(script, [], ["mnist"], str(tmp_path), hashes) == \
         reproduce_all.run_key(script, [], ["mnist"], str(tmp_path), {})  # the cache never changes the answer
+
+
+# ---------------------------------------------------------------- a Keras model written the Keras way
+def test_softmax_outputs_are_refused_and_logits_model_gives_the_logits(digits):
+    import keras
+
+    from influence import KerasModel
+    from influence.models.keras_model import logits_model
+
+    X, y = digits
+    keras.utils.set_random_seed(0)
+    probs = keras.Sequential([keras.Input((64,)), keras.layers.Dense(8, activation="tanh"),
+                              keras.layers.Dense(10, activation="softmax")])
+    with pytest.raises(ValueError, match="applied twice"):
+        KerasModel(probs, loss="softmax")
+    custom = keras.Sequential([keras.Input((64,)), keras.layers.Dense(10), keras.layers.Lambda(keras.ops.softmax)])
+    with pytest.raises(ValueError, match="rows sum to 1"):
+        KerasModel(custom, loss="softmax").set_training_data(X[:50], y[:50])
+    logits = KerasModel(logits_model(probs), loss="softmax").set_training_data(X[:100], y[:100])
+    keras_loss = float(keras.losses.SparseCategoricalCrossentropy()(y[:100], probs(X[:100])))
+    assert logits.objective() == pytest.approx(keras_loss, rel=1e-5)  # no weight decay: the same objective
+    assert final_activation_unchanged(probs)
+
+
+def final_activation_unchanged(net):
+    return net.layers[-1].activation.__name__ == "softmax"
+
+
+def test_regression_targets_shaped_n_by_1_equal_n(digits):
+    import keras
+    from sklearn.datasets import load_diabetes
+
+    from influence import KerasModel
+
+    X, y = load_diabetes(return_X_y=True)
+    keras.utils.set_random_seed(0)
+    net = keras.Sequential([keras.Input((10,), dtype="float64"), keras.layers.Dense(1, dtype="float64")])
+    a = KerasModel(net, loss="squared", weight_decay=1e-3).set_training_data(X[:100], y[:100, None])
+    b = KerasModel(net, loss="squared", weight_decay=1e-3).set_training_data(X[:100], y[:100])
+    assert a.objective() == pytest.approx(b.objective(), rel=1e-12, abs=1e-10)
+    sa = a.s_test(X[200:203], y[200:203, None], solver="exact").x
+    sb = b.s_test(X[200:203], y[200:203], solver="exact").x
+    assert np.max(np.abs(sa - sb)) <= 1e-10 * max(1.0, np.max(np.abs(sb)))
+    np.testing.assert_allclose(a.influence_scores(sa), b.influence_scores(sb), rtol=1e-10, atol=1e-10)
+    wide = keras.Sequential([keras.Input((10,), dtype="float64"), keras.layers.Dense(2, dtype="float64")])
+    with pytest.raises(ValueError, match="do not match the model's outputs"):
+        KerasModel(wide, loss="squared").set_training_data(X[:100], y[:100])
+
+
+def test_perturbation_influence_on_integer_tokens_fails_before_any_solve(monkeypatch):
+    import keras
+
+    from influence import InfluenceFunction, KerasModel
+
+    rng = np.random.default_rng(0)
+    X, y = rng.integers(0, 20, (40, 6)), rng.integers(0, 2, 40)
+    net = keras.Sequential([keras.Input((6,), dtype="int32"), keras.layers.Embedding(20, 4),
+                            keras.layers.GlobalAveragePooling1D(), keras.layers.Dense(2)])
+    m = KerasModel(net, loss="softmax", weight_decay=1e-2, dtype="float64").set_training_data(X, y)
+    monkeypatch.setattr(InfluenceFunction, "inverse_hvp", lambda self, v: pytest.fail("solved first"))
+    with pytest.raises(ValueError, match="no gradient with respect"):
+        m.influence_pert_loss(X[:1], y[:1], [0, 1])
+
+
+def test_a_failed_cg_solve_raises_unless_the_caller_keeps_it(binary_model):
+    from helpers.indefinite import NegativeDecayLogistic
+    from influence import SolveFailedError
+
+    m = binary_model
+    lmin = np.linalg.eigvalsh(m.hessian())[0]
+    neg = NegativeDecayLogistic(weight_decay=-(lmin + 0.5))
+    neg.set_training_data(m.X_train_np_, m.y_train_np_).set_theta(m.theta_)
+    v = np.random.default_rng(0).standard_normal(m.n_params)
+    with pytest.raises(SolveFailedError, match="negative curvature") as err:
+        neg.inverse_hvp(v, "cg")
+    assert err.value.result.info["negative_curvature"] and err.value.result.residual > 1e-3
+    kept = neg.inverse_hvp(v, "cg", on_failure="warn")
+    assert kept.info["negative_curvature"] and not kept.converged
+    with pytest.raises(SolveFailedError, match="stopped after 2 iterations"):
+        m.inverse_hvp(v, "cg", maxiter=2)
+
+
+def test_cg_tolerance_defaults_to_what_float32_can_reach(digits):
+    import keras
+
+    from influence import KerasModel
+
+    X, y = digits
+    keras.utils.set_random_seed(0)
+    net = keras.Sequential([keras.Input((64,)), keras.layers.Dense(10)])  # float32, Keras's default
+    m = KerasModel(net, loss="softmax", weight_decay=1e-2).set_training_data(X[:200].astype("float32"), y[:200])
+    res = m.s_test(X[300], y[300], solver="cg")
+    assert m.dtype == "float32" and res.info["tol"] == 1e-5 and res.converged and res.residual <= 1e-4
