@@ -127,7 +127,9 @@ class KerasModel(GenericNeuralNet):
     def _set_training_data(self, X, y):
         if not self._built:
             X = np.asarray(X)
-            if len(X) and np.issubdtype(X.dtype, np.number) and not np.issubdtype(X.dtype, np.complexfloating):
+            expected = tuple(self.model.inputs[0].shape[1:]) if getattr(self.model, "inputs", None) else None
+            fits = expected is None or None in expected or expected == tuple(X.shape[1:])
+            if fits and len(X) and np.issubdtype(X.dtype, np.number) and not np.issubdtype(X.dtype, np.complexfloating):
                 self._check_probabilities(X[:64].astype(self.dtype) if np.issubdtype(X.dtype, np.floating) else X[:64])
         return super()._set_training_data(X, y)
 
