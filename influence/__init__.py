@@ -36,6 +36,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "DataError": "datasets.manifest", "DataMissingError": "datasets.manifest",
     "GenericNeuralNet": "generic_neural_net", "ParamBlock": "generic_neural_net",
+    "NotStationaryError": "generic_neural_net",
     "InfluenceRanking": "estimators", "InfluenceFunction": "estimators", "Estimator": "estimators",
     "get_estimator": "estimators",
     "CurvatureOperator": "curvature", "HessianOperator": "curvature", "GaussNewtonOperator": "curvature",

@@ -46,7 +46,7 @@ import tensorflow as tf
 from .curvature import check_curvature
 from .model_kernels import GradientKernels
 from .shortcuts import InfluenceShortcuts
-from .utils import hash_arrays, progress
+from .utils import bar, hash_arrays, progress
 from .validation import check_choice, check_number
 
 logger = logging.getLogger(__name__)
@@ -569,8 +569,18 @@ class GenericNeuralNet(InfluenceShortcuts):
         inner solves) then drives the gradient norm towards machine precision, which makes
         leave-one-out differences of 1e-6 measurable.
         """
-        res = scipy.optimize.minimize(self.objective_and_gradient, theta0, jac=True, method="L-BFGS-B",
-                                      options=dict(maxiter=maxiter, maxcor=30, gtol=tol, ftol=1e-15, maxls=50))
+        shown = bar(total=maxiter, desc="L-BFGS fit", enabled=bool(self.progress))
+
+        def tick(intermediate_result):
+            shown.set_postfix_str(f"objective {float(intermediate_result.fun):.10g}", refresh=False)
+            shown.update(1)
+
+        try:
+            res = scipy.optimize.minimize(self.objective_and_gradient, theta0, jac=True, method="L-BFGS-B",
+                                          callback=tick,
+                                          options=dict(maxiter=maxiter, maxcor=30, gtol=tol, ftol=1e-15, maxls=50))
+        finally:
+            shown.close()
         theta = res.x
         logger.debug("L-BFGS: %s iterations, %s", res.nit, res.message)  # fit() checks where it ended
         if newton_polish:

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -130,6 +131,52 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+class _NoBar:
+    def update(self, n=1):
+        pass
+
+    def set_postfix_str(self, s, refresh=True):
+        pass
+
+    def close(self):
+        pass
+
+
+class _SummaryBar:
+    """A tqdm bar that leaves one summary line (``desc: n units, postfix``) when it closes."""
+
+    def __init__(self, total, desc, unit):
+        from tqdm.auto import tqdm
+
+        self._tqdm, self._desc, self._unit, self._postfix = tqdm, desc, unit, ""
+        self._bar = tqdm(total=total, desc=desc, leave=False, unit=unit)
+
+    def update(self, n=1):
+        self._bar.update(n)
+
+    def set_postfix_str(self, s, refresh=True):
+        self._postfix = s
+        self._bar.set_postfix_str(s, refresh=refresh)
+
+    def close(self):
+        n = self._bar.n
+        self._bar.close()
+        if n:
+            self._tqdm.write(f"{self._desc}: {n} {self._unit}{'s' if n != 1 else ''}"
+                             + (f", {self._postfix}" if self._postfix else ""), file=sys.stderr)
+
+
+def bar(total=None, desc=None, enabled=True, unit="iteration"):
+    """A progress bar to ``update`` by hand that leaves a one-line summary when ``close()``d (a
+    no-op object when not ``enabled``)."""
+    if not enabled:
+        return _NoBar()
+    try:
+        return _SummaryBar(total, desc, unit)
+    except ImportError:  # pragma: no cover
+        return _NoBar()
 
 
 def progress(iterable, total=None, desc=None, enabled=True):

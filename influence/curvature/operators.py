@@ -21,7 +21,7 @@ import weakref
 import numpy as np
 import tensorflow as tf
 
-from ..utils import hash_arrays, memo, progress
+from ..utils import bar, hash_arrays, memo, progress
 from . import kernels as K
 
 logger = logging.getLogger(__name__)
@@ -177,14 +177,22 @@ class CurvatureOperator:
         if p <= 2:
             w = np.linalg.eigvalsh(self.dense())
             return float(w[0]), float(w[-1])
-        op = spla.LinearOperator((p, p), matvec=lambda v: self.hvp(np.ravel(v)), dtype=np.float64)
+        shown = bar(desc="Lanczos (eigenvalue bounds)", enabled=bool(m.progress), unit="HVP")
+
+        def product(v):
+            shown.update(1)
+            return self.hvp(np.ravel(v))
+
+        op = spla.LinearOperator((p, p), matvec=product, dtype=np.float64)
         v0 = np.random.default_rng(m.seed).standard_normal(p)
         maxiter = maxiter or max(100, 10 * p)
-        lmax = spla.eigsh(op, k=1, which="LA", tol=tol, v0=v0, maxiter=maxiter, return_eigenvectors=False)[0]
-        # smallest via the largest of (lmax I - C), which converges faster than which="SA"
-        shifted = spla.LinearOperator((p, p), matvec=lambda v: lmax * np.ravel(v) - self.hvp(np.ravel(v)),
-                                      dtype=np.float64)
-        top = spla.eigsh(shifted, k=1, which="LA", tol=tol, v0=v0, maxiter=maxiter, return_eigenvectors=False)[0]
+        try:
+            lmax = spla.eigsh(op, k=1, which="LA", tol=tol, v0=v0, maxiter=maxiter, return_eigenvectors=False)[0]
+            # smallest via the largest of (lmax I - C), which converges faster than which="SA"
+            shifted = spla.LinearOperator((p, p), matvec=lambda v: lmax * np.ravel(v) - product(v), dtype=np.float64)
+            top = spla.eigsh(shifted, k=1, which="LA", tol=tol, v0=v0, maxiter=maxiter, return_eigenvectors=False)[0]
+        finally:
+            shown.close()
         lmin = float(lmax - top)
         if lmin < 0:
             self._warn_negative(lmin)

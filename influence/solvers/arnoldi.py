@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 
+from ..utils import bar
 from ..validation import check_number
 from .base import AutoDamping, InverseHVPSolver, NotPositiveDefiniteError, SolveResult, relative_residual
 
@@ -70,14 +71,19 @@ class ArnoldiSolver(InverseHVPSolver):
             import scipy.sparse.linalg as spla
 
             count = [0]
+            shown = bar(desc=f"Lanczos ({rank} eigenpairs)", enabled=bool(op.model.progress), unit="HVP")
 
             def matvec(u):
                 count[0] += 1
+                shown.update(1)
                 return op.hvp(np.ravel(u))
 
             lin = spla.LinearOperator((p, p), matvec=matvec, dtype=np.float64)
             v0 = np.random.default_rng(self.seed).standard_normal(p)
-            lam, V = spla.eigsh(lin, k=rank, which="LA", tol=self.tol, v0=v0, maxiter=self.maxiter)
+            try:
+                lam, V = spla.eigsh(lin, k=rank, which="LA", tol=self.tol, v0=v0, maxiter=self.maxiter)
+            finally:
+                shown.close()
             order = np.argsort(lam)[::-1]
             lam, V = lam[order], V[:, order]
             matvecs = count[0]

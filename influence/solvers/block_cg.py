@@ -41,13 +41,13 @@ def orthonormal_basis(W: np.ndarray, rank_tol: float = 1e-10) -> np.ndarray:
 def block_conjugate_gradient(matvec: Callable[[np.ndarray], np.ndarray], B: np.ndarray, tol: float | np.ndarray = 1e-10,
                              maxiter: int = 1000,
                              preconditioner: Callable[[np.ndarray], np.ndarray] | None = None,
-                             rank_tol: float = 1e-10):
+                             rank_tol: float = 1e-10, callback: Callable[[int, float], None] | None = None):
     """Breakdown-free block CG for ``A X = B`` (``A`` symmetric positive definite, ``B`` (p, k)).
 
     ``matvec(P)`` returns ``A P`` for a (p, r) block; ``preconditioner(R)`` returns
     ``M^-1 R`` for a symmetric positive definite ``M``. Stops when every column has
     ``||r_k|| <= tol * ||b_k||`` (``tol`` a number or one per column; zero columns: at once,
-    solution 0), after ``maxiter``
+    solution 0), after ``maxiter`` (``callback(iterations, largest relative residual)`` after each)
     block iterations, or on negative curvature.
     Returns ``(X, iterations, negative_curvature_seen, block_sizes)`` with the number of
     directions searched at each iteration.
@@ -77,6 +77,8 @@ def block_conjugate_gradient(matvec: Callable[[np.ndarray], np.ndarray], B: np.n
         R[:, cols] -= Q @ alpha
         sizes.append(P.shape[1])
         it += 1
+        if callback is not None:  # iterations so far, largest relative residual of the active columns
+            callback(it, float(np.max(np.linalg.norm(R, axis=0) / np.where(target > 0, target, 1.0) * np.asarray(tol))))
         active &= np.linalg.norm(R, axis=0) > target
         if not active.any():
             break

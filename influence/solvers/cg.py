@@ -12,6 +12,7 @@ from typing import Callable
 import numpy as np
 
 from .base import InverseHVPSolver, SolveResult, column_residuals
+from ..utils import bar
 from ..validation import check_choice, check_number
 from .base import SolveFailedError
 from .block_cg import block_conjugate_gradient
@@ -23,7 +24,8 @@ DEFAULT_TOL = {"float64": 1e-10, "float32": 1e-5}  # tol=None: what each dtype's
 
 def conjugate_gradient(matvec: Callable[[np.ndarray], np.ndarray], b: np.ndarray, tol: float = 1e-10,
                        maxiter: int = 1000, x0: np.ndarray | None = None,
-                       preconditioner: Callable[[np.ndarray], np.ndarray] | None = None):
+                       preconditioner: Callable[[np.ndarray], np.ndarray] | None = None,
+                       callback: Callable[[int, float], None] | None = None):
     """Conjugate gradients for a symmetric positive definite operator, one or many columns.
 
     Columns of ``b`` are solved independently but share every ``matvec`` call (one
@@ -67,6 +69,8 @@ def conjugate_gradient(matvec: Callable[[np.ndarray], np.ndarray], b: np.ndarray
         rr = np.sum(R * R, axis=0)
         active &= rr > target
         it += 1
+        if callback is not None:  # iterations so far, largest relative residual
+            callback(it, float(np.sqrt(np.max(rr / np.where(target > 0, target, 1.0))) * tol))
     return (X if b.ndim == 2 else X[:, 0]), it, negative
 
 
@@ -126,10 +130,24 @@ class CGSolver(InverseHVPSolver):
         tol = self.target_tol()
         maxiter = self.maxiter or min(op.n_params, 1000)
         matvec = lambda u: op.hvp(u) + self.damping * u  # noqa: E731
+        block = v.ndim == 2 and v.shape[1] > 1 and self._block
+        shown = bar(total=maxiter, desc="block CG" if block else "CG", enabled=bool(op.model.progress))
+
+        def tick(_it, residual):
+            shown.set_postfix_str(f"residual {residual:.1e}", refresh=False)
+            shown.update(1)
+
+        try:
+            x, it, negative, info = self._iterate(matvec, v, tol, maxiter, block, tick)
+        finally:
+            shown.close()
+        return self._result(op, x, it, negative, info, v, tol)
+
+    def _iterate(self, matvec, v, tol, maxiter, block, tick):
         info, residuals = {}, None
-        if v.ndim == 2 and v.shape[1] > 1 and self._block:
+        if block:
             x, it, negative, sizes = block_conjugate_gradient(matvec, v, tol, maxiter,
-                                                              preconditioner=self._preconditioner)
+                                                              preconditioner=self._preconditioner, callback=tick)
             # the recursive residual drifts from the true one over many block iterations:
             # refine on the true residual until every column meets tol (at most REFINEMENTS times)
             vnorm = np.linalg.norm(v, axis=0)
@@ -142,11 +160,18 @@ class CGSolver(InverseHVPSolver):
                     break
                 dx, it2, negative, sizes2 = block_conjugate_gradient(
                     matvec, r, tol * vnorm / np.where(rnorm > 0, rnorm, 1.0), maxiter - it,
-                    preconditioner=self._preconditioner)
+                    preconditioner=self._preconditioner, callback=tick)
                 x, it, sizes, refinements = x + dx, it + it2, sizes + sizes2, refinements + 1
             info.update(block=True, block_sizes=sizes, hvp_columns=int(sum(sizes)), refinements=refinements)
         else:
-            x, it, negative = conjugate_gradient(matvec, v, tol, maxiter, preconditioner=self._preconditioner)
+            x, it, negative = conjugate_gradient(matvec, v, tol, maxiter, preconditioner=self._preconditioner,
+                                                 callback=tick)
+        if residuals is not None:
+            info["_residuals"] = residuals
+        return x, it, negative, info
+
+    def _result(self, op, x, it, negative, info, v, tol):
+        residuals = info.pop("_residuals", None)
         dtype = op.model.dtype
         if negative:
             hint = (" (or round-off: this model computes in %s; float64 gives the tightest solves)" % dtype

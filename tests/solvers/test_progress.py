@@ -1,0 +1,24 @@
+"""Long steps are visible: with ``progress=True`` a fit, a CG solve, block CG and Lanczos show
+tqdm bars (iterations and the residual or objective); without it, nothing."""
+import numpy as np
+
+from influence import LogisticRegression
+
+
+def test_fit_and_solves_show_their_bars(digits, capsys):
+    X, y = digits
+    m = LogisticRegression(weight_decay=0.01, progress=True).fit(X[:200], y[:200])
+    err = capsys.readouterr().err
+    assert "L-BFGS fit" in err and "objective" in err
+    m.s_test(X[300], y[300], solver="cg")
+    err = capsys.readouterr().err
+    assert "CG" in err and "residual" in err
+    m.influence_matrix(X[300:304], y[300:304], solver="cg")
+    assert "block CG" in capsys.readouterr().err
+    m.hessian_eigenvalue_bounds()
+    assert "Lanczos" in capsys.readouterr().err
+    quiet = LogisticRegression(weight_decay=0.01).fit(X[:200], y[:200])
+    quiet.s_test(X[300], y[300], solver="cg")
+    err = capsys.readouterr().err
+    assert "L-BFGS fit" not in err and "residual" not in err
+    assert np.isfinite(quiet.grad_norm_)
