@@ -77,7 +77,14 @@ class KerasModel(GenericNeuralNet):
         if not variables:
             raise ValueError("model has no trainable variables: pass a built keras.Model (call it once, or build it "
                              "from keras.Input)")
-        dtype = dtype or str(variables[0].dtype)
+        net_dtype = str(variables[0].dtype)
+        compute = str(getattr(model, "compute_dtype", net_dtype) or net_dtype)
+        if dtype is not None and str(dtype) not in (net_dtype, compute):
+            raise ValueError(f"dtype={dtype!r}, but the network's layers compute in {compute} (variables {net_dtype}): "
+                             f"the influence computation would mix the two. Omit dtype (computes in {compute}), or "
+                             f"build the network in {dtype} (keras.config.set_floatx({str(dtype)!r}) before building "
+                             f"it, or dtype={str(dtype)!r} on every layer and the Input)")
+        dtype = dtype or net_dtype
         super().__init__(weight_decay=weight_decay, dtype=dtype, **kwargs)
         self.model = model
         self.loss = loss

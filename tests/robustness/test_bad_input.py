@@ -319,7 +319,7 @@ def test_perturbation_influence_on_integer_tokens_fails_before_any_solve(monkeyp
     X, y = rng.integers(0, 20, (40, 6)), rng.integers(0, 2, 40)
     net = keras.Sequential([keras.Input((6,), dtype="int32"), keras.layers.Embedding(20, 4),
                             keras.layers.GlobalAveragePooling1D(), keras.layers.Dense(2)])
-    m = KerasModel(net, loss="softmax", weight_decay=1e-2, dtype="float64").set_training_data(X, y)
+    m = KerasModel(net, loss="softmax", weight_decay=1e-2).set_training_data(X, y)
     monkeypatch.setattr(InfluenceFunction, "inverse_hvp", lambda self, v: pytest.fail("solved first"))
     with pytest.raises(ValueError, match="no gradient with respect"):
         m.influence_pert_loss(X[:1], y[:1], [0, 1])
@@ -354,3 +354,23 @@ def test_cg_tolerance_defaults_to_what_float32_can_reach(digits):
     m = KerasModel(net, loss="softmax", weight_decay=1e-2).set_training_data(X[:200].astype("float32"), y[:200])
     res = m.s_test(X[300], y[300], solver="cg")
     assert m.dtype == "float32" and res.info["tol"] == 1e-5 and res.converged and res.residual <= 1e-4
+
+
+def test_float32_networks_run_every_solver_and_a_mismatched_dtype_is_refused(digits):
+    import keras
+
+    from influence import KerasModel
+
+    X, y = digits
+    keras.utils.set_random_seed(0)
+    net = keras.Sequential([keras.Input((64,)), keras.layers.Dense(8, activation="tanh"), keras.layers.Dense(10)])
+    with pytest.raises(ValueError, match="compute in float32"):
+        KerasModel(net, loss="softmax", dtype="float64")
+    m = KerasModel(net, loss="softmax", weight_decay=1e-2).set_training_data(X[:150].astype("float32"), y[:150])
+    for name, opts in [("exact", {"damping": 1.0}), ("cg", {"damping": 1.0}), ("cg", {"curvature": "gauss-newton"}),
+                       ("lissa", {"scale": "auto", "depth": 50, "damping": 1.0}), ("arnoldi", {"rank": 10}),
+                       ("kfac", {"damping": 0.1}), ("ekfac", {"damping": 0.1})]:
+        res = m.s_test(X[200], y[200], solver=name, use_cache=False, **opts)
+        assert np.all(np.isfinite(res.x)) and res.x.shape == (m.n_params,), name
+        if name in ("exact", "cg"):
+            assert res.converged, (name, opts)
