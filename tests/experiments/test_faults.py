@@ -36,6 +36,7 @@ def group_alive(pgid: int) -> bool:
     return True
 
 
+@pytest.mark.slow  # ~40 s: two demo runs (the default test run is kept under 15 minutes)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_killed_driver_leaves_no_experiment_running_and_the_rerun_is_consistent(tmp_path):
     out = tmp_path / "out"
