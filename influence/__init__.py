@@ -46,7 +46,7 @@ _EXPORTS = {
     "LOOResult": "refit_validation", "leave_one_out": "refit_validation", "LDSResult": "refit_validation",
     "linear_datamodeling_score": "refit_validation", "retrain_test_losses": "refit_validation",
     "CGSolver": "solvers", "ExactSolver": "solvers", "InverseHVPSolver": "solvers", "LissaSolver": "solvers",
-    "ArnoldiSolver": "solvers",
+    "ArnoldiSolver": "solvers", "NystromPreconditioner": "solvers", "KroneckerPreconditioner": "solvers",
     "LissaDivergenceError": "solvers", "NotPositiveDefiniteError": "solvers", "SolveFailedError": "solvers", "SolveResult": "solvers",
     "get_solver": "solvers",
 }

@@ -198,6 +198,63 @@ class CurvatureOperator:
             self._warn_negative(lmin)
         return lmin, float(lmax)
 
+    def top_eigenpairs(self, rank: int, tol: float = 1e-6, seed: int = 0,
+                       maxiter: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(lambda, V)``: the ``rank`` largest eigenvalues (descending) and orthonormal
+        eigenvectors (p, rank) of the operator, by Lanczos on products (ARPACK's ``eigsh``; the
+        explicit matrix's ``eigh`` where ``rank >= p - 1``). Cached per state, tolerance and
+        seed; a request for fewer pairs than are held is served from them (the leading pairs
+        of a larger Lanczos run). Shared by ``solver="arnoldi"`` and the Nystrom preconditioner.
+        """
+        rank = int(min(rank, self.n_params))
+        key = (self.state_key(), float(tol), int(seed), maxiter)
+        hit = self._caches.get("eigenpairs")
+        if hit is not None and hit[0] == key and hit[1][1].shape[1] >= rank:
+            lam, V, _ = hit[1]
+            return lam[:rank], V[:, :rank]
+        value = self._lanczos_pairs(rank, tol, seed, maxiter)
+        self._caches["eigenpairs"] = (key, value)
+        return value[0], value[1]
+
+    def eigenpairs_cost(self) -> dict:
+        """What the cached eigenpairs cost: ``{"rank", "hvps", "seconds"}`` (empty if none)."""
+        hit = self._caches.get("eigenpairs")
+        return {} if hit is None else dict(hit[1][2], rank=int(hit[1][1].shape[1]))
+
+    def _lanczos_pairs(self, rank, tol, seed, maxiter):
+        import time
+
+        p = self.n_params
+        t0 = time.perf_counter()
+        if rank >= p - 1:
+            lam, V = np.linalg.eigh(self.dense())
+            lam, V = lam[::-1][:rank], V[:, ::-1][:, :rank]
+            matvecs = p
+        else:
+            import scipy.sparse.linalg as spla
+
+            count = [0]
+            shown = bar(desc=f"Lanczos ({rank} eigenpairs)", enabled=bool(self.model.progress), unit="HVP")
+
+            def matvec(u):
+                count[0] += 1
+                shown.update(1)
+                return self.hvp(np.ravel(u))
+
+            lin = spla.LinearOperator((p, p), matvec=matvec, dtype=np.float64)
+            v0 = np.random.default_rng(seed).standard_normal(p)
+            try:
+                lam, V = spla.eigsh(lin, k=rank, which="LA", tol=tol, v0=v0, maxiter=maxiter)
+            finally:
+                shown.close()
+            order = np.argsort(lam)[::-1]
+            lam, V = lam[order], V[:, order]
+            matvecs = count[0]
+        seconds = time.perf_counter() - t0
+        logger.info("%s: %d eigenpairs in %.2fs (%d HVPs); eigenvalues %.3g .. %.3g", self.kind, rank, seconds,
+                    matvecs, lam[0], lam[-1])
+        return lam, V, {"hvps": int(matvecs), "seconds": float(seconds)}
+
     def _warn_negative(self, lmin):
         logger.warning("Gauss-Newton matrix has a negative eigenvalue (%.3g), which only round-off can give "
                        "(or a loss that is not convex in the outputs)", lmin)

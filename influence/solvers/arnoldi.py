@@ -6,11 +6,9 @@ found once per fitted model; each later solve costs two (p, rank) products.
 from __future__ import annotations
 
 import logging
-import time
 
 import numpy as np
 
-from ..utils import bar
 from ..validation import check_number
 from .base import AutoDamping, InverseHVPSolver, NotPositiveDefiniteError, SolveResult, relative_residual
 
@@ -53,43 +51,10 @@ class ArnoldiSolver(InverseHVPSolver):
 
     def eigenpairs(self, operator=None) -> tuple[np.ndarray, np.ndarray]:
         """``(lambda, V)``: the ``rank`` largest eigenvalues (descending) and eigenvectors of the
-        operator (cached per operator state; shared by :meth:`with_damping` copies)."""
+        operator (cached by the operator: :meth:`~influence.curvature.CurvatureOperator.top_eigenpairs`,
+        shared with the Nystrom preconditioner of CG)."""
         op = self.operator_ if operator is None else operator
-        p = op.n_params
-        rank = min(self.rank, p)
-        key = (op.state_key(), rank, self.tol, self.seed, self.maxiter)
-        return self._memo("eigenpairs", key, lambda: self._lanczos(op, rank))
-
-    def _lanczos(self, op, rank):
-        p = op.n_params
-        t0 = time.perf_counter()
-        if rank >= p - 1:
-            lam, V = np.linalg.eigh(op.dense())
-            lam, V = lam[::-1][:rank], V[:, ::-1][:, :rank]
-            matvecs = p
-        else:
-            import scipy.sparse.linalg as spla
-
-            count = [0]
-            shown = bar(desc=f"Lanczos ({rank} eigenpairs)", enabled=bool(op.model.progress), unit="HVP")
-
-            def matvec(u):
-                count[0] += 1
-                shown.update(1)
-                return op.hvp(np.ravel(u))
-
-            lin = spla.LinearOperator((p, p), matvec=matvec, dtype=np.float64)
-            v0 = np.random.default_rng(self.seed).standard_normal(p)
-            try:
-                lam, V = spla.eigsh(lin, k=rank, which="LA", tol=self.tol, v0=v0, maxiter=self.maxiter)
-            finally:
-                shown.close()
-            order = np.argsort(lam)[::-1]
-            lam, V = lam[order], V[:, order]
-            matvecs = count[0]
-        logger.info("arnoldi: %d eigenpairs in %.2fs (%d HVPs); eigenvalues %.3g .. %.3g", rank,
-                    time.perf_counter() - t0, matvecs, lam[0], lam[-1])
-        return lam, V
+        return op.top_eigenpairs(self.rank, tol=self.tol, seed=self.seed, maxiter=self.maxiter)
 
     def _solve(self, v):
         lam, V = self.eigenpairs()

@@ -16,6 +16,7 @@ from ..utils import bar
 from ..validation import check_choice, check_number
 from .base import SolveFailedError
 from .block_cg import block_conjugate_gradient
+from .preconditioners import make_preconditioner
 
 logger = logging.getLogger(__name__)
 
@@ -79,10 +80,13 @@ class CGSolver(InverseHVPSolver):
 
     Parameters: ``tol`` (relative residual target per column; None: what the model's dtype
     can reach, 1e-10 in float64, 1e-5 in float32), ``maxiter`` (iterations;
-    default ``min(p, 1000)``), ``preconditioner`` (optional callable ``R -> M^-1 R`` for a
-    symmetric positive definite ``M`` close to ``H + damping I``, applied to (p,) or
-    (p, k) arrays, e.g. a Cholesky solve with the Hessian of a nearby model; it changes
-    the iteration count, not the answer, so it is not part of the cache key), ``block``
+    default ``min(p, 1000)``), ``preconditioner`` (an SPD ``M^-1 ~ (C + damping I)^-1`` applied
+    to the residuals, :mod:`.preconditioners`: ``"nystrom"`` from the operator's top
+    ``preconditioner_rank`` eigenpairs (default 30; computed once per model state and
+    curvature, shared with ``solver="arnoldi"``), ``"kfac"`` / ``"ekfac"`` (damping > 0), a
+    :class:`~.preconditioners.Preconditioner`, or a callable ``R -> M^-1 R`` on (p,) or (p, k)
+    arrays; it changes the iteration count, not the answer, so it is not part of the cache
+    key; ``info`` records ``preconditioner``, ``rank``, ``setup_hvps``, ``setup_s``), ``block``
     (several right-hand sides: True, the default, solves them by block CG in one shared
     Krylov space; False iterates each column on its own, sharing only the batched HVPs).
     ``info`` holds ``negative_curvature``, and for several columns ``residuals`` (each
@@ -97,14 +101,13 @@ class CGSolver(InverseHVPSolver):
     REFINEMENTS = 3  # block CG: restarts on the true residual when the recursive one drifted
 
     def __init__(self, damping: float | str = 0.0, tol: float | None = None, maxiter: int | None = None,
-                 preconditioner=None, block: bool = True, on_failure: str = "raise"):
+                 preconditioner=None, preconditioner_rank: int | None = None, block: bool = True,
+                 on_failure: str = "raise"):
         super().__init__(damping)
         self.tol = check_number("tol", tol, low=0.0, low_open=True, allow_none=True)
         self.on_failure = check_choice("on_failure", on_failure, ("raise", "warn"))
         self.maxiter = check_number("maxiter", maxiter, low=1, integer=True, allow_none=True)
-        if preconditioner is not None and not callable(preconditioner):
-            raise TypeError("preconditioner must be a callable r -> M^-1 r")
-        self._preconditioner = preconditioner
+        self._preconditioner = make_preconditioner(preconditioner, preconditioner_rank)
         self._block = bool(block)  # the same answer either way: not part of the cache key
 
     def target_tol(self, operator=None) -> float:
@@ -131,23 +134,30 @@ class CGSolver(InverseHVPSolver):
         maxiter = self.maxiter or min(op.n_params, 1000)
         matvec = lambda u: op.hvp(u) + self.damping * u  # noqa: E731
         block = v.ndim == 2 and v.shape[1] > 1 and self._block
-        shown = bar(total=maxiter, desc="block CG" if block else "CG", enabled=bool(op.model.progress))
+        pc, pc_info = None, {}
+        if self._preconditioner is not None:
+            pc = self._preconditioner.build(op, self.damping)
+            pc_info = dict(self._preconditioner.setup)
+        shown = bar(total=maxiter, desc=("block CG" if block else "CG") + (f" ({pc_info['preconditioner']})"
+                                                                           if pc_info else ""),
+                    enabled=bool(op.model.progress))
 
         def tick(_it, residual):
             shown.set_postfix_str(f"residual {residual:.1e}", refresh=False)
             shown.update(1)
 
         try:
-            x, it, negative, info = self._iterate(matvec, v, tol, maxiter, block, tick)
+            x, it, negative, info = self._iterate(matvec, v, tol, maxiter, block, tick, pc)
         finally:
             shown.close()
+        info.update(pc_info)
         return self._result(op, x, it, negative, info, v, tol)
 
-    def _iterate(self, matvec, v, tol, maxiter, block, tick):
+    def _iterate(self, matvec, v, tol, maxiter, block, tick, pc=None):
         info, residuals = {}, None
         if block:
             x, it, negative, sizes = block_conjugate_gradient(matvec, v, tol, maxiter,
-                                                              preconditioner=self._preconditioner, callback=tick)
+                                                              preconditioner=pc, callback=tick)
             # the recursive residual drifts from the true one over many block iterations:
             # refine on the true residual until every column meets tol (at most REFINEMENTS times)
             vnorm = np.linalg.norm(v, axis=0)
@@ -160,11 +170,11 @@ class CGSolver(InverseHVPSolver):
                     break
                 dx, it2, negative, sizes2 = block_conjugate_gradient(
                     matvec, r, tol * vnorm / np.where(rnorm > 0, rnorm, 1.0), maxiter - it,
-                    preconditioner=self._preconditioner, callback=tick)
+                    preconditioner=pc, callback=tick)
                 x, it, sizes, refinements = x + dx, it + it2, sizes + sizes2, refinements + 1
             info.update(block=True, block_sizes=sizes, hvp_columns=int(sum(sizes)), refinements=refinements)
         else:
-            x, it, negative = conjugate_gradient(matvec, v, tol, maxiter, preconditioner=self._preconditioner,
+            x, it, negative = conjugate_gradient(matvec, v, tol, maxiter, preconditioner=pc,
                                                  callback=tick)
         if residuals is not None:
             info["_residuals"] = residuals

@@ -315,7 +315,9 @@ class KFACSolver(InverseHVPSolver):
                          model.blocks_[f.bias_block].decay))
         return rows, d_out
 
-    def _solve(self, v):
+    def apply_inverse(self, v) -> tuple[np.ndarray, float]:
+        """``(x, smallest)``: the Kronecker-factored ``(C~ + damping I)^-1 v`` for (p,) or (p, k)
+        ``v``, and the smallest eigenvalue it divided by (no residual: no HVP)."""
         model = self.operator_.model
         blocks = self.factors()
         cols = v if v.ndim == 2 else v[:, None]
@@ -335,10 +337,14 @@ class KFACSolver(InverseHVPSolver):
             for sl, r, _ in rows:
                 x[sl] = X[start:start + r].reshape(-1, cols.shape[1])
                 start += r
+        return (x if v.ndim == 2 else x[:, 0]), smallest
+
+    def _solve(self, v):
+        x, smallest = self.apply_inverse(v)
+        blocks = self.factors()
         if smallest <= 0:
             logger.warning("%s: an eigenvalue plus regulariser and damping is %.3g <= 0; add damping", self.name,
                            smallest)
-        x = x if v.ndim == 2 else x[:, 0]
         k = 1 if v.ndim == 1 else v.shape[1]
         checked = k if self._residual_columns is None else min(k, self._residual_columns)
         # the operator bounds its columns per pass

@@ -1,0 +1,173 @@
+"""Preconditioners for (block) conjugate gradients on ``A = C + d I``.
+
+A preconditioner is an SPD ``M^-1 ~ A^-1`` that CG applies to its residuals; it changes
+the iteration count, never the answer (CG still stops on the true system's residual).
+
+``NystromPreconditioner(rank=k)`` (spectral / Nystrom, Frangella, Tropp & Udell 2023):
+with ``(lambda, V)`` the ``k`` largest eigenpairs of ``C`` (Lanczos on HVPs, computed once
+per model state and curvature by the operator and shared with ``solver="arnoldi"``)::
+
+    M^-1 = (lambda_k + d) V (Lambda + d I)^-1 V^T + (I - V V^T)
+
+``M^-1 A`` maps each kept eigenvalue ``lambda_i + d`` to ``lambda_k + d`` and leaves the
+rest unchanged, so CG's condition number drops from ``(lambda_1 + d) / (lambda_min + d)``
+to ``(lambda_k + d) / (lambda_min + d)``. It is SPD whenever ``lambda_k + d > 0`` (its
+eigenvalues are ``(lambda_k + d) / (lambda_i + d)`` and 1), which holds for every damping
+that makes ``A`` positive definite; an indefinite ``H`` uses its *largest* eigenvalues,
+and a damping with ``lambda_k + d <= 0`` is refused (``A`` is then indefinite anyway).
+
+``KroneckerPreconditioner("kfac" | "ekfac")``: ``M^-1`` is the (E)K-FAC inverse at the same
+damping (SPD for ``d > 0``). Measured on the paper's CNN it is a poor preconditioner for
+the full ``G`` (docs/solvers.md); it is kept for models where the block-diagonal
+curvature dominates.
+
+``make_preconditioner(spec, rank)`` turns CG's ``preconditioner=`` option (None, a name,
+an instance, or a callable ``R -> M^-1 R``) into one of these.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import numpy as np
+
+from ..validation import check_number
+from .base import NotPositiveDefiniteError
+
+PRECONDITIONERS = ("nystrom", "kfac", "ekfac")
+DEFAULT_RANK = 30
+
+
+class Preconditioner:
+    """Interface: ``build(operator, damping) -> callable`` applying ``M^-1`` to (p,) or (p, k)
+    arrays; ``config()`` what determines it; ``setup`` (after a build) its cost."""
+
+    name = "base"
+
+    def build(self, operator, damping: float) -> Callable[[np.ndarray], np.ndarray]:  # pragma: no cover
+        raise NotImplementedError
+
+    def config(self) -> dict:
+        return {"preconditioner": self.name}
+
+
+class NystromPreconditioner(Preconditioner):
+    """Spectral (Nystrom) preconditioner from the ``rank`` largest eigenpairs of the operator
+    (module docstring). ``tol``, ``seed``, ``maxiter``: the Lanczos run's (as ArnoldiSolver's)."""
+
+    name = "nystrom"
+
+    def __init__(self, rank: int = DEFAULT_RANK, tol: float = 1e-6, seed: int = 0, maxiter: int | None = None):
+        self.rank = check_number("preconditioner_rank", rank, low=1, integer=True)
+        self.tol = check_number("tol", tol, low=0.0)
+        self.seed = check_number("seed", seed, low=0, integer=True)
+        self.maxiter = check_number("maxiter", maxiter, low=1, integer=True, allow_none=True)
+        self.setup: dict = {}
+
+    def config(self) -> dict:
+        return {"preconditioner": self.name, "rank": self.rank}
+
+    def eigenpairs(self, operator):
+        return operator.top_eigenpairs(self.rank, tol=self.tol, seed=self.seed, maxiter=self.maxiter)
+
+    def build(self, operator, damping: float):
+        t0 = time.perf_counter()
+        before = operator._caches.get("eigenpairs")
+        lam, V = self.eigenpairs(operator)
+        fresh = operator.eigenpairs_cost()
+        reused = before is not None and operator._caches.get("eigenpairs") is before
+        apply = nystrom_inverse(lam, V, damping)
+        self.setup = {"preconditioner": self.name, "rank": int(len(lam)),
+                      "setup_hvps": 0 if reused else fresh.get("hvps", 0),
+                      "setup_s": 0.0 if reused else time.perf_counter() - t0,
+                      "eigenvalue_kept_min": float(lam[-1]), "eigenvalue_max": float(lam[0])}
+        return apply
+
+
+def nystrom_inverse(lam: np.ndarray, V: np.ndarray, damping: float) -> Callable[[np.ndarray], np.ndarray]:
+    """``r -> M^-1 r`` with ``M^-1 = (lam_k + d) V (diag(lam) + d I)^-1 V^T + (I - V V^T)``
+    (``lam`` descending, ``V`` orthonormal columns)."""
+    lam = np.asarray(lam, dtype=np.float64)
+    floor = float(lam[-1]) + damping
+    if not floor > 0:
+        raise NotPositiveDefiniteError(
+            f"Nystrom preconditioner: the smallest kept eigenvalue plus damping is {floor:.3g} <= 0, so C + "
+            f"{damping:g} I is not positive definite; raise damping above {-float(lam[-1]):.3g} or use "
+            f"curvature='gauss-newton'")
+    scale = floor / (lam + damping) - 1.0  # M^-1 = I + V diag(scale) V^T
+
+    def apply(r):
+        coef = V.T @ r
+        return r + V @ (coef * (scale if r.ndim == 1 else scale[:, None]))
+
+    return apply
+
+
+class KroneckerPreconditioner(Preconditioner):
+    """The K-FAC (``"kfac"``) or EK-FAC (``"ekfac"``) inverse as ``M^-1``, at CG's damping
+    (``fisher``, ``mc_samples``, ``seed`` as :class:`~influence.solvers.kfac.KFACSolver`)."""
+
+    def __init__(self, kind: str = "ekfac", fisher: str = "expectation", mc_samples: int = 1, seed: int = 0):
+        if kind not in ("kfac", "ekfac"):
+            raise ValueError(f"kind must be 'kfac' or 'ekfac', got {kind!r}")
+        self.name = kind
+        self.fisher, self.mc_samples, self.seed = fisher, mc_samples, seed
+        self._solver = None
+        self.setup: dict = {}
+
+    def config(self) -> dict:
+        return {"preconditioner": self.name, "fisher": self.fisher, "mc_samples": self.mc_samples, "seed": self.seed}
+
+    def build(self, operator, damping: float):
+        from .kfac import EKFACSolver, KFACSolver
+
+        if not damping > 0:
+            raise ValueError(f"preconditioner={self.name!r} needs damping > 0 (its Kronecker factors may be "
+                             f"singular), got damping={damping!r}")
+        t0 = time.perf_counter()
+        if self._solver is None:
+            cls = EKFACSolver if self.name == "ekfac" else KFACSolver
+            self._solver = cls(damping=damping, fisher=self.fisher, mc_samples=self.mc_samples, seed=self.seed)
+        solver = self._solver.with_damping(damping).fit(operator)
+        solver.factors()
+        self.setup = {"preconditioner": self.name, "rank": None, "setup_hvps": 0,
+                      "setup_s": time.perf_counter() - t0}
+        return lambda r: solver.apply_inverse(r)[0]
+
+
+class CallablePreconditioner(Preconditioner):
+    """A user's ``R -> M^-1 R`` (SPD, close to ``(C + d I)^-1``)."""
+
+    name = "callable"
+
+    def __init__(self, fn):
+        if not callable(fn):
+            raise TypeError("preconditioner must be a callable r -> M^-1 r")
+        self.fn = fn
+        self.setup = {"preconditioner": "callable", "rank": None, "setup_hvps": 0, "setup_s": 0.0}
+
+    def build(self, operator, damping: float):
+        return self.fn
+
+
+def make_preconditioner(spec, rank: int | None = None) -> Preconditioner | None:
+    """CG's ``preconditioner=`` option as a :class:`Preconditioner`: None, ``"nystrom"``
+    (with ``rank``, default 30), ``"kfac"``, ``"ekfac"``, an instance, or a callable."""
+    if rank is not None:
+        check_number("preconditioner_rank", rank, low=1, integer=True)
+        if spec != "nystrom":
+            raise ValueError(f"preconditioner_rank={rank!r} applies to preconditioner='nystrom' only, got "
+                             f"preconditioner={spec!r}")
+    if spec is None or isinstance(spec, Preconditioner):
+        return spec
+    if isinstance(spec, str):
+        if spec == "nystrom":
+            return NystromPreconditioner(rank=DEFAULT_RANK if rank is None else rank)
+        if spec in ("kfac", "ekfac"):
+            return KroneckerPreconditioner(spec)
+        raise ValueError(f"preconditioner must be one of {PRECONDITIONERS}, a Preconditioner or a callable "
+                         f"r -> M^-1 r; got {spec!r}")
+    if callable(spec):
+        return CallablePreconditioner(spec)
+    raise TypeError(f"preconditioner must be one of {PRECONDITIONERS}, a Preconditioner or a callable r -> M^-1 r; "
+                    f"got {type(spec).__name__}")
