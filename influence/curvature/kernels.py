@@ -102,5 +102,15 @@ def per_example_gn_eigmax_kernel(model):
     return per_example_gn_eigmax
 
 
+def closed_form_kernels(curvature_sum):
+    """``(one, many)`` from a model's closed-form ``curvature_sum(theta, x, y, V) -> sum_i C_i V``
+    over a batch for V (p, k) (e.g. logistic regression's ``X^T (S (X V))``: two passes over
+    the batch, no second autodiff pass)."""
+    def one(theta, x, y, v):
+        return curvature_sum(theta, x, y, v[:, None])[:, 0]
+
+    return one, curvature_sum
+
+
 def compiled(fn):
     return tf.function(fn, reduce_retracing=True)

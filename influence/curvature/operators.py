@@ -53,7 +53,9 @@ class CurvatureOperator:
         self._model_ref = weakref.ref(model) if _weak else (lambda m=model: m)
         self.indices = None if indices is None else model._check_indices(indices)
         handle = weakref.proxy(model) if _weak else model  # compiled kernels must not keep a shared model alive
-        one, many = self._make_kernels(handle)
+        closed = getattr(model, "_curvature_sum", None)
+        one, many = (K.closed_form_kernels(closed) if closed is not None and
+                     (self.kind == "hessian" or model.linear_outputs) else self._make_kernels(handle))
         self._handle = handle
         self._one, self._many = K.compiled(one), K.compiled(many)
         self._batch_many = many  # uncompiled: for loops that compile it inside their own tf.function
@@ -123,11 +125,37 @@ class CurvatureOperator:
             return np.concatenate([self.hvp(v[:, j:j + step], indices) for j in range(0, v.shape[1], step)], axis=1)
         idx = self.indices if indices is None else m._check_indices(indices)
         n = m.n_train_ if idx is None else len(idx)
+        if self._numpy_closed_form():
+            out = self._closed_form_sum(v if v.ndim == 2 else v[:, None], idx)
+            out = out if v.ndim == 2 else out[:, 0]
+            mask = m.decay_mask_ if v.ndim == 1 else m.decay_mask_[:, None]
+            return out / n + m.weight_decay * mask * v
         out = m._map_train(self._one if v.ndim == 1 else self._many, m._theta_tf(), tf.constant(v), indices=idx)
         mask = m.decay_mask_ if v.ndim == 1 else m.decay_mask_[:, None]
         return out / n + m.weight_decay * mask * v
 
     matvec = hvp
+
+    def _numpy_closed_form(self) -> bool:
+        m = self.model
+        return (getattr(m, "_curvature_sum_np", None) is not None and m.strategy is None
+                and (self.kind == "hessian" or m.linear_outputs))
+
+    def _closed_form_sum(self, V, idx):
+        """``sum_i C_i V`` by the model's numpy closed form (``_curvature_sum_np(theta, x, V)``),
+        over row blocks of ~32 MB of intermediate products."""
+        m = self.model
+        X = m.X_train_np_
+        theta = np.asarray(m.theta_)
+        width = V.shape[1] * max(1, m.n_params // max(1, X.shape[1])) + 1  # outputs x (columns + 1)
+        rows = int(max(512, min(m.batch_size, 2 ** 22 // width)))  # ~32 MB of products per block
+        n = X.shape[0] if idx is None else len(idx)
+        out = None
+        for start in range(0, n, rows):
+            x = X[start:start + rows] if idx is None else X[idx[start:start + rows]]
+            part = m._curvature_sum_np(theta, np.asarray(x, dtype=m.dtype), V)
+            out = part if out is None else out + part
+        return np.zeros_like(V) if out is None else out
 
     def __matmul__(self, v):
         return self.hvp(v)

@@ -432,3 +432,84 @@ def per_model_table(args):
     for r in rows:
         print(f"{r[0][:45]:45s} {r[3]:38s} {r[4]:9.3f}  {r[5]}")
     return rows
+
+
+def machine_rates(p: int = 2000, n_stream: int = 2 ** 25) -> dict:
+    """This machine's float64 matrix-product rate (GFLOP/s, numpy's BLAS and TF's) and its
+    streaming read rate (GB/s: a matrix-vector product over a 256 MB array, multithreaded)."""
+    import tensorflow as tf
+
+    A = np.random.default_rng(0).random((p, p))
+    At = tf.constant(A)
+    A @ A
+    _, t_np = timed(lambda: A @ A)
+    tf.matmul(At, At).numpy()
+    _, t_tf = timed(lambda: tf.matmul(At, At).numpy())
+    X = np.random.default_rng(1).random((n_stream // 512, 512))
+    ones = np.ones(512)
+    X @ ones
+    _, t_read = timed(lambda: [X @ ones for _ in range(3)])
+    return {"gflops_numpy": 2 * p ** 3 / t_np / 1e9, "gflops_tf": 2 * p ** 3 / t_tf / 1e9,
+            "read_gbs": 3 * X.nbytes / t_read / 1e9}
+
+
+def hvp_bound_rows(label, op, rates, flops_per_hvp=None, bytes_per_hvp=None, columns=(1, 16, 100), repeat=3):
+    """Rows: the operator's product time for each column count beside its bound: bytes read
+    at the streaming rate (memory-bound models) or FLOPs at the measured matmul rate."""
+    rows = []
+    for k in columns:
+        V = np.random.default_rng(k).standard_normal((op.n_params, k))
+        op.hvp(V[:, 0] if k == 1 else V)
+        best = min(timed(op.hvp, V[:, 0] if k == 1 else V)[1] for _ in range(repeat))
+        bound, how = None, ""
+        if bytes_per_hvp is not None and k == 1:
+            bound = bytes_per_hvp / (rates["read_gbs"] * 1e9)
+            how = f"{bytes_per_hvp / 1e6:.0f} MB at {rates['read_gbs']:.1f} GB/s"
+        if flops_per_hvp is not None:
+            fb = k * flops_per_hvp / (max(rates["gflops_numpy"], rates["gflops_tf"]) * 1e9)
+            if bound is None or fb > bound:
+                bound, how = fb, f"{k * flops_per_hvp / 1e9:.2f} GFLOP at {max(rates['gflops_numpy'], rates['gflops_tf']):.0f} GFLOP/s"
+        note = f"{best / k * 1e3:.1f} ms per column"
+        if bound:
+            note += f"; bound {bound:.4f} s ({how}): {best / bound:.1f}x the bound"
+        rows.append((f"{label}: {op.kind} product, {k} column{'s' if k > 1 else ''}", best, note))
+    return rows
+
+
+def preconditioner_rows(label, model, V, damping, tol, curvature="hessian", ranks=(10, 30, 100), kron=("ekfac",),
+                        block=True, maxiter=2000):
+    """Rows: plain CG vs Nystrom-preconditioned CG at each rank vs Kronecker-preconditioned CG
+    on ``(C + damping I) X = V`` (block CG for several columns): iterations, HVP columns,
+    set-up seconds (eigenpairs / factors, paid once per model), solve seconds, residual and
+    the largest difference from the plain solve. Each preconditioner's set-up is measured on
+    a fresh operator so that none reuses another's eigenpairs."""
+    from ..curvature import GaussNewtonOperator, HessianOperator
+    from ..solvers import CGSolver, SolveFailedError
+
+    k = 1 if V.ndim == 1 else V.shape[1]
+    kind = f"{'block ' if block and k > 1 else ''}CG on {'G' if curvature == 'gauss-newton' else 'H'} + {damping:g} I"
+    Op = GaussNewtonOperator if curvature == "gauss-newton" else HessianOperator
+    plain = None
+    rows = []
+    specs = [("none", {})] + [(f"nystrom k={r}", {"preconditioner": "nystrom", "preconditioner_rank": r})
+                             for r in ranks] + [(name, {"preconditioner": name}) for name in kron]
+    for name, opts in specs:
+        op = Op(model)
+        solver = CGSolver(damping=damping, tol=tol, maxiter=maxiter, block=block, on_failure="warn", **opts).fit(op)
+        setup = 0.0
+        if opts:  # the set-up alone, then the solve (the preconditioner is cached by then)
+            _, setup = timed(solver._preconditioner.build, op, damping)
+        try:
+            res, t = timed(solver.solve, V)
+        except SolveFailedError as exc:  # pragma: no cover - on_failure="warn"
+            res, t = exc.result, float("nan")
+        diff = "" if plain is None else (f"; max relative difference from plain CG "
+                                         f"{np.max(np.abs(res.x - plain.x)) / np.max(np.abs(plain.x)):.1e}")
+        if plain is None:
+            plain = res
+        hvps = res.info.get("hvp_columns", res.iterations * k)
+        setup_hvps = op.eigenpairs_cost().get("hvps", 0) if name.startswith("nystrom") else 0
+        rows.append((f"{label}: {kind}, {k} test point{'s' if k > 1 else ''}, preconditioner {name}", setup + t,
+                     f"{res.iterations} iterations, {hvps} HVP columns (+{setup_hvps} for set-up), set-up "
+                     f"{setup:.1f} s, solve {t:.1f} s, residual {res.residual:.1e}{diff}"))
+    return rows

@@ -99,6 +99,38 @@ class LogisticRegression(ConvexClassifier):
     def _forward(self, params, x):
         return tf.matmul(x, params[0])
 
+    def _curvature_sum(self, theta, x, y, V):
+        """``sum_i nabla^2 L(z_i) V`` over a batch in closed form (= G: linear outputs): with
+        ``A = x [W, V_1 .. V_m]`` in one pass over x, ``P = softmax(x W)`` and
+        ``B_j = P * A_j - P (P . A_j)``, the product is ``x^T [B_1 .. B_m]`` (a second pass)."""
+        d, k = self.blocks_[0].shape
+        m = tf.shape(V)[1]
+        Vm = tf.reshape(tf.transpose(tf.reshape(V, [d, k, m]), [0, 2, 1]), [d, -1])  # (d, m k): column j's W
+        A = tf.matmul(x, tf.concat([tf.reshape(theta, [d, k]), Vm], axis=1))
+        P = tf.nn.softmax(A[:, :k])
+        A = tf.reshape(A[:, k:], [-1, m, k])
+        PA = P[:, None, :] * A
+        B = PA - P[:, None, :] * tf.reduce_sum(PA, axis=2, keepdims=True)
+        out = tf.matmul(x, tf.reshape(B, [-1, m * k]), transpose_a=True)  # (d, m k)
+        return tf.reshape(tf.transpose(tf.reshape(out, [d, m, k]), [0, 2, 1]), [d * k, m])
+
+    def _curvature_sum_np(self, theta, x, V):
+        """:meth:`_curvature_sum` in numpy for a block of rows ``x`` (the operators' products: the
+        BLAS behind numpy multiplies float64 matrices ~1.5-2.5x faster than TF's on CPU). Row-major
+        ``vec(W)`` makes ``V.reshape(d, k m)`` each column's W side by side, class-major."""
+        d, k = self.blocks_[0].shape
+        m = V.shape[1]
+        A = x @ np.concatenate([theta.reshape(d, k), V.reshape(d, k * m)], axis=1)
+        Z = A[:, :k]
+        P = np.exp(Z - Z.max(axis=1, keepdims=True))
+        P /= P.sum(axis=1, keepdims=True)
+        A3 = A[:, k:].reshape(-1, k, m)  # (rows, class, column), a view: updated in place
+        A3 *= P[:, :, None]
+        s = A3.sum(axis=1)
+        for c in range(k):
+            A3[:, c, :] -= P[:, c, None] * s
+        return (x.T @ A[:, k:]).reshape(d * k, m)
+
     def _loss(self, logits, y):
         return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
 
@@ -124,6 +156,18 @@ class BinaryLogisticRegression(ConvexClassifier):
 
     def _forward(self, params, x):
         return tf.linalg.matvec(x, params[0])
+
+    def _curvature_sum(self, theta, x, y, V):
+        """``sum_i nabla^2 L(z_i) V = x^T diag(s (1 - s)) x V`` over a batch (= G), ``s = sigmoid(x theta)``."""
+        A = tf.matmul(x, tf.concat([theta[:, None], V], axis=1))
+        s = tf.sigmoid(A[:, 0])
+        return tf.matmul(x, (s * (1 - s))[:, None] * A[:, 1:], transpose_a=True)
+
+    def _curvature_sum_np(self, theta, x, V):
+        """:meth:`_curvature_sum` in numpy for a block of rows ``x`` (see LogisticRegression's)."""
+        A = x @ np.concatenate([theta[:, None], V], axis=1)
+        s = 0.5 * (1.0 + np.tanh(0.5 * A[:, 0]))  # sigmoid, overflow-free
+        return x.T @ ((s * (1 - s))[:, None] * A[:, 1:])
 
     def _loss(self, z, y):
         return tf.nn.sigmoid_cross_entropy_with_logits(labels=y, logits=z)

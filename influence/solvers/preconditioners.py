@@ -17,7 +17,7 @@ that makes ``A`` positive definite; an indefinite ``H`` uses its *largest* eigen
 and a damping with ``lambda_k + d <= 0`` is refused (``A`` is then indefinite anyway).
 
 ``KroneckerPreconditioner("kfac" | "ekfac")``: ``M^-1`` is the (E)K-FAC inverse at the same
-damping (SPD for ``d > 0``). Measured on the paper's CNN it is a poor preconditioner for
+damping (SPD when its eigenvalues plus weight decay and damping are > 0, checked at build). Measured on the paper's CNN it is a poor preconditioner for
 the full ``G`` (docs/solvers.md); it is kept for models where the block-diagonal
 curvature dominates.
 
@@ -50,6 +50,9 @@ class Preconditioner:
     def config(self) -> dict:
         return {"preconditioner": self.name}
 
+    def __repr__(self):  # stable: the shortcuts key their shared solvers by it
+        return f"{type(self).__name__}({self.config()})"
+
 
 class NystromPreconditioner(Preconditioner):
     """Spectral (Nystrom) preconditioner from the ``rank`` largest eigenpairs of the operator
@@ -65,7 +68,8 @@ class NystromPreconditioner(Preconditioner):
         self.setup: dict = {}
 
     def config(self) -> dict:
-        return {"preconditioner": self.name, "rank": self.rank}
+        return {"preconditioner": self.name, "rank": self.rank, "tol": self.tol, "seed": self.seed,
+                "maxiter": self.maxiter}
 
     def eigenpairs(self, operator):
         return operator.top_eigenpairs(self.rank, tol=self.tol, seed=self.seed, maxiter=self.maxiter)
@@ -121,15 +125,16 @@ class KroneckerPreconditioner(Preconditioner):
     def build(self, operator, damping: float):
         from .kfac import EKFACSolver, KFACSolver
 
-        if not damping > 0:
-            raise ValueError(f"preconditioner={self.name!r} needs damping > 0 (its Kronecker factors may be "
-                             f"singular), got damping={damping!r}")
         t0 = time.perf_counter()
         if self._solver is None:
             cls = EKFACSolver if self.name == "ekfac" else KFACSolver
             self._solver = cls(damping=damping, fisher=self.fisher, mc_samples=self.mc_samples, seed=self.seed)
         solver = self._solver.with_damping(damping).fit(operator)
-        solver.factors()
+        _, smallest = solver.apply_inverse(np.zeros(operator.n_params))
+        if not smallest > 0:
+            raise NotPositiveDefiniteError(
+                f"preconditioner={self.name!r}: its smallest eigenvalue plus weight decay and damping is "
+                f"{smallest:.3g} <= 0 (singular Kronecker factors); pass damping > 0, got damping={damping!r}")
         self.setup = {"preconditioner": self.name, "rank": None, "setup_hvps": 0,
                       "setup_s": time.perf_counter() - t0}
         return lambda r: solver.apply_inverse(r)[0]
@@ -145,6 +150,9 @@ class CallablePreconditioner(Preconditioner):
             raise TypeError("preconditioner must be a callable r -> M^-1 r")
         self.fn = fn
         self.setup = {"preconditioner": "callable", "rank": None, "setup_hvps": 0, "setup_s": 0.0}
+
+    def config(self) -> dict:
+        return {"preconditioner": "callable", "fn": id(self.fn)}
 
     def build(self, operator, damping: float):
         return self.fn

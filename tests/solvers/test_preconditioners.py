@@ -124,9 +124,12 @@ def test_preconditioner_options_are_validated(multiclass_model, binary_model):
         CGSolver(preconditioner="ekfac", preconditioner_rank=10)
     with pytest.raises(TypeError, match="callable"):
         CGSolver(preconditioner=3)
-    v = np.ones(multiclass_model.n_params)
-    with pytest.raises(ValueError, match="damping > 0"):
-        CGSolver(preconditioner="ekfac").solve(multiclass_model, v)
+    undecayed = multiclass_model.clone()
+    undecayed.weight_decay = 0.0
+    undecayed.set_training_data(multiclass_model.X_train_np_, multiclass_model.y_train_np_)
+    undecayed.set_theta(multiclass_model.theta_)
+    with pytest.raises(NotPositiveDefiniteError, match="pass damping > 0"):  # always-zero pixels: singular factor
+        CGSolver(preconditioner="ekfac").solve(undecayed, np.ones(undecayed.n_params))
     # an indefinite H at too small a damping: refused before iterating
     m = binary_model
     lmin = np.linalg.eigvalsh(m.hessian())[0]

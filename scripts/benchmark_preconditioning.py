@@ -1,0 +1,132 @@
+#!/usr/bin/env python
+"""Benchmark: preconditioned (block) CG and the cost of one curvature product vs its bound.
+
+Two models: the Fig 2 logistic regression (55,000 MNIST images, p = 7,840; H v in closed
+form, memory-bound for one column) and the Fig 2 CNN (its default fit: 5,500 images, 5,000
+Adam steps; G v by forward-over-reverse autodiff). For each: this machine's matmul and
+streaming rates, the product's time for 1 / 16 / 100 columns beside its bound (bytes read
+at the streaming rate, or FLOPs at the matmul rate), then CG with no preconditioner, the
+Nystrom preconditioner at each --ranks and EK-FAC as preconditioner: iterations, HVP
+columns, set-up and solve seconds, residual, for --tests test points (block CG for
+several) on C + damping I (logistic: H, tol 1e-10, damping 0; CNN: G + 0.01 I, tol 1e-8).
+All numbers come from this one run; ratios are printed, not asserted. Writes
+BENCHMARK.md, metrics.json, arrays.npz and the figure into --out. --quick: 1 test point,
+ranks 10 and 30, a CNN of 500 images and 300 Adam steps.
+"""
+from __future__ import annotations
+
+import argparse  # noqa: F401
+import logging
+import sys
+
+import numpy as np
+
+from influence.experiment import run
+
+NAME = "benchmark_preconditioning"
+logger = logging.getLogger(NAME)
+
+
+def add_arguments(parser):
+    parser.add_argument("--models", nargs="*", default=["logistic", "cnn"], choices=["logistic", "cnn"])
+    parser.add_argument("--tests", type=int, nargs="*", default=[1, 100], help="test-point counts (logistic)")
+    parser.add_argument("--cnn-tests", type=int, nargs="*", default=[1], help="test-point counts (CNN)")
+    parser.add_argument("--ranks", type=int, nargs="*", default=[10, 30, 100], help="Nystrom ranks")
+    parser.add_argument("--cnn-n-train", type=int, default=None, help="default 5500 (--quick: 500)")
+    parser.add_argument("--cnn-adam-steps", type=int, default=None, help="default 5000 (--quick: 300)")
+    parser.add_argument("--cnn-ranks", type=int, nargs="*", default=[10, 30, 100], help="Nystrom ranks (CNN)")
+    parser.add_argument("--no-ekfac", action="store_true", help="skip EK-FAC as a preconditioner")
+    parser.add_argument("--cnn-ekfac", action="store_true",
+                        help="also EK-FAC as the CNN's preconditioner (a probe measured 671 iterations: ~30 min)")
+
+
+def cnn_flops_per_example(net) -> float:
+    """Multiply-adds x 2 of one forward pass of a Keras Conv2D/Dense stack (other layers ignored)."""
+    import keras
+
+    flops = 0.0
+    for layer in net.layers:
+        if isinstance(layer, keras.layers.Conv2D):
+            kh, kw, cin, cout = layer.kernel.shape
+            h, w = layer.output.shape[1:3]
+            flops += 2.0 * h * w * kh * kw * cin * cout
+        elif isinstance(layer, keras.layers.Dense):
+            flops += 2.0 * layer.kernel.shape[0] * layer.kernel.shape[1]
+    return flops
+
+
+def main(exp):
+    from influence import LogisticRegression
+    from influence.curvature import GaussNewtonOperator, HessianOperator
+    from influence.datasets.mnist import load_mnist
+    from influence.evaluation import benchmarks as bm
+
+    args = exp.args
+    tests = [1] if args.quick else args.tests
+    ranks = [r for r in args.ranks if not args.quick or r <= 30] or [10]
+    kron = () if args.no_ekfac else ("ekfac",)
+    rates = bm.machine_rates()
+    lines = ["# Benchmark: preconditioned CG, and each product against its bound", "",
+             f"One run of `scripts/benchmark_preconditioning.py{' --quick' if args.quick else ''}`; matmul rate "
+             f"(float64, 2000 x 2000) numpy {rates['gflops_numpy']:.0f} GFLOP/s, TF {rates['gflops_tf']:.0f} GFLOP/s; "
+             f"streaming read {rates['read_gbs']:.1f} GB/s.", "", "| stage | seconds | notes |", "|---|---|---|"]
+    rows = []
+    if "logistic" in args.models:
+        data = load_mnist(args.data_dir)
+        model = LogisticRegression(n_classes=10, weight_decay=0.01)
+        _, t_fit = bm.timed(model.fit, data.train.x, data.train.y)
+        rows.append(("logistic: fit", t_fit, f"n = {model.n_train_}, p = {model.n_params}"))
+        X = model.X_train_np_
+        rows += bm.hvp_bound_rows("logistic", HessianOperator(model), rates, bytes_per_hvp=2 * X.nbytes,
+                                  flops_per_hvp=4.0 * X.shape[0] * model.n_params)
+        for k in tests:
+            V = model.test_gradients(data.test.x[:k], data.test.y[:k]).T
+            rows += bm.preconditioner_rows("logistic", model, V[:, 0] if k == 1 else V, 0.0, 1e-10, ranks=ranks,
+                                           kron=kron)
+    if "cnn" in args.models:
+        from influence.models.all_cnn import AllCNN
+
+        data = load_mnist(args.data_dir, flatten=False)
+        n_small = args.cnn_n_train or (500 if args.quick else len(data.train) // 10)
+        small = np.sort(np.random.default_rng(args.seed).choice(len(data.train), n_small, replace=False))
+        model = AllCNN(weight_decay=0.001, learning_rate=1e-3, train_batch_size=500, decay_fractions=(0.5, 0.75),
+                       adam_steps=args.cnn_adam_steps or (300 if args.quick else 5000), seed=args.seed,
+                       nonstationary="ignore")
+        _, t_fit = bm.timed(model.fit, data.train.x[small], data.train.y[small])
+        rows.append(("cnn: fit (the Fig 2 CNN's default schedule)", t_fit,
+                     f"n = {model.n_train_}, p = {model.n_params}, gradient norm {model.grad_norm_:.1e}"))
+        per_example = cnn_flops_per_example(model.keras_model_)
+        # a Gauss-Newton product: forward, forward-mode J v, reverse J^T u: ~4 forward passes
+        rows += bm.hvp_bound_rows("cnn", GaussNewtonOperator(model), rates, columns=(1, 8), repeat=1,
+                                  flops_per_hvp=4.0 * per_example * model.n_train_)
+        for k in args.cnn_tests if not args.quick else [1]:
+            V = model.test_gradients(data.test.x[:k], data.test.y[:k]).T
+            rows += bm.preconditioner_rows("cnn", model, V[:, 0] if k == 1 else V, 0.01, 1e-8,
+                                           curvature="gauss-newton", kron=kron if args.cnn_ekfac else (),
+                                           ranks=[r for r in args.cnn_ranks if not args.quick or r <= 30] or [10])
+    lines += [f"| {label} | {t:.3f} | {note} |" for label, t, note in rows]
+    from influence.utils import atomic_path
+
+    with atomic_path(exp.output("BENCHMARK.md")) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    seconds = np.array([r[1] for r in rows], dtype=float)
+    exp.save_arrays(stage_seconds=seconds, stage_labels=np.array([r[0] for r in rows]))
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 0.3 * max(len(rows), 4) + 1))
+    ax.barh(np.arange(len(rows)), np.maximum(seconds, 1e-4))
+    ax.set_yticks(np.arange(len(rows)), [r[0][:90] for r in rows], fontsize=6)
+    ax.invert_yaxis()
+    ax.set(xscale="log", xlabel="seconds", title="preconditioned CG and product costs" + (" (quick)" if args.quick
+                                                                                          else ""))
+    fig.tight_layout()
+    exp.save_figure(fig)
+    metrics = {f"seconds.{r[0]}": float(r[1]) for r in rows}
+    metrics.update({f"rate.{k}": v for k, v in rates.items()})
+    exp.write_metrics(metrics, paper={k: None for k in metrics},
+                      notes="Timings of this machine; the paper reports none. Tables in BENCHMARK.md.")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    sys.exit(run(NAME, __doc__, main, add_arguments))

@@ -1,0 +1,30 @@
+"""The closed-form products of the linear models (numpy X^T S X V, and its TF twin used by
+LiSSA's compiled loop) equal the autodiff HVP, on the whole set and on a sub-sample."""
+import numpy as np
+import tensorflow as tf
+
+from influence.curvature import GaussNewtonOperator, HessianOperator
+from influence.curvature import kernels as K
+
+
+def _autodiff(model, V, idx=None):
+    _, many = K.hessian_kernels(model)
+    x = model.X_train_ if idx is None else tf.gather(model.X_train_, idx)
+    y = model.y_train_ if idx is None else tf.gather(model.y_train_, idx)
+    n = model.n_train_ if idx is None else len(idx)
+    return many(model._theta_tf(), x, y, tf.constant(V)).numpy() / n + model.weight_decay * V
+
+
+def test_closed_form_products_equal_autodiff(multiclass_model, binary_model):
+    for m in (multiclass_model, binary_model):
+        V = np.random.default_rng(0).standard_normal((m.n_params, 7))
+        idx = np.arange(0, m.n_train_, 3)
+        for op in (HessianOperator(m), GaussNewtonOperator(m)):
+            assert op._numpy_closed_form()
+            np.testing.assert_allclose(op.hvp(V), _autodiff(m, V), rtol=1e-12, atol=1e-14)
+            np.testing.assert_allclose(op.hvp(V[:, 0]), _autodiff(m, V[:, :1])[:, 0], rtol=1e-12, atol=1e-14)
+            np.testing.assert_allclose(op.hvp(V, indices=idx), _autodiff(m, V, idx), rtol=1e-12, atol=1e-14)
+        tf_form = K.closed_form_kernels(m._curvature_sum)[1](m._theta_tf(), m.X_train_, m.y_train_, tf.constant(V))
+        np.testing.assert_allclose(tf_form.numpy() / m.n_train_ + m.weight_decay * V, _autodiff(m, V), rtol=1e-12,
+                                   atol=1e-14)
+        np.testing.assert_allclose(HessianOperator(m).hvp(np.eye(m.n_params)), m.hessian(), rtol=1e-10, atol=1e-13)
