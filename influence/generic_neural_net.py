@@ -354,6 +354,11 @@ class GenericNeuralNet(InfluenceShortcuts):
             logger.warning(msg)
         return self
 
+    #: whether :meth:`retrain_without` continues the model's own training (then theta need not be
+    #: a stationary point of the objective: a control re-fit cancels the drift) rather than
+    #: minimising the objective (then theta should be its minimiser)
+    refits_by_own_training = False
+
     def retrain_without(self, indices) -> np.ndarray:
         """Parameters re-fitted without the given training points, warm-started from theta.
 

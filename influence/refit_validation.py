@@ -244,6 +244,17 @@ def leave_one_out(model, X_test, y_test, indices, predicted=None, executor: Exec
     t0 = time.perf_counter()
     base = model.mean_loss(X_test, y_test)
     info = {"fitted_test_loss": base}
+    if not model.refits_by_own_training:  # the re-fits minimise the objective: theta should minimise it too
+        gnorm = float(np.linalg.norm(model.gradient()))
+        info["gradient_norm"] = gnorm
+        if gnorm > model.stationarity_tol:
+            logger.warning(
+                "leave_one_out: theta is not a stationary point of the objective that the re-fits minimise "
+                "(gradient norm %.3g > stationarity_tol %g): every re-fit moves towards that optimum, so the "
+                "actual changes measure that drift, not the removed points%s. Call fit() first (the model's "
+                "optimum), or re-fit by the model's own training (KerasModel(retrain=KerasRetrain(...)) with "
+                "control=True)", gnorm, model.stationarity_tol,
+                "" if control else " (control=True subtracts a re-fit on the full set, which only partly helps)")
     groups = ([[]] if control else []) + [[i] for i in indices]  # the control runs beside the re-fits
     losses = retrain_test_losses(model, groups, X_test, y_test, executor, n_jobs, threads_per_worker,
                                  journal=journal).mean(axis=1)

@@ -249,6 +249,10 @@ class AllCNN(GenericNeuralNet):
     def _retrain(self, theta0):
         return self._lbfgs(theta0, self.lbfgs_iter if self.retrain_iter is None else self.retrain_iter)
 
+    @property
+    def refits_by_own_training(self) -> bool:
+        return self.retrain == "adam"
+
     def retrain_without(self, indices) -> np.ndarray:
         """Leave-out re-training from the fitted parameters (see the module docstring).
 

@@ -30,6 +30,16 @@ Two ways in::
     wrapped.set_training_data(X_train, y_train)   # theta = the model's current weights
     wrapped.fit(X_train, y_train)                  # or: re-fit theta by L-BFGS from them
 
+Leave-one-out re-fits (``retrain_without``, :func:`~influence.refit_validation.leave_one_out`):
+by default L-BFGS on the objective above from the current theta (right after :meth:`fit`);
+``retrain=KerasRetrain(steps=..., batch_size=...)`` instead continues training the way Keras
+trained the network: minibatch steps of the network's compiled optimizer (a fresh copy of it:
+same class and settings, new moments) on the objective above, over a batch sequence fixed by
+its ``seed`` in which a left-out point keeps its place with weight 0, so that the control
+re-fit (``leave_one_out(..., control=True)``) sees the same batches and cancels the
+optimiser's drift. ``retrain=callable(net, X, y)`` trains a copy of the network (holding the
+current theta) in place on the kept points, as you like.
+
 Influence functions assume ``theta`` minimises the objective: after training with Keras
 (different regulariser, early stopping, minibatch noise) check ``wrapped.gradient()``,
 and for a non-convex model use ``damping`` (``hessian_eigenvalue_bounds`` tells how much)
@@ -41,6 +51,8 @@ from __future__ import annotations
 
 import inspect
 import os
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -66,10 +78,12 @@ class KerasModel(GenericNeuralNet):
         ``theta``; None: all of them.
     weight_decay, batch_size, ... : see :class:`GenericNeuralNet`. ``dtype`` defaults to
         the model's variable dtype.
+    retrain : None, KerasRetrain or callable ``(net, X, y) -> None``
+        How leave-one-out re-fits (module docstring): None, L-BFGS on the objective.
     """
 
     def __init__(self, model, loss="softmax", trainable: list | tuple | None = None,
-                 weight_decay: float = 0.0, dtype: str | None = None, **kwargs):
+                 weight_decay: float = 0.0, dtype: str | None = None, retrain=None, **kwargs):
         if not (callable(loss) or loss in LOSSES):
             raise ValueError(f"loss must be one of {LOSSES} or a callable (outputs, y) -> per-example loss, "
                              f"got {loss!r}")
@@ -102,6 +116,17 @@ class KerasModel(GenericNeuralNet):
             self._selected = [id(v) in chosen for v in variables]
         if not any(self._selected):
             raise ValueError(f"the layers {list(self.trainable)} have no trainable variables")
+        if retrain is not None and not isinstance(retrain, KerasRetrain) and not callable(retrain):
+            raise TypeError(f"retrain must be None (L-BFGS on the objective), a KerasRetrain or a callable "
+                            f"(net, X, y) -> None; got {type(retrain).__name__}")
+        if isinstance(retrain, KerasRetrain) and retrain.optimizer is None:
+            compiled = getattr(model, "optimizer", None)
+            if compiled is None:
+                raise ValueError("retrain=KerasRetrain(optimizer=None) continues with the network's compiled "
+                                 "optimizer, but the network is not compiled: compile it, or pass optimizer= "
+                                 "(e.g. 'adam' or keras.optimizers.Adam(1e-3))")
+            retrain = retrain.with_optimizer(compiled)
+        self.retrain = retrain
         if self.loss in ("softmax", "sigmoid"):
             squashed = final_activation(model)
             if squashed in ("softmax", "sigmoid"):
@@ -247,6 +272,106 @@ class KerasModel(GenericNeuralNet):
             ident["loss"] = function_fingerprint(self.loss)
         return ident
 
+    # ------------------------------------------------------------------ re-fits
+    @property
+    def refits_by_own_training(self) -> bool:
+        """Whether re-fits continue the user's training (``retrain`` given), not L-BFGS."""
+        return self.retrain is not None
+
+    def retrain_without(self, indices) -> np.ndarray:
+        """Parameters re-fitted without ``indices`` (``retrain``, module docstring; an empty
+        ``indices`` is the control re-fit). The model itself is left as it was."""
+        if self.retrain is None:
+            return super().retrain_without(indices)
+        self._require_fit()
+        drop = self._check_indices(indices)
+        if isinstance(self.retrain, KerasRetrain):
+            weights = np.ones(self.n_train_)
+            weights[drop] = 0.0
+            return self._continue_training(weights)
+        return self._user_retrain(drop)
+
+    def _user_retrain(self, drop):
+        import keras
+
+        keep = np.ones(self.n_train_, dtype=bool)
+        keep[drop] = False
+        net = keras.models.clone_model(self.model)
+        net.set_weights(self.model.get_weights())
+        selected = [v for v, sel in zip(net.trainable_variables, self._selected) if sel]
+        for var, value in zip(selected, self.unflatten(tf.constant(self.theta_))):
+            var.assign(tf.cast(value, var.dtype))
+        self.retrain(net, self.X_train_np_[keep], self.y_train_np_[keep])
+        theta = np.concatenate([v.numpy().reshape(-1) for v, sel in zip(net.trainable_variables, self._selected)
+                                if sel]).astype(self.dtype)
+        if not np.all(np.isfinite(theta)):
+            raise FloatingPointError("retrain: the network's weights are not finite after the user's training")
+        return theta
+
+    def _continue_training(self, weights) -> np.ndarray:
+        """``retrain=KerasRetrain``: minibatch steps of the (fresh) Keras optimizer on
+        ``sum_j w_j L_j / sum_j w_j + (wd/2) ||theta_decay||^2`` over the fixed batch sequence."""
+        spec = self.retrain
+        n = self.n_train_
+        b = min(spec.batch_size, n)
+        steps = spec.steps if spec.steps is not None else int(np.ceil(spec.epochs * n / b))
+        run, (variables, w, optimizer) = self._refit_kernel()
+        for var, value in zip(variables, self.unflatten(tf.constant(self.theta_))):
+            var.assign(value)
+        for var in optimizer.variables:  # a fresh optimizer state (moments, step count) for every re-fit
+            if var.path.endswith("learning_rate"):
+                continue
+            var.assign(tf.zeros_like(var))
+        w.assign(np.asarray(weights, dtype=self.dtype))
+        rng = np.random.default_rng(spec.seed)
+        order, pos = rng.permutation(n), 0
+        chunk = 256
+        for start in range(0, steps, chunk):
+            k = min(chunk, steps - start)
+            batches = np.empty((k, b), dtype=np.int32)
+            for j in range(k):
+                if pos + b > n:
+                    order, pos = rng.permutation(n), 0
+                batches[j] = order[pos:pos + b]
+                pos += b
+            run(self.X_train_, self.y_train_, tf.constant(batches))
+        theta = np.concatenate([v.numpy().reshape(-1) for v in variables])
+        if not np.all(np.isfinite(theta)):
+            raise FloatingPointError("retrain=KerasRetrain diverged (theta not finite): lower its learning_rate")
+        return theta
+
+    def _refit_kernel(self):
+        """One compiled step loop per wrapper (variables re-assigned per re-fit)."""
+        import keras
+
+        cached = getattr(self, "_refit_cache", None)
+        if cached is not None and cached[0] == (self.n_train_, self.retrain):
+            return cached[1], cached[2]
+        spec = self.retrain
+        dt = self.tf_dtype
+        variables = [tf.Variable(t) for t in self.unflatten(tf.constant(self.theta_))]
+        optimizer = keras.optimizers.deserialize(spec.optimizer)
+        if spec.learning_rate is not None:
+            optimizer.learning_rate = spec.learning_rate
+        optimizer.build(variables)
+        w = tf.Variable(tf.ones(self.n_train_, dt))
+        decays = [tf.constant(float(blk.decay), dt) for blk in self.blocks_]
+        wd = tf.constant(self.weight_decay, dt)
+
+        @tf.function(reduce_retracing=True)
+        def run(X, Y, batches):
+            for j in tf.range(tf.shape(batches)[0]):
+                idx = batches[j]
+                wb = tf.gather(w, idx)
+                with tf.GradientTape() as tape:
+                    losses = self._loss(self._forward(variables, tf.gather(X, idx)), tf.gather(Y, idx))
+                    total = tf.reduce_sum(wb * losses) / tf.maximum(tf.reduce_sum(wb), 1e-12)
+                    total += 0.5 * wd * tf.add_n([m * tf.reduce_sum(tf.square(v)) for m, v in zip(decays, variables)])
+                optimizer.apply_gradients(zip(tape.gradient(total, variables), variables))
+
+        self._refit_cache = ((self.n_train_, self.retrain), run, (variables, w, optimizer))
+        return run, (variables, w, optimizer)
+
     # ------------------------------------------------------------------ convenience
     def update_keras_model(self) -> None:
         """Write ``theta`` back into the wrapped Keras model's variables."""
@@ -336,3 +461,68 @@ def function_fingerprint(fn) -> str:
     except (OSError, TypeError):
         code = getattr(fn, "__code__", None)
         return name if code is None else f"{name}\n{code.co_code.hex()}\n{code.co_consts!r}"
+
+
+@dataclass(frozen=True)
+class KerasRetrain:
+    """Leave-one-out re-fits by continued Keras-style training (see the module docstring).
+
+    Parameters
+    ----------
+    steps, epochs : int / float
+        How long each re-fit trains: ``steps`` minibatch steps, or ``epochs`` passes over the
+        training set (exactly one of the two).
+    batch_size : int
+        Examples per step (Keras's default 32).
+    seed : int
+        Seed of the batch sequence (the same for every re-fit and for the control).
+    optimizer : None, str, dict or keras optimizer
+        None: a fresh copy of the network's compiled optimizer (class and settings).
+    learning_rate : float or None
+        Overrides the optimizer's learning rate (e.g. its final, decayed one).
+    """
+
+    steps: int | None = None
+    epochs: float | None = None
+    batch_size: int = 32
+    seed: int = 0
+    optimizer: Any = None
+    learning_rate: float | None = None
+
+    def __post_init__(self):
+        from ..validation import check_number
+
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError(f"KerasRetrain: give exactly one of steps and epochs, got steps={self.steps!r}, "
+                             f"epochs={self.epochs!r}")
+        check_number("steps", self.steps, low=1, integer=True, allow_none=True)
+        check_number("epochs", self.epochs, low=0.0, low_open=True, allow_none=True)
+        check_number("batch_size", self.batch_size, low=1, integer=True)
+        check_number("seed", self.seed, low=0, integer=True)
+        check_number("learning_rate", self.learning_rate, low=0.0, low_open=True, allow_none=True)
+        if self.optimizer is not None:
+            object.__setattr__(self, "optimizer", _serialized_optimizer(self.optimizer))
+
+    def with_optimizer(self, optimizer) -> "KerasRetrain":
+        return KerasRetrain(self.steps, self.epochs, self.batch_size, self.seed, optimizer, self.learning_rate)
+
+    def __hash__(self):
+        return hash(repr(self))
+
+    def __eq__(self, other):
+        return isinstance(other, KerasRetrain) and repr(self) == repr(other)
+
+
+def _serialized_optimizer(optimizer) -> dict:
+    """A Keras optimizer (instance, name or config) as its serialized config (picklable; a fresh
+    instance is rebuilt from it for every set of re-fits)."""
+    import keras
+
+    if isinstance(optimizer, dict) and "class_name" in optimizer:
+        keras.optimizers.deserialize(optimizer)  # fail here on a bad config
+        return optimizer
+    try:
+        opt = keras.optimizers.get(optimizer)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"KerasRetrain: optimizer={optimizer!r} is not a Keras optimizer ({exc})") from None
+    return keras.optimizers.serialize(opt)
