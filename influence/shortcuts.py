@@ -98,8 +98,15 @@ class InfluenceShortcuts:
         options as in :meth:`inverse_hvp`. Cached on disk under ``cache_dir`` when set."""
         return influence_for(self, solver, solver_options, curvature).s_test(X_test, y_test, use_cache=use_cache)
 
+    def gradient_dots(self, s, indices=None, include_regularizer: bool = True) -> np.ndarray:
+        """``s . g(z_i)`` (float64) for the given training indices, via forward-mode JVPs; with
+        ``s = s_test`` it is ``-I_up,loss(z_i, z_test)`` (``influence_*`` return ``+I_up,loss``)."""
+        from .estimators.influence_function import gradient_dots
+
+        return gradient_dots(self, s, indices, include_regularizer)
+
     def influence_scores(self, s, indices=None, include_regularizer: bool = True) -> np.ndarray:
-        """``s . g(z_i)`` for the given training indices, via forward-mode JVPs."""
+        """Deprecated name of :meth:`gradient_dots` (warns)."""
         from .estimators.influence_function import influence_scores
 
         return influence_scores(self, s, indices, include_regularizer)

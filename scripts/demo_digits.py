@@ -57,7 +57,7 @@ def keras_last_layer(X_train, y_train, X_test, y_test, xt, yt, n_remove, seed):
     net.fit(X_train, y_train, epochs=30, batch_size=64, verbose=0)
     model = KerasModel(net, loss="softmax", trainable=["logits"], weight_decay=0.01).fit(X_train, y_train)
     res = model.s_test(xt, yt, solver="cg", tol=1e-6)
-    pred = model.influence_scores(res.x) / model.n_train_
+    pred = model.gradient_dots(res.x) / model.n_train_
     idx = np.argsort(-np.abs(pred))[:n_remove]
     loo = leave_one_out(model, xt, yt, idx, pred[idx], n_jobs=1)
     return {"keras_test_accuracy": float(np.mean(model.predict(X_test) == y_test)), "keras_n_params": model.n_params,
@@ -84,7 +84,7 @@ def keras_convnet(X_train, y_train, X_test, y_test, xt, yt, n_remove, seed, quic
                                             learning_rate=1e-3))
     model.set_training_data(X_train, y_train)
     res = model.s_test(xt, yt, solver="cg", curvature="gauss-newton", damping=0.01, use_cache=False)
-    pred = model.influence_scores(res.x) / model.n_train_
+    pred = model.gradient_dots(res.x) / model.n_train_
     idx = np.argsort(-np.abs(pred))[:n_remove]
     loo = leave_one_out(model, xt, yt, idx, pred[idx], n_jobs=1, control=True)
     return {"keras_cnn_test_accuracy": float(np.mean(model.predict(X_test) == y_test)),
@@ -117,7 +117,7 @@ def main(exp):
     for solver, opts in (("exact", {}), ("cg", {"tol": 1e-10}),
                          ("lissa", {"scale": "auto", "depth": 2000, "num_samples": 5, "batch_size": 10})):
         res = model.s_test(xt, yt, solver=solver, **opts)
-        preds[solver] = model.influence_scores(res.x) / model.n_train_  # -I_up,loss / n
+        preds[solver] = model.gradient_dots(res.x) / model.n_train_  # -I_up,loss / n
         results[solver] = res
     n_remove = 20 if args.quick else 30
     idx = np.argsort(-np.abs(preds["cg"]))[:n_remove]

@@ -135,18 +135,18 @@ def main(exp):
     damping = res.damping
     if damping != args.damping:
         logger.warning("smallest Hessian eigenvalue %.3g: damping raised from %g to %.3g", lmin, args.damping, damping)
-    pred = model.influence_scores(res.x) / model.n_train_  # -I_up,loss / n
+    pred = model.gradient_dots(res.x) / model.n_train_  # -I_up,loss / n
     idx = np.argsort(-np.abs(pred))[:num_remove]
     gn = None
     if args.gauss_newton if args.gauss_newton is not None else not args.quick:
         gn = InfluenceFunction(CGSolver(damping=args.damping, tol=tol, maxiter=2000),
                                curvature="gauss-newton").fit(model).s_test(xt, yt)
-        pred_gn = model.influence_scores(gn.x) / model.n_train_
+        pred_gn = model.gradient_dots(gn.x) / model.n_train_
     kron = {}
     if not args.no_kfac:  # Kronecker-factored influence of the same points (factor passes timed with the solve)
         for name, solver in (("kfac", KFACSolver(damping=args.damping)), ("ekfac", EKFACSolver(damping=args.damping))):
             kres = InfluenceFunction(solver).fit(model).s_test(xt, yt, use_cache=False)
-            kron[name] = (kres, model.influence_scores(kres.x) / model.n_train_)
+            kron[name] = (kres, model.gradient_dots(kres.x) / model.n_train_)
     # quick: a handful of short re-fits run faster in this process than in freshly started workers
     refits = exp.out / "refits.jsonl"
     if args.fresh and refits.exists():

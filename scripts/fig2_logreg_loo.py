@@ -63,10 +63,10 @@ def main(exp):
     logger.info("test accuracy %.4f, gradient norm at the optimum %.2e", test_acc, model.grad_norm_)
 
     cg = model.s_test(x_test, y_test, solver="cg", tol=1e-10)
-    pred_cg = model.influence_scores(cg.x) / model.n_train_  # = -I_up,loss / n
+    pred_cg = model.gradient_dots(cg.x) / model.n_train_  # = -I_up,loss / n
     lissa = model.s_test(x_test, y_test, solver="lissa", scale=25, depth=1000 if args.quick else 5000,
                          num_samples=5 if args.quick else 10, batch_size=1, damping=0.0, seed=17)
-    pred_lissa = model.influence_scores(lissa.x) / model.n_train_
+    pred_lissa = model.gradient_dots(lissa.x) / model.n_train_
 
     idx = np.argsort(-np.abs(pred_cg))[:num_remove]
     # quick: a handful of re-fits run faster in this process than in freshly started workers

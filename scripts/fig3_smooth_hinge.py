@@ -60,7 +60,7 @@ def main(exp):
         smooth = SmoothHingeSVM(temp=t, weight_decay=args.weight_decay)
         smooth.set_training_data(Xtr, ytr).set_theta(svm.theta_)  # evaluated at the SVM's weights
         res = smooth.s_test(xt, yt, solver="cg", tol=1e-10)
-        preds[t] = smooth.influence_scores(res.x) / smooth.n_train_  # -I_up,loss / n
+        preds[t] = smooth.gradient_dots(res.x) / smooth.n_train_  # -I_up,loss / n
         logger.info("t=%g: CG %d iterations, residual %.1e", t, res.iterations, res.residual)
 
     idx = np.argsort(-np.abs(preds[0.001]))[:num_remove]

@@ -62,7 +62,7 @@ def main(exp):
                 t, data.test_rows[t], p_test[t], len(wrong), len(test_kids))
 
     res = model.s_test(xt, yt, solver="exact")
-    infl = -model.influence_scores(res.x)  # I_up,loss for every training point
+    infl = -model.gradient_dots(res.x)  # I_up,loss for every training point
     order = np.argsort(-np.abs(infl))
     top4_are_children = set(order[:len(kids_after)].tolist()) == set(kids_after.tolist())
     others = np.setdiff1d(np.arange(len(y)), kids_after)
@@ -89,7 +89,7 @@ def main(exp):
                               "exact").x
         sweep = []
         for col in S.T:
-            inf_j = -model.influence_scores(col)
+            inf_j = -model.gradient_dots(col)
             top = set(np.argsort(-np.abs(inf_j))[:len(kids_after)].tolist()) == set(kids_after.tolist())
             sweep.append((top, np.min(np.abs(inf_j[kids_after])) / np.max(np.abs(inf_j[others]))))
         metrics["top4_are_children_fraction_over_misclassified"] = float(np.mean([a for a, _ in sweep]))

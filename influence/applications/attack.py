@@ -125,7 +125,7 @@ class TrainingSetAttack:
         m = self.model
         m.set_theta(self.theta0)
         s = self.s_test(m, f_test, y_test)
-        infl = -m.influence_scores(s)
+        infl = -m.gradient_dots(s)
         n_pool = max(k, self.prefilter)
         pool = np.union1d(np.argsort(-np.abs(infl))[:n_pool],
                           np.argsort(-self.feature_gradient_norms(s))[:n_pool])

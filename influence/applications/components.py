@@ -30,9 +30,9 @@ def influence_components(model, x_test, y_test, solver="exact", **solver_options
     y_pm = 2.0 * model.y_train_np_ - 1.0
     X = model.X_train_np_
     return {
-        "full": -model.influence_scores(s_full, include_regularizer=False),
+        "full": -model.gradient_dots(s_full, include_regularizer=False),
         "no_train_loss": y_pm * (X @ s_full),
-        "no_hessian": -model.influence_scores(g_test, include_regularizer=False),
+        "no_hessian": -model.gradient_dots(g_test, include_regularizer=False),
         "neither": y_pm * (X @ g_test),
     }
 

@@ -76,8 +76,10 @@ def _writable(folder: Path) -> bool:
 
 
 # ---------------------------------------------------------------------- gradient-side helpers (no solve)
-def influence_scores(model, s: np.ndarray, indices=None, include_regularizer: bool = True) -> np.ndarray:
-    """``s . g(z_i)`` for the given training indices, via forward-mode JVPs (no n x p matrix)."""
+def gradient_dots(model, s: np.ndarray, indices=None, include_regularizer: bool = True) -> np.ndarray:
+    """``s . g(z_i)`` (float64) for the given training indices, via forward-mode JVPs (no n x p
+    matrix). With ``s = s_test`` this is ``-I_up,loss(z_i, z_test)``; named by what it returns,
+    since every ``influence_*`` function returns ``I_up,loss`` itself."""
     model._require_fit()
     idx = model._check_indices(indices)
     s = np.asarray(s, dtype=model.dtype).reshape(-1)
@@ -85,16 +87,27 @@ def influence_scores(model, s: np.ndarray, indices=None, include_regularizer: bo
         raise ValueError(f"s must have {model.n_params} entries")
     out = model._map_train(model._kernels.jvp_losses, model._theta_tf(), tf.constant(s), reduce="concat",
                            indices=None if indices is None else idx, desc="scores")
+    out = np.asarray(out, dtype=np.float64)
     if include_regularizer:
         out = out + model.weight_decay * float(np.dot(model.decay_mask_ * model.theta_, s))
     return out
+
+
+def influence_scores(model, s, indices=None, include_regularizer: bool = True) -> np.ndarray:
+    """Deprecated name of :func:`gradient_dots` (``s . g(z_i)``, i.e. ``-I_up,loss`` for ``s = s_test``)."""
+    import warnings
+
+    warnings.warn("influence_scores(s) is renamed gradient_dots(s): it returns s . g(z_i), which is -I_up,loss for "
+                  "s = s_test (every influence_* function returns +I_up,loss)", DeprecationWarning, stacklevel=2)
+    return gradient_dots(model, s, indices, include_regularizer)
 
 
 def score_input_gradients(model, s, indices) -> np.ndarray:
     """``-d/dx_i (s . grad L(z_i))`` for the given training indices."""
     idx = model._check_indices(indices)
     st = tf.constant(np.asarray(s, dtype=model.dtype))
-    return -model._map_train(model._kernels.input_grad_of_score, model._theta_tf(), st, reduce="concat", indices=idx)
+    return -np.asarray(model._map_train(model._kernels.input_grad_of_score, model._theta_tf(), st, reduce="concat",
+                                        indices=idx), dtype=np.float64)
 
 
 class InfluenceFunction(Estimator):
@@ -174,15 +187,19 @@ class InfluenceFunction(Estimator):
         return result
 
     # ------------------------------------------------------------------ quantities
+    def gradient_dots(self, s, indices=None, include_regularizer: bool = True) -> np.ndarray:
+        """``s . g(z_i)`` for training points ``indices`` (default all): ``-I_up,loss`` for ``s = s_test``."""
+        return gradient_dots(self.model_, s, indices, include_regularizer)
+
     def influence_scores(self, s, indices=None, include_regularizer: bool = True) -> np.ndarray:
-        """``s . g(z_i)`` for training points ``indices`` (default all)."""
+        """Deprecated name of :meth:`gradient_dots`."""
         return influence_scores(self.model_, s, indices, include_regularizer)
 
     def influence_up_loss(self, X_test, y_test, indices=None, include_regularizer: bool = True,
                           use_cache: bool = True) -> np.ndarray:
         """``I_up,loss(z_i, z_test) = -s_test . g(z_i)`` for training points ``indices`` (default all)."""
         s = self.s_test(X_test, y_test, use_cache=use_cache).x
-        return -self.influence_scores(s, indices, include_regularizer)
+        return -self.gradient_dots(s, indices, include_regularizer)
 
     def predicted_loss_diffs(self, X_test, y_test, indices=None, use_cache: bool = True) -> np.ndarray:
         """Predicted change in test loss when each training point is removed: ``-I_up,loss / n``."""

@@ -38,8 +38,8 @@ def logistic_rows(model, data, args, xt, yt):
     score_times = []
     for name, opts in solvers:
         res, t_s = timed(model.s_test, xt, yt, solver=name, **opts)
-        model.influence_scores(res.x)  # warm-up (tracing)
-        scores, t_score = timed(model.influence_scores, res.x)
+        model.gradient_dots(res.x)  # warm-up (tracing)
+        scores, t_score = timed(model.gradient_dots, res.x)
         score_times.append(t_score)
         if name == "cg":
             s_ref, scores_ref = res.x, scores
@@ -87,7 +87,7 @@ def logistic_rows(model, data, args, xt, yt):
         xs, ys = data.test.x[:k], data.test.y[:k]
 
         def one_at_a_time():
-            return np.stack([-model.influence_scores(model.s_test(xs[j:j + 1], ys[j:j + 1], solver="cg", tol=1e-10,
+            return np.stack([-model.gradient_dots(model.s_test(xs[j:j + 1], ys[j:j + 1], solver="cg", tol=1e-10,
                                                                   use_cache=False).x) for j in range(k)])
 
         looped, t_looped = timed(one_at_a_time)
@@ -197,7 +197,7 @@ def kfac_section(model, data, args, cg_times):
         t = metrics["config"]["test_idx"]
         idx, actual = arrays["removed_indices"], arrays["actual_loss_diffs"]
         for name in ("kfac", "ekfac"):
-            pred = model.influence_scores(model.s_test(data.test.x[t:t + 1], data.test.y[t:t + 1], solver=name,
+            pred = model.gradient_dots(model.s_test(data.test.x[t:t + 1], data.test.y[t:t + 1], solver=name,
                                                        use_cache=False).x)[idx] / model.n_train_
             lines.append(f"| Fig 2 LR | {name}: LOO Pearson on the {len(idx)} stored re-fits of `{args.lr_loo}` | | "
                          f"{scipy.stats.pearsonr(actual, pred)[0]:.4f} (CG {metrics['metrics']['pearson_cg']:.4f}) |")
@@ -230,7 +230,7 @@ def cnn_kfac_lines(args):
     for name in ("kfac", "ekfac"):
         res = model.s_test(xt, yt, solver=name, damping=damping, use_cache=False)
         s_of[name] = res.x
-        pred = model.influence_scores(res.x)[idx] / model.n_train_
+        pred = model.gradient_dots(res.x)[idx] / model.n_train_
         lines.append(f"| Fig 2 CNN | {name} (damping {damping}): LOO Pearson on the {len(idx)} stored re-fits | "
                      f"{res.time_s:.2f} | {scipy.stats.pearsonr(actual, pred)[0]:.3f} / Spearman "
                      f"{scipy.stats.spearmanr(actual, pred)[0]:.3f}; stored CG (H, damping "
@@ -280,7 +280,7 @@ def kron_diagnostic_lines(model, xt, yt, idx, actual, s_of, damping, rank=20):
     sweep = []
     for damp in (damping, 10 * damping, 100 * damping):
         res = model.s_test(xt, yt, solver="ekfac", damping=damp, use_cache=False)
-        pred = model.influence_scores(res.x)[idx] / model.n_train_
+        pred = model.gradient_dots(res.x)[idx] / model.n_train_
         sweep.append(f"damping {damp:.3g}: {scipy.stats.pearsonr(actual, pred)[0]:.3f}")
     lines.append(f"| Fig 2 CNN | diagnostic: EK-FAC's LOO Pearson as its damping grows | | {'; '.join(sweep)} |")
     return lines
@@ -296,7 +296,7 @@ def arnoldi_rows(model, x_test, y_test, scores_ref, ranks):
     for rank in ranks or []:  # the model's shared Arnoldi store: the fill=wd row reuses the decomposition
         for fill in (None, model.weight_decay):
             res, t_s = timed(model.s_test, x_test, y_test, solver="arnoldi", rank=rank, fill=fill, use_cache=False)
-            scores = model.influence_scores(res.x)
+            scores = model.gradient_dots(res.x)
             top = set(np.argsort(-np.abs(scores))[:100])
             how = "complement dropped" if fill is None else f"complement filled with wd = {fill:g}"
             stage = f"s_test by arnoldi, rank {rank}, {how}"
@@ -329,7 +329,7 @@ def lds_table(model, data, args):
         matrices[label], seconds[label] = timed(model.influence_matrix, xs, ys, solver=name, **opts)
     V = model.test_gradients(xs, ys)
     plain = "no Hessian (H = I: gradient dot products)"
-    matrices[plain], seconds[plain] = timed(lambda: np.stack([-model.influence_scores(v) for v in V]))
+    matrices[plain], seconds[plain] = timed(lambda: np.stack([-model.gradient_dots(v) for v in V]))
     lds, t_refit = timed(linear_datamodeling_score, model, xs, ys, matrices, n_subsets=args.lds_subsets,
                          fraction=0.5, seed=0)
     print(f"\nLDS over {args.lds_subsets} re-fits without a random half ({t_refit:.0f} s), "
@@ -367,8 +367,8 @@ def stage_costs(label, model, fit_args, x_test, y_test, solvers, loo_index=None)
                      f"{res.damping:.3g} after {res.info['damping_retries']} raises")
         rows.append((label, n, p, stage, t_s, note))
         s_x = res.x if s_x is None else s_x
-    model.influence_scores(s_x)
-    scores, t_score = timed(model.influence_scores, s_x)
+    model.gradient_dots(s_x)
+    scores, t_score = timed(model.gradient_dots, s_x)
     rows.append((label, n, p, f"score all {n} training points", t_score, "forward-mode JVP"))
     idx = int(np.argmax(np.abs(scores))) if loo_index is None else loo_index
     _, t_loo = timed(model.retrain_without, [idx])

@@ -93,7 +93,7 @@ def own_loo(model, x, y, k: int, n_jobs=None):
     protocol (the ``k`` largest |CG influence| at ``(x, y)``), where no stored ones exist."""
     from ..refit_validation import leave_one_out
 
-    pred = model.influence_scores(model.s_test(x, y, solver="cg", tol=1e-8).x) / model.n_train_
+    pred = model.gradient_dots(model.s_test(x, y, solver="cg", tol=1e-8).x) / model.n_train_
     idx = np.argsort(-np.abs(pred))[:k]
     res = leave_one_out(model, x, y, idx, pred[idx], n_jobs=n_jobs)
     logger.info("%d LOO re-fits made here (no stored figure output): Pearson with CG %.3f, %.0fs", k, res.pearson,
@@ -256,7 +256,7 @@ def cnn_board(cnn, *, quick: bool, out_dir, lds_tests: int, lds_subsets: int, se
         if key not in arrays:
             continue
         t0 = time.perf_counter()
-        pred = model.influence_scores(arrays[key]) / model.n_train_
+        pred = model.gradient_dots(arrays[key]) / model.n_train_
         secs = (float("nan") if secs is None else secs) + time.perf_counter() - t0
         board.rows[label] = {"loo_pearson": float(scipy.stats.pearsonr(actual, pred[removed])[0]),
                              "loo_spearman": float(scipy.stats.spearmanr(actual, pred[removed])[0]), "seconds": secs}

@@ -56,7 +56,7 @@ def test_batched_sums_equal_single_batch(digits):
     assert rel(b.hvp(v), a.hvp(v)) < 1e-12
     assert abs(b.objective() - a.objective()) < 1e-12
     s = np.random.default_rng(3).standard_normal(a.n_params)
-    np.testing.assert_allclose(b.influence_scores(s), a.influence_scores(s), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(b.gradient_dots(s), a.gradient_dots(s), rtol=1e-10, atol=1e-12)
 
 
 def test_per_example_gradients_equal_loop(multiclass_model):
@@ -74,7 +74,7 @@ def test_forward_mode_scores_equal_gradient_matrix(multiclass_model):
     m = multiclass_model
     s = np.random.default_rng(4).standard_normal(m.n_params)
     G = m.per_example_gradients()
-    np.testing.assert_allclose(m.influence_scores(s), G @ s, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(m.gradient_dots(s), G @ s, rtol=1e-9, atol=1e-12)
 
 
 def test_many_vector_hvp_equals_columns(binary_model):

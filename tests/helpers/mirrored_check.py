@@ -38,7 +38,7 @@ errors = {
     "hvp": rel(multi.hvp(v), single.hvp(v)),
     "hvp_many": rel(multi.hvp(np.stack([v, 2 * v], 1)), single.hvp(np.stack([v, 2 * v], 1))),
     "cg_solution": rel(s2.x, s1.x),
-    "scores": rel(multi.influence_scores(s1.x), single.influence_scores(s1.x)),
+    "scores": rel(multi.gradient_dots(s1.x), single.gradient_dots(s1.x)),
     "per_example_gradients": rel(multi.per_example_gradients(np.arange(0, 301, 7)),
                                  single.per_example_gradients(np.arange(0, 301, 7))),
 }

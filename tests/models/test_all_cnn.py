@@ -38,7 +38,7 @@ def test_vectorised_per_example_gradients_equal_loop(tiny_cnn):
         np.testing.assert_allclose(G[i], m.loss_gradient(m.X_train_np_[i:i + 1], m.y_train_np_[i:i + 1]),
                                    rtol=1e-10, atol=1e-13)
     s = np.random.default_rng(1).standard_normal(m.n_params)
-    np.testing.assert_allclose(m.influence_scores(s, include_regularizer=False), G @ s, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(m.gradient_dots(s, include_regularizer=False), G @ s, rtol=1e-9, atol=1e-12)
 
 
 def test_batched_hvp_equals_whole_set_hvp(tiny_cnn):

@@ -131,7 +131,7 @@ def test_head_influence_end_to_end_equals_cached_features():
     net = tiny_feature_net()
     model, X, y, rng = fitted_head(net)
     s = rng.standard_normal(model.n_params)
-    from_features = -model.influence_scores(s)
+    from_features = -model.gradient_dots(s)
     from_pixels = model.influence_from_inputs(s, X, y, batch_size=7)
     np.testing.assert_allclose(from_pixels, from_features, rtol=1e-5, atol=1e-7)
 
@@ -147,7 +147,7 @@ def test_head_influence_through_real_inception_equals_cached_features():
     y = np.array([0, 1, 0, 1])
     model = BinaryInceptionModel(weight_decay=0.001).fit(F, y).attach(net, pre)
     s = model.s_test(F[:1], y[:1], solver="exact").x
-    expected = -model.influence_scores(s)
+    expected = -model.gradient_dots(s)
     got = model.influence_from_inputs(s, pre(pixels), y, batch_size=4)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-8 * np.abs(expected).max())
 

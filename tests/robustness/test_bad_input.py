@@ -304,7 +304,7 @@ def test_regression_targets_shaped_n_by_1_equal_n(digits):
     sa = a.s_test(X[200:203], y[200:203, None], solver="exact").x
     sb = b.s_test(X[200:203], y[200:203], solver="exact").x
     assert np.max(np.abs(sa - sb)) <= 1e-10 * max(1.0, np.max(np.abs(sb)))
-    np.testing.assert_allclose(a.influence_scores(sa), b.influence_scores(sb), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(a.gradient_dots(sa), b.gradient_dots(sb), rtol=1e-10, atol=1e-10)
     wide = keras.Sequential([keras.Input((10,), dtype="float64"), keras.layers.Dense(2, dtype="float64")])
     with pytest.raises(ValueError, match="do not match the model's outputs"):
         KerasModel(wide, loss="squared").set_training_data(X[:100], y[:100])
