@@ -46,7 +46,7 @@ import tensorflow as tf
 from .curvature import check_curvature
 from .model_kernels import GradientKernels
 from .shortcuts import InfluenceShortcuts
-from .utils import bar, hash_arrays, progress
+from .utils import bar, hash_arrays, progress, progress_on
 from .validation import check_choice, check_number
 
 logger = logging.getLogger(__name__)
@@ -95,8 +95,10 @@ class GenericNeuralNet(InfluenceShortcuts):
         Seed for parameter initialisation and stochastic solvers.
     max_hessian_params : int
         Largest ``p`` for which an explicit Hessian is formed.
-    progress : bool
-        Show tqdm progress bars on long loops.
+    progress : bool or "auto"
+        Show tqdm progress bars on long loops (CG, L-BFGS fit, Lanczos, K-FAC, scoring,
+        re-fits), each leaving a one-line summary. "auto" (default): when standard error is a
+        terminal or a Jupyter kernel runs (``INFLUENCE_PROGRESS=0/1`` overrides).
     curvature : {"hessian", "gauss-newton"}
         The default matrix of the convenience methods (``s_test`` ...; each also takes
         ``curvature=``): the Hessian ``H`` of the objective, or the Gauss-Newton matrix
@@ -128,7 +130,7 @@ class GenericNeuralNet(InfluenceShortcuts):
 
     def __init__(self, weight_decay: float = 0.0, dtype: str = "float64", batch_size: int = 8192,
                  cache_dir: str | None = None, seed: int = 0, max_hessian_params: int = 10000,
-                 progress: bool = False, curvature: str = "hessian", strategy=None,
+                 progress: bool | str = "auto", curvature: str = "hessian", strategy=None,
                  stationarity_tol: float = 1e-5, nonstationary: str = "warn"):
         self.weight_decay = check_number("weight_decay", weight_decay, low=0.0)
         self.curvature = check_curvature(curvature)
@@ -141,6 +143,8 @@ class GenericNeuralNet(InfluenceShortcuts):
         self.max_hessian_params = check_number("max_hessian_params", max_hessian_params, low=1, integer=True)
         self.stationarity_tol = check_number("stationarity_tol", stationarity_tol, low=0.0)
         self.nonstationary = check_choice("nonstationary", nonstationary, NONSTATIONARY)
+        if progress not in (True, False, "auto"):
+            raise ValueError(f"progress must be True, False or 'auto', got {progress!r}")
         self.progress = progress
         self.strategy = strategy
         self._built = False
@@ -425,7 +429,7 @@ class GenericNeuralNet(InfluenceShortcuts):
         batches = self._train_batches(indices, batch_size)
         total, parts = None, []
         for x, y in progress(batches, total=len(self._slices(n, batch_size)), desc=desc,
-                              enabled=self.progress and desc is not None):
+                              enabled=progress_on(self.progress) and desc is not None):
             out = self._run_on_replicas(kernel, theta, x, y, extra, reduce)
             if reduce == "sum":
                 total = out if total is None else tf.nest.map_structure(np.add, total, out)
@@ -574,7 +578,7 @@ class GenericNeuralNet(InfluenceShortcuts):
         inner solves) then drives the gradient norm towards machine precision, which makes
         leave-one-out differences of 1e-6 measurable.
         """
-        shown = bar(total=maxiter, desc="L-BFGS fit", enabled=bool(self.progress))
+        shown = bar(total=maxiter, desc="L-BFGS fit", enabled=progress_on(self.progress))
 
         def tick(intermediate_result):
             shown.set_postfix_str(f"objective {float(intermediate_result.fun):.10g}", refresh=False)

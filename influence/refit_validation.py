@@ -34,7 +34,7 @@ import scipy.stats
 
 from .parallel import dumps, limit_threads, local_pool
 from .result_store import Journal
-from .utils import hash_arrays
+from .utils import hash_arrays, progress_on
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def _retrain_in_local_pool(model, groups, X_test, y_test, n_jobs, threads, done=
     try:
         chunks = [[g] for g in groups]
         futures = [pool.submit(_retrain_in_worker, c, X_test, y_test) for c in chunks]
-        return _collect(futures, chunks, len(groups), model.progress, done)
+        return _collect(futures, chunks, len(groups), progress_on(model.progress), done)
     except BrokenExecutor as exc:
         logger.warning("the LOO worker processes failed (%s); retraining in this process (n_jobs=1)",
                        str(exc).splitlines()[0][:200])
@@ -215,7 +215,7 @@ def _run_refits(model, groups, X_test, y_test, executor, n_jobs, threads_per_wor
     bounds = np.array_split(np.arange(len(groups)), max(1, min(len(groups), 2 * n_jobs)))
     chunks = [[groups[i] for i in b] for b in bounds]
     futures = [executor.submit(_retrain_chunk, blob, c, X_test, y_test, threads_per_worker) for c in chunks]
-    return _collect(futures, chunks, len(groups), model.progress, done)
+    return _collect(futures, chunks, len(groups), progress_on(model.progress), done)
 
 
 def leave_one_out(model, X_test, y_test, indices, predicted=None, executor: Executor | None = None,

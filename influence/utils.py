@@ -168,6 +168,25 @@ class _SummaryBar:
                              + (f", {self._postfix}" if self._postfix else ""), file=sys.stderr)
 
 
+def progress_on(flag) -> bool:
+    """Whether a model's ``progress`` setting shows bars: True / False as given; ``"auto"`` (the
+    default, like Keras's ``verbose="auto"``) when standard error is a terminal or a Jupyter
+    kernel runs, unless the environment variable ``INFLUENCE_PROGRESS`` is 0 or 1."""
+    if flag != "auto":
+        return bool(flag)
+    env = os.environ.get("INFLUENCE_PROGRESS")
+    if env in ("0", "1"):
+        return env == "1"
+    import sys
+
+    try:
+        if sys.stderr is not None and sys.stderr.isatty():
+            return True
+    except (AttributeError, ValueError):  # a closed or replaced stream
+        pass
+    return "ipykernel" in sys.modules
+
+
 def bar(total=None, desc=None, enabled=True, unit="iteration"):
     """A progress bar to ``update`` by hand that leaves a one-line summary when ``close()``d (a
     no-op object when not ``enabled``)."""

@@ -21,7 +21,7 @@ import weakref
 import numpy as np
 import tensorflow as tf
 
-from ..utils import bar, hash_arrays, memo, progress
+from ..utils import bar, hash_arrays, memo, progress, progress_on
 from . import kernels as K
 
 logger = logging.getLogger(__name__)
@@ -180,7 +180,7 @@ class CurvatureOperator:
             p = m.n_params
             chunk = min(p, 128)
             H = np.empty((p, p))
-            for j in progress(range(0, p, chunk), total=-(-p // chunk), desc="Hessian", enabled=m.progress):
+            for j in progress(range(0, p, chunk), total=-(-p // chunk), desc="Hessian", enabled=progress_on(m.progress)):
                 E = np.zeros((p, min(chunk, p - j)))
                 E[np.arange(j, j + E.shape[1]), np.arange(E.shape[1])] = 1.0
                 H[:, j:j + E.shape[1]] = self.hvp(E)
@@ -205,7 +205,7 @@ class CurvatureOperator:
         if p <= 2:
             w = np.linalg.eigvalsh(self.dense())
             return float(w[0]), float(w[-1])
-        shown = bar(desc="Lanczos (eigenvalue bounds)", enabled=bool(m.progress), unit="HVP")
+        shown = bar(desc="Lanczos (eigenvalue bounds)", enabled=progress_on(m.progress), unit="HVP")
 
         def product(v):
             shown.update(1)
@@ -262,7 +262,7 @@ class CurvatureOperator:
             import scipy.sparse.linalg as spla
 
             count = [0]
-            shown = bar(desc=f"Lanczos ({rank} eigenpairs)", enabled=bool(self.model.progress), unit="HVP")
+            shown = bar(desc=f"Lanczos ({rank} eigenpairs)", enabled=progress_on(self.model.progress), unit="HVP")
 
             def matvec(u):
                 count[0] += 1

@@ -36,7 +36,7 @@ import tensorflow as tf
 from .. import result_store
 from ..curvature import check_curvature, operator_for
 from ..solvers import InverseHVPSolver, SolveResult, get_solver
-from ..utils import hash_arrays, progress
+from ..utils import hash_arrays, progress, progress_on
 from .base import Estimator
 
 logger = logging.getLogger(__name__)
@@ -308,7 +308,7 @@ class InfluenceFunction(Estimator):
                 logger.info("influence_matrix: %s solve for %d test points, %d iterations, relative residual %.2g",
                             res.solver, len(V), res.iterations, res.residual)
                 for j in progress(range(0, len(idx), chunk), total=-(-len(idx) // chunk), desc="influence_matrix",
-                                  enabled=model.progress and isinstance(result, np.memmap)):
+                                  enabled=progress_on(model.progress) and isinstance(result, np.memmap)):
                     G = model.per_example_gradients(idx[j:j + chunk], include_regularizer)
                     result[t:t + tc, j:j + chunk] = -(G @ res.x).T
                 if chunk_done is not None:

@@ -41,7 +41,7 @@ import tensorflow as tf  # noqa: E402
 
 from ..validation import check_number
 from ..generic_neural_net import GenericNeuralNet, ParamBlock  # noqa: E402
-from ..utils import progress  # noqa: E402
+from ..utils import progress, progress_on  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ class AllCNN(GenericNeuralNet):
         if record_every:
             chunk = min(chunk, int(record_every))
         for start in progress(range(0, steps, chunk), total=-(-steps // chunk), desc=desc,
-                               enabled=self.progress and desc is not None):
+                               enabled=progress_on(self.progress) and desc is not None):
             k = min(chunk, steps - start)
             batches = np.empty((k, b), dtype=np.int32)
             for j in range(k):

@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 
 from .base import InverseHVPSolver, SolveResult, column_residuals
-from ..utils import bar
+from ..utils import bar, progress_on
 from ..validation import check_choice, check_number
 from .base import SolveFailedError
 from .block_cg import block_conjugate_gradient
@@ -140,7 +140,7 @@ class CGSolver(InverseHVPSolver):
             pc_info = dict(self._preconditioner.setup)
         shown = bar(total=maxiter, desc=("block CG" if block else "CG") + (f" ({pc_info['preconditioner']})"
                                                                            if pc_info else ""),
-                    enabled=bool(op.model.progress))
+                    enabled=progress_on(op.model.progress))
 
         def tick(_it, residual):
             shown.set_postfix_str(f"residual {residual:.1e}", refresh=False)

@@ -221,7 +221,7 @@ def _batch_seed(seed, j):
 
 
 def _factor_pass(model, kernels, fisher, mc_samples, seed) -> list[BlockFactors]:
-    from ..utils import progress
+    from ..utils import progress, progress_on
 
     model._require_fit()
     th = model._theta_tf()
@@ -231,7 +231,7 @@ def _factor_pass(model, kernels, fisher, mc_samples, seed) -> list[BlockFactors]
     size = sum(int(np.prod(t.s.shape[1:])) * 4 + int(np.prod(t.a.shape[1:])) * 4 for t in taps)
     totals = None
     slices = _batches(model, size)
-    for j, sl in enumerate(progress(slices, total=len(slices), desc="K-FAC factors", enabled=model.progress)):
+    for j, sl in enumerate(progress(slices, total=len(slices), desc="K-FAC factors", enabled=progress_on(model.progress))):
         out = kernels[0](th, model.X_train_[sl], model.y_train_[sl], _batch_seed(seed, j))
         out = [(A.numpy(), S.numpy()) for A, S in out]
         totals = out if totals is None else [(A0 + A, S0 + S) for (A0, S0), (A, S) in zip(totals, out)]
@@ -244,7 +244,7 @@ def _factor_pass(model, kernels, fisher, mc_samples, seed) -> list[BlockFactors]
 def _eigenvalue_pass(model, kernels, blocks, fisher, mc_samples, seed) -> list[np.ndarray]:
     import tensorflow as tf
 
-    from ..utils import progress
+    from ..utils import progress, progress_on
 
     th = model._theta_tf()
     qas = [tf.constant(f.qa) for f in blocks]
@@ -252,7 +252,7 @@ def _eigenvalue_pass(model, kernels, blocks, fisher, mc_samples, seed) -> list[n
     size = sum(f.A.shape[0] * f.S.shape[0] for f in blocks) * 2
     totals = None
     slices = _batches(model, size)
-    for j, sl in enumerate(progress(slices, total=len(slices), desc="EK-FAC eigenvalues", enabled=model.progress)):
+    for j, sl in enumerate(progress(slices, total=len(slices), desc="EK-FAC eigenvalues", enabled=progress_on(model.progress))):
         out = [t.numpy() for t in kernels[1](th, model.X_train_[sl], model.y_train_[sl], _batch_seed(seed, j),
                                              qas, qss)]
         totals = out if totals is None else [a + b for a, b in zip(totals, out)]

@@ -22,3 +22,24 @@ def test_fit_and_solves_show_their_bars(digits, capsys):
     err = capsys.readouterr().err
     assert "L-BFGS fit" not in err and "residual" not in err
     assert np.isfinite(quiet.grad_norm_)
+
+
+def test_progress_auto_follows_the_terminal_and_the_environment(digits, capsys, monkeypatch):
+    import pytest
+
+    from influence.utils import progress_on
+
+    X, y = digits
+    assert LogisticRegression().progress == "auto"  # the default, like Keras's verbose="auto"
+    monkeypatch.delenv("INFLUENCE_PROGRESS", raising=False)
+    assert progress_on("auto") is False  # pytest captures stderr: not a terminal
+    monkeypatch.setenv("INFLUENCE_PROGRESS", "1")
+    LogisticRegression(weight_decay=0.01).fit(X[:100], y[:100]).s_test(X[300], y[300], solver="cg")
+    err = capsys.readouterr().err
+    assert "L-BFGS fit" in err and "CG" in err
+    monkeypatch.setenv("INFLUENCE_PROGRESS", "0")
+    LogisticRegression(weight_decay=0.01).fit(X[:100], y[:100])
+    assert "L-BFGS fit" not in capsys.readouterr().err
+    assert progress_on(True) and not progress_on(False)
+    with pytest.raises(ValueError, match="progress must be"):
+        LogisticRegression(progress="yes")
