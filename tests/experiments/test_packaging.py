@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -117,7 +118,8 @@ def test_readme_usage_snippet_runs_as_a_plain_script(tmp_path):
     epilogue = ("\nimport json\nprint(json.dumps({'pearson': loo.pearson, 'residual': float(res.residual), "
                 "'scores_shape': list(scores.shape), 'scores_finite': bool(np.isfinite(scores).all()), "
                 "'helpful': ranked.helpful.tolist(), 'harmful': ranked.harmful.tolist(), "
-                "'top_helpful': int(np.argmax(pred)), 'top_harmful': int(np.argmin(pred))}))\n")
+                "'top_helpful': int(np.argmax(pred)), 'top_harmful': int(np.argmin(pred)), "
+                "'keras_pearson': float(kloo.pearson), 'keras_drift': float(kloo.info['control_drift'])}))\n")
     script = tmp_path / "snippet.py"
     script.write_text(prelude + code + epilogue)
     env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "3"}
@@ -130,3 +132,4 @@ def test_readme_usage_snippet_runs_as_a_plain_script(tmp_path):
     assert out["scores_shape"] == [5, 300] and out["scores_finite"]
     assert len(out["helpful"]) == len(out["harmful"]) == 5
     assert out["helpful"][0] == out["top_helpful"] and out["harmful"][0] == out["top_harmful"]
+    assert np.isfinite(out["keras_pearson"]) and np.isfinite(out["keras_drift"])  # LOO by continued training
