@@ -80,10 +80,19 @@ class KerasModel(GenericNeuralNet):
         the model's variable dtype.
     retrain : None, KerasRetrain or callable ``(net, X, y) -> None``
         How leave-one-out re-fits (module docstring): None, L-BFGS on the objective.
+    feature_cache : {"auto", True, False}
+        When ``trainable`` names only top layers of a chain (Sequential or functional chain),
+        the frozen layers below them map each training set to features once (kept with the
+        wrapper, keyed by the inputs and the frozen weights), and every pass over the training
+        set (objective, gradients, HVPs, scores, re-fits) runs the head only. "auto": where it
+        applies and the features' shape differs from the inputs'; True: required (an error
+        says why it cannot apply); False: off. ``influence_pert_loss`` (input gradients of
+        training points) needs it off.
     """
 
     def __init__(self, model, loss="softmax", trainable: list | tuple | None = None,
-                 weight_decay: float = 0.0, dtype: str | None = None, retrain=None, **kwargs):
+                 weight_decay: float = 0.0, dtype: str | None = None, retrain=None, feature_cache="auto",
+                 **kwargs):
         if not (callable(loss) or loss in LOSSES):
             raise ValueError(f"loss must be one of {LOSSES} or a callable (outputs, y) -> per-example loss, "
                              f"got {loss!r}")
@@ -127,12 +136,16 @@ class KerasModel(GenericNeuralNet):
                                  "(e.g. 'adam' or keras.optimizers.Adam(1e-3))")
             retrain = retrain.with_optimizer(compiled)
         self.retrain = retrain
+        if feature_cache not in (True, False, "auto"):
+            raise ValueError(f"feature_cache must be True, False or 'auto', got {feature_cache!r}")
+        self.feature_cache = feature_cache
+        self._split = None  # index of the first layer of the head when the frozen features are cached
         if self.loss in ("softmax", "sigmoid"):
             squashed = final_activation(model)
             if squashed in ("softmax", "sigmoid"):
                 raise ValueError(squashed_message(model, self.loss, squashed))
 
-    def _check_differentiable_inputs(self) -> None:
+    def _check_raw_inputs(self) -> None:
         inputs = getattr(self.model, "inputs", None)
         dtype = str(inputs[0].dtype) if inputs else ""
         if "int" in dtype or "bool" in dtype:
@@ -163,7 +176,97 @@ class KerasModel(GenericNeuralNet):
             fits = expected is None or None in expected or expected == tuple(X.shape[1:])
             if fits and len(X) and np.issubdtype(X.dtype, np.number) and not np.issubdtype(X.dtype, np.complexfloating):
                 self._check_probabilities(X[:64].astype(self.dtype) if np.issubdtype(X.dtype, np.floating) else X[:64])
-        return super()._set_training_data(X, y)
+        raw = None if self._split is not None and self._is_features(X) else np.asarray(X)
+        out = super()._set_training_data(X, y)
+        self.X_train_raw_ = raw if self._split is not None else None  # for a retrain callable
+        return out
+
+    def _is_features(self, X) -> bool:
+        return self._split is not None and tuple(np.shape(X)[1:]) == self._feature_shape
+
+    def _check_x(self, X, name="X") -> np.ndarray:
+        """Inputs checked against the model's input shape; with the feature cache on, mapped to
+        the frozen layers' features (arrays of features, e.g. a subset of the training set's,
+        pass as they are)."""
+        if self._is_features(X):
+            X = np.asarray(X)
+            if not np.all(np.isfinite(X)):
+                raise ValueError(f"{name} contains NaN or infinite values")
+            return X
+        X = super()._check_x(X, name)
+        return self._features(X) if self._split is not None else X
+
+    # ------------------------------------------------------------------ frozen-feature cache
+    def _plan_feature_cache(self, x_shape):
+        """Decide (at build) whether the frozen layers' features are cached: ``self._split``."""
+        self._split = None
+        if self.feature_cache is False or self.trainable is None:
+            return
+        from .keras_taps import chain_layers
+
+        why = None
+        try:
+            layers = chain_layers(self.model)
+        except ValueError as exc:
+            layers, why = None, f"the model is not a chain of layers ({exc})"
+        if layers is not None:
+            first = next(i for i, layer in enumerate(layers) if layer.name in self.trainable)
+            if first == 0:
+                why = "no frozen layer lies below the first layer of theta"
+            elif any(v.trainable and layer.name not in self.trainable for layer in layers[first:]
+                     for v in layer.trainable_variables):
+                why = "a frozen layer with weights lies above a layer of theta"
+            else:
+                self._layers, self._split = layers, first
+                probe = self._apply(layers[:first], np.zeros((1, *x_shape), dtype=self._input_dtype()), self._values())
+                self._feature_shape = tuple(probe.shape[1:])
+                if self._feature_shape == tuple(x_shape):
+                    self._split, why = None, (f"the features have the inputs' shape {tuple(x_shape)} (a batch could "
+                                              f"not be told apart)")
+        if why is not None and self.feature_cache is True:
+            raise ValueError(f"feature_cache=True cannot apply: {why}")
+
+    def _input_dtype(self):
+        inputs = getattr(self.model, "inputs", None)
+        return str(inputs[0].dtype) if inputs else self.dtype
+
+    def _values(self, params=None) -> dict:
+        """``id(variable) -> value``: theta's blocks (``params``), the frozen weights and the state."""
+        value = {id(v): f for v, f in zip(self.model.trainable_variables, self._frozen) if f is not None}
+        if params is not None:
+            it = iter(params)
+            value.update({id(v): next(it) for v, sel in zip(self.model.trainable_variables, self._selected) if sel})
+        value.update({id(v): t for v, t in zip(self.model.non_trainable_variables, self._state)})
+        return value
+
+    def _apply(self, layers, x, value):
+        h = tf.cast(x, self._input_dtype())
+        for layer in layers:
+            kwargs = self._call_kwargs if getattr(layer, "_call_has_training_arg", False) else {}
+            h = layer.stateless_call([value[id(v)] for v in layer.trainable_variables],
+                                     [value[id(v)] for v in layer.non_trainable_variables], h, **kwargs)[0]
+        return h
+
+    def _features(self, X) -> np.ndarray:
+        """The frozen layers' outputs for inputs ``X`` (one batched pass; kept for the last inputs
+        seen, keyed by their hash and the frozen weights)."""
+        from ..utils import hash_arrays
+
+        key = (hash_arrays(np.asarray(X)), self._frozen_hash())
+        hit = getattr(self, "_feature_memo", None)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        value = self._values()
+        prefix = tf.function(lambda x: self._apply(self._layers[:self._split], x, value), reduce_retracing=True)
+        parts = [prefix(tf.constant(X[sl])).numpy() for sl in self._slices(len(X))]
+        feats = np.concatenate(parts).astype(self.dtype) if parts else np.zeros((0, *self._feature_shape), self.dtype)
+        self._feature_memo = (key, feats)
+        return feats
+
+    def _frozen_hash(self) -> str:
+        from ..utils import hash_arrays
+
+        return hash_arrays(*[f.numpy() for f in self._frozen if f is not None], *[t.numpy() for t in self._state])
 
     def _check_probabilities(self, x):
         """Refuse outputs that are probabilities where loss='softmax' takes logits (rows that are
@@ -192,6 +295,7 @@ class KerasModel(GenericNeuralNet):
         params = inspect.signature(self.model.call).parameters.values()
         self._call_kwargs = ({"training": False} if any(p.name == "training" or p.kind == p.VAR_KEYWORD
                                                          for p in params) else {})
+        self._plan_feature_cache(tuple(x_shape))
         return [ParamBlock(v.path, tuple(v.shape), decay=v.path.endswith("kernel"))
                 for v, sel in zip(variables, self._selected) if sel]
 
@@ -201,6 +305,11 @@ class KerasModel(GenericNeuralNet):
                                if sel]).astype(self.dtype)
 
     def _forward(self, params, x):
+        if self._split is not None:  # every input arrives as the frozen layers' features: the head
+            out = self._apply(self._layers[self._split:], x, self._values(params))
+            if self.loss in ("sigmoid", "squared") and len(out.shape) == 2 and out.shape[1] == 1:
+                out = out[:, 0]
+            return out
         it = iter(params)
         values = [next(it) if frozen is None else frozen for frozen in self._frozen]
         out = self.model.stateless_call(values, self._state, x, **self._call_kwargs)[0]
@@ -219,10 +328,36 @@ class KerasModel(GenericNeuralNet):
         values = [next(it) if frozen is None else frozen for frozen in self._frozen]
         selected = [v for v, sel in zip(self.model.trainable_variables, self._selected) if sel]
         block_of = {id(v): i for i, v in enumerate(selected)}
-        out, taps = chain_taps(self.model, values, self._state, x, block_of, self._call_kwargs)
+        if self._split is not None:
+            out, taps = self._head_taps(params, x, block_of)
+        else:
+            out, taps = chain_taps(self.model, values, self._state, x, block_of, self._call_kwargs)
         if self.loss in ("sigmoid", "squared") and len(out.shape) == 2 and out.shape[1] == 1:
             out = out[:, 0]
         return out, taps
+
+    def _head_taps(self, params, x, block_of):
+        """K-FAC taps of the head on cached features (the head's layers as a chain)."""
+        from .keras_taps import _factorable
+
+        value = self._values(params)
+        taps, h = [], tf.cast(x, self.tf_dtype)
+        for layer in self._layers[self._split:]:
+            ours = [v for v in layer.trainable_variables if id(v) in block_of]
+            if ours and type(layer).__name__ in ("Dense", "Conv2D"):
+                h = _factorable(layer, h, value, block_of, taps)
+                continue
+            if ours:
+                raise ValueError(f"Kronecker-factored curvature covers Dense and Conv2D layers only: layer "
+                                 f"{layer.name!r} ({type(layer).__name__}) has parameters of interest")
+            h = self._apply([layer], h, value)
+        return h, taps
+
+    def _check_differentiable_inputs(self) -> None:
+        if self._split is not None:
+            raise ValueError("influence_pert_loss differentiates with respect to the training inputs, but the frozen "
+                             "layers' features are cached (feature_cache): wrap the model with feature_cache=False")
+        self._check_raw_inputs()
 
     def _loss(self, outputs, y):
         if callable(self.loss):
@@ -301,7 +436,11 @@ class KerasModel(GenericNeuralNet):
         selected = [v for v, sel in zip(net.trainable_variables, self._selected) if sel]
         for var, value in zip(selected, self.unflatten(tf.constant(self.theta_))):
             var.assign(tf.cast(value, var.dtype))
-        self.retrain(net, self.X_train_np_[keep], self.y_train_np_[keep])
+        X = self.X_train_np_ if self._split is None else self.X_train_raw_
+        if X is None:
+            raise RuntimeError("retrain: the raw training inputs are not held (the training set was given as "
+                               "features); wrap the model with feature_cache=False")
+        self.retrain(net, X[keep], self.y_train_np_[keep])
         theta = np.concatenate([v.numpy().reshape(-1) for v, sel in zip(net.trainable_variables, self._selected)
                                 if sel]).astype(self.dtype)
         if not np.all(np.isfinite(theta)):
