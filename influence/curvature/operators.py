@@ -136,6 +136,28 @@ class CurvatureOperator:
 
     matvec = hvp
 
+    def low_precision(self) -> "CurvatureOperator":
+        """A float32 twin of this float64 operator (a float32 copy of the model at the same theta
+        and data; cached per state), for mixed-precision solves: its products are ~3x cheaper
+        on a CPU and agree with this operator's to ~1e-6 relative."""
+        m = self.model
+        if m.dtype != "float64":
+            raise ValueError(f"low_precision: the model already computes in {m.dtype}")
+
+        def make():
+            cfg = m.get_config()
+            if "dtype" not in cfg or "model" in cfg:  # a wrapped Keras network keeps its layers' dtype
+                raise ValueError(f"precision='mixed' needs a model that can be rebuilt in float32 from its "
+                                 f"configuration; {type(m).__name__} cannot (build a float32 network instead)")
+            twin = type(m)(**{**cfg, "dtype": "float32", "cache_dir": None})
+            twin.set_training_data(m.X_train_np_, m.y_train_np_).set_theta(np.asarray(m.theta_, np.float32))
+            for name in ("grad_norm_",):
+                if hasattr(m, name):
+                    setattr(twin, name, getattr(m, name))
+            return type(self)(twin, indices=self.indices)
+
+        return self._cached("low_precision", self.state_key(), make)
+
     def _numpy_closed_form(self) -> bool:
         m = self.model
         return (getattr(m, "_curvature_sum_np", None) is not None and m.strategy is None

@@ -477,7 +477,7 @@ def hvp_bound_rows(label, op, rates, flops_per_hvp=None, bytes_per_hvp=None, col
 
 
 def preconditioner_rows(label, model, V, damping, tol, curvature="hessian", ranks=(10, 30, 100), kron=("ekfac",),
-                        block=True, maxiter=2000):
+                        block=True, maxiter=2000, mixed_ranks=()):
     """Rows: plain CG vs Nystrom-preconditioned CG at each rank vs Kronecker-preconditioned CG
     on ``(C + damping I) X = V`` (block CG for several columns): iterations, HVP columns,
     set-up seconds (eigenpairs / factors, paid once per model), solve seconds, residual and
@@ -492,13 +492,16 @@ def preconditioner_rows(label, model, V, damping, tol, curvature="hessian", rank
     plain = None
     rows = []
     specs = [("none", {})] + [(f"nystrom k={r}", {"preconditioner": "nystrom", "preconditioner_rank": r})
-                             for r in ranks] + [(name, {"preconditioner": name}) for name in kron]
+                             for r in ranks] + [(name, {"preconditioner": name}) for name in kron] + [
+        (f"nystrom k={r}, mixed precision", {"preconditioner": "nystrom", "preconditioner_rank": r,
+                                              "precision": "mixed"}) for r in mixed_ranks]
     for name, opts in specs:
         op = Op(model)
         solver = CGSolver(damping=damping, tol=tol, maxiter=maxiter, block=block, on_failure="warn", **opts).fit(op)
         setup = 0.0
         if opts:  # the set-up alone, then the solve (the preconditioner is cached by then)
-            _, setup = timed(solver._preconditioner.build, op, damping)
+            target = op.low_precision() if opts.get("precision") == "mixed" else op
+            _, setup = timed(solver._preconditioner.build, target, damping)
         try:
             res, t = timed(solver.solve, V)
         except SolveFailedError as exc:  # pragma: no cover - on_failure="warn"
@@ -508,8 +511,12 @@ def preconditioner_rows(label, model, V, damping, tol, curvature="hessian", rank
         if plain is None:
             plain = res
         hvps = res.info.get("hvp_columns", res.iterations * k)
-        setup_hvps = op.eigenpairs_cost().get("hvps", 0) if name.startswith("nystrom") else 0
+        mixed = opts.get("precision") == "mixed"
+        setup_hvps = ((op.low_precision() if mixed else op).eigenpairs_cost().get("hvps", 0)
+                      if name.startswith("nystrom") else 0)
+        extra = (f" (float32 products; float64 residual after each of {res.info['refinements']} corrections, inner "
+                 f"iterations {res.info['inner_iterations']})" if mixed else "")
         rows.append((f"{label}: {kind}, {k} test point{'s' if k > 1 else ''}, preconditioner {name}", setup + t,
-                     f"{res.iterations} iterations, {hvps} HVP columns (+{setup_hvps} for set-up), set-up "
+                     f"{res.iterations} iterations{extra}, {hvps} HVP columns (+{setup_hvps} for set-up), set-up "
                      f"{setup:.1f} s, solve {t:.1f} s, residual {res.residual:.1e}{diff}"))
     return rows

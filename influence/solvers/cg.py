@@ -94,7 +94,10 @@ class CGSolver(InverseHVPSolver):
     per iteration) and ``hvp_columns`` (their sum: the HVP work). ``on_failure``: a solve that
     met negative curvature or ended above its residual threshold (``max(10 tol, 1e-6)``)
     raises :class:`SolveFailedError` ("raise", the default: its ``result`` holds the failed
-    solve) or only warns ("warn").
+    solve) or only warns ("warn"). ``precision="mixed"`` (opt-in, float64 models that can be
+    rebuilt in float32): iterative refinement, each correction solved by CG on a float32 twin
+    of the operator to ``inner_tol`` (default 1e-4), each residual in float64, to the same
+    ``tol``; ``info`` records ``refinements`` and ``inner_iterations``.
     """
 
     name = "cg"
@@ -102,8 +105,10 @@ class CGSolver(InverseHVPSolver):
 
     def __init__(self, damping: float | str = 0.0, tol: float | None = None, maxiter: int | None = None,
                  preconditioner=None, preconditioner_rank: int | None = None, block: bool = True,
-                 on_failure: str = "raise"):
+                 on_failure: str = "raise", precision: str = "full", inner_tol: float = 1e-4):
         super().__init__(damping)
+        self._precision = check_choice("precision", precision, ("full", "mixed"))  # same answer: not in the key
+        self._inner_tol = check_number("inner_tol", inner_tol, low=0.0, low_open=True, high=1.0)
         self.tol = check_number("tol", tol, low=0.0, low_open=True, allow_none=True)
         self.on_failure = check_choice("on_failure", on_failure, ("raise", "warn"))
         self.maxiter = check_number("maxiter", maxiter, low=1, integer=True, allow_none=True)
@@ -134,6 +139,8 @@ class CGSolver(InverseHVPSolver):
         maxiter = self.maxiter or min(op.n_params, 1000)
         matvec = lambda u: op.hvp(u) + self.damping * u  # noqa: E731
         block = v.ndim == 2 and v.shape[1] > 1 and self._block
+        if self._precision == "mixed" and op.model.dtype == "float64":
+            return self._mixed_solve(op, v, tol, maxiter, block, matvec)
         pc, pc_info = None, {}
         if self._preconditioner is not None:
             pc = self._preconditioner.build(op, self.damping)
@@ -151,6 +158,52 @@ class CGSolver(InverseHVPSolver):
         finally:
             shown.close()
         info.update(pc_info)
+        return self._result(op, x, it, negative, info, v, tol)
+
+    def _mixed_solve(self, op, v, tol, maxiter, block, matvec):
+        """Iterative refinement: the correction ``(C32 + d I) e = r`` by (block) CG on the float32
+        twin to ``inner_tol`` (its products ~3x cheaper), the residual ``r = v - (C + d I) x`` in
+        float64, until ``||r|| <= tol ||v||``; the preconditioner is built on the twin."""
+        low = op.low_precision()
+        low_mv = lambda u: low.hvp(u).astype(np.float64) + self.damping * u  # noqa: E731
+        pc, pc_info = None, {}
+        if self._preconditioner is not None:
+            pc = self._preconditioner.build(low, self.damping)
+            pc_info = dict(self._preconditioner.setup)
+        shown = bar(total=None, desc=("block CG" if block else "CG") + " (mixed precision)",
+                    enabled=progress_on(op.model.progress))
+
+        def tick(_it, residual):
+            shown.set_postfix_str(f"inner residual {residual:.1e}", refresh=False)
+            shown.update(1)
+
+        x = np.zeros_like(v)
+        r = v.copy()
+        vnorm = np.linalg.norm(v, axis=0)
+        it, negative, outer, inner_iterations, hvp_columns = 0, False, 0, [], 0
+        try:
+            while outer < 12:  # each correction may take up to maxiter iterations
+                rnorm = np.linalg.norm(r, axis=0)
+                if np.all(rnorm <= tol * vnorm):
+                    break
+                if block:
+                    d, k, negative, sizes = block_conjugate_gradient(low_mv, r, self._inner_tol, maxiter,
+                                                                     preconditioner=pc, callback=tick)
+                    hvp_columns += int(sum(sizes))
+                else:
+                    d, k, negative = conjugate_gradient(low_mv, r, self._inner_tol, maxiter, preconditioner=pc,
+                                                        callback=tick)
+                x, it, outer = x + d, it + k, outer + 1
+                inner_iterations.append(int(k))
+                if negative:
+                    break
+                r = v - matvec(x)
+        finally:
+            shown.close()
+        info = {"precision": "mixed", "refinements": outer, "inner_iterations": inner_iterations,
+                "inner_tol": self._inner_tol, **pc_info}
+        if block:
+            info.update(block=True, hvp_columns=hvp_columns)
         return self._result(op, x, it, negative, info, v, tol)
 
     def _iterate(self, matvec, v, tol, maxiter, block, tick, pc=None):

@@ -330,9 +330,9 @@ class KFACSolver(InverseHVPSolver):
             lam = self.eigenvalues(f) + reg[:, None] + self.damping
             smallest = min(smallest, float(lam.min()))
             V = np.concatenate([cols[sl].reshape(r, d_out, -1) for sl, r, _ in rows], axis=0)  # (d_in', d_out, k)
-            Vr = np.einsum("ia,ijk,jb->abk", f.qa, V, f.qs)
+            Vr = np.einsum("ia,ijk,jb->abk", f.qa, V, f.qs, optimize=True)
             Xr = Vr / lam[:, :, None]
-            X = np.einsum("ia,abk,jb->ijk", f.qa, Xr, f.qs)
+            X = np.einsum("ia,abk,jb->ijk", f.qa, Xr, f.qs, optimize=True)
             start = 0
             for sl, r, _ in rows:
                 x[sl] = X[start:start + r].reshape(-1, cols.shape[1])

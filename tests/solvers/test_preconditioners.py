@@ -137,3 +137,28 @@ def test_preconditioner_options_are_validated(multiclass_model, binary_model):
     neg.set_training_data(m.X_train_np_, m.y_train_np_).set_theta(m.theta_)
     with pytest.raises(NotPositiveDefiniteError, match="raise damping"):
         CGSolver(preconditioner="nystrom", preconditioner_rank=m.n_params).solve(neg, np.ones(m.n_params))
+
+
+def test_mixed_precision_refinement_reaches_the_float64_answer(multiclass_model):
+    m = fit_tiny_cnn()
+    V = np.random.default_rng(5).standard_normal((m.n_params, 3))
+    op = GaussNewtonOperator(m)
+    ref = CGSolver(damping=0.01, tol=1e-10).fit(op)
+    for v in (V[:, 0], V):
+        full = ref.solve(v)
+        for pc in ({}, {"preconditioner": "nystrom", "preconditioner_rank": 5}):
+            mixed = CGSolver(damping=0.01, tol=1e-10, precision="mixed", **pc).fit(op).solve(v)
+            assert mixed.converged and mixed.residual <= 1e-9  # the float64 residual, computed afresh
+            assert mixed.info["precision"] == "mixed" and mixed.info["refinements"] >= 2
+            np.testing.assert_allclose(mixed.x, full.x, rtol=1e-7, atol=1e-9 * np.abs(full.x).max())
+    assert op.low_precision().model.dtype == "float32" and op.low_precision() is op.low_precision()
+    with pytest.raises(ValueError, match="precision"):
+        CGSolver(precision="half")
+    import keras
+
+    from influence import KerasModel
+
+    net = keras.Sequential([keras.Input((64,), dtype="float64"), keras.layers.Dense(10, dtype="float64")])
+    km = KerasModel(net).set_training_data(multiclass_model.X_train_np_[:50], multiclass_model.y_train_np_[:50])
+    with pytest.raises(ValueError, match="rebuilt in float32"):
+        CGSolver(damping=0.1, precision="mixed").solve(km, np.ones(km.n_params))
