@@ -94,8 +94,23 @@ class InfluenceShortcuts:
 
     def s_test(self, X_test, y_test, solver="cg", use_cache: bool = True, curvature: str | None = None,
                **solver_options):
-        """``s_test = H^-1 grad L(z_test)`` and the solve's diagnostics (a SolveResult); solver
-        options as in :meth:`inverse_hvp`. Cached on disk under ``cache_dir`` when set."""
+        """``s_test = C^-1 grad L(z_test)`` (``C``: H, or G with ``curvature="gauss-newton"``) and the
+        solve's diagnostics (a SolveResult). Cached on disk under ``cache_dir`` when set.
+
+        ``solver`` and its keyword options (each validated by the solver class):
+
+        - ``"cg"`` (CGSolver): ``damping`` (number or "auto"), ``tol`` (None: 1e-10 float64,
+          1e-5 float32), ``maxiter``, ``preconditioner`` ("nystrom", "kfac", "ekfac", a callable),
+          ``preconditioner_rank``, ``block``, ``on_failure`` ("raise" / "warn"), ``precision``
+          ("full" / "mixed"), ``inner_tol``;
+        - ``"exact"`` (Cholesky): ``damping``;
+        - ``"lissa"``: ``damping``, ``scale`` (or "auto"), ``depth``, ``num_samples``, ``batch_size``,
+          ``seed``, ``safety``, ``divergence_factor``;
+        - ``"arnoldi"``: ``damping``, ``rank``, ``fill``, ``tol``, ``maxiter``, ``seed``;
+        - ``"kfac"`` / ``"ekfac"``: ``damping``, ``fisher``, ``mc_samples``, ``seed``,
+          ``residual_columns``;
+        - or a solver instance (no options then).
+        """
         return influence_for(self, solver, solver_options, curvature).s_test(X_test, y_test, use_cache=use_cache)
 
     def gradient_dots(self, s, indices=None, include_regularizer: bool = True) -> np.ndarray:

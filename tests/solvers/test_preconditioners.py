@@ -162,3 +162,18 @@ def test_mixed_precision_refinement_reaches_the_float64_answer(multiclass_model)
     km = KerasModel(net).set_training_data(multiclass_model.X_train_np_[:50], multiclass_model.y_train_np_[:50])
     with pytest.raises(ValueError, match="rebuilt in float32"):
         CGSolver(damping=0.1, precision="mixed").solve(km, np.ones(km.n_params))
+
+
+def test_s_test_docstring_lists_every_solver_option():
+    import inspect
+
+    from influence.shortcuts import InfluenceShortcuts
+    from influence.solvers import SOLVERS
+
+    doc = InfluenceShortcuts.s_test.__doc__
+    for name in ("exact", "cg", "lissa", "arnoldi", "kfac", "ekfac"):
+        cls = SOLVERS[name]
+        assert f'"{name}"' in doc, name
+        for param in inspect.signature(cls.__init__).parameters:
+            if param != "self":
+                assert f"``{param}``" in doc, (name, param)
