@@ -43,3 +43,19 @@ def test_progress_auto_follows_the_terminal_and_the_environment(digits, capsys, 
     assert progress_on(True) and not progress_on(False)
     with pytest.raises(ValueError, match="progress must be"):
         LogisticRegression(progress="yes")
+
+
+def test_auto_damping_reuses_the_eigenvalue_search_just_made(digits, monkeypatch):
+    """damping="auto" takes hessian_eigenvalue_bounds()'s cached Lanczos result: the solve
+    after it costs CG's products only (one per iteration, plus the residual's)."""
+    from influence.curvature import CurvatureOperator
+
+    X, y = digits
+    m = LogisticRegression(weight_decay=0.01).fit(X[:200], y[:200])
+    m.hessian_eigenvalue_bounds()
+    calls = []
+    hvp = CurvatureOperator.hvp
+    monkeypatch.setattr(CurvatureOperator, "hvp",
+                        lambda self, u, indices=None: (calls.append(1), hvp(self, u, indices))[1])
+    res = m.s_test(X[300], y[300], solver="cg", damping="auto", use_cache=False)
+    assert res.info["damping_auto"] and len(calls) <= res.iterations + 2
