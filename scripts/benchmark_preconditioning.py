@@ -32,7 +32,8 @@ logger = logging.getLogger(NAME)
 
 def add_arguments(parser):
     parser.add_argument("--models", nargs="*", default=["logistic", "cnn", "keras_head"],
-                        choices=["logistic", "cnn", "keras_head"])
+                        choices=["logistic", "cnn", "keras_head"],
+                        help="which models' rows to run (default: all three)")
     parser.add_argument("--tests", type=int, nargs="*", default=[1, 100], help="test-point counts (logistic)")
     parser.add_argument("--cnn-tests", type=int, nargs="*", default=[1], help="test-point counts (CNN)")
     parser.add_argument("--ranks", type=int, nargs="*", default=[10, 30, 100], help="Nystrom ranks")
