@@ -130,7 +130,8 @@ class KroneckerPreconditioner(Preconditioner):
             cls = EKFACSolver if self.name == "ekfac" else KFACSolver
             self._solver = cls(damping=damping, fisher=self.fisher, mc_samples=self.mc_samples, seed=self.seed)
         solver = self._solver.with_damping(damping).fit(operator)
-        _, smallest = solver.apply_inverse(np.zeros(operator.n_params))
+        with np.errstate(divide="ignore", invalid="ignore"):  # only its smallest eigenvalue is wanted here
+            _, smallest = solver.apply_inverse(np.zeros(operator.n_params))
         if not smallest > 0:
             raise NotPositiveDefiniteError(
                 f"preconditioner={self.name!r}: its smallest eigenvalue plus weight decay and damping is "

@@ -144,13 +144,12 @@ def test_mixed_precision_refinement_reaches_the_float64_answer(multiclass_model)
     V = np.random.default_rng(5).standard_normal((m.n_params, 3))
     op = GaussNewtonOperator(m)
     ref = CGSolver(damping=0.01, tol=1e-10).fit(op)
-    for v in (V[:, 0], V):
+    for v, pc in ((V[:, 0], {"preconditioner": "nystrom", "preconditioner_rank": 5}), (V, {})):
         full = ref.solve(v)
-        for pc in ({}, {"preconditioner": "nystrom", "preconditioner_rank": 5}):
-            mixed = CGSolver(damping=0.01, tol=1e-10, precision="mixed", **pc).fit(op).solve(v)
-            assert mixed.converged and mixed.residual <= 1e-9  # the float64 residual, computed afresh
-            assert mixed.info["precision"] == "mixed" and mixed.info["refinements"] >= 2
-            np.testing.assert_allclose(mixed.x, full.x, rtol=1e-7, atol=1e-9 * np.abs(full.x).max())
+        mixed = CGSolver(damping=0.01, tol=1e-10, precision="mixed", **pc).fit(op).solve(v)
+        assert mixed.converged and mixed.residual <= 1e-9  # the float64 residual, computed afresh
+        assert mixed.info["precision"] == "mixed" and mixed.info["refinements"] >= 2
+        np.testing.assert_allclose(mixed.x, full.x, rtol=1e-7, atol=1e-9 * np.abs(full.x).max())
     assert op.low_precision().model.dtype == "float32" and op.low_precision() is op.low_precision()
     with pytest.raises(ValueError, match="precision"):
         CGSolver(precision="half")
