@@ -41,6 +41,8 @@ def add_arguments(parser):
     parser.add_argument("--cnn-adam-steps", type=int, default=None, help="default 5000 (--quick: 300)")
     parser.add_argument("--cnn-ranks", type=int, nargs="*", default=[10, 30, 100], help="Nystrom ranks (CNN)")
     parser.add_argument("--no-ekfac", action="store_true", help="skip EK-FAC as a preconditioner")
+    parser.add_argument("--cnn-mixed-only", action="store_true",
+                        help="CNN: only the mixed-precision Nystrom rank-30 solve (no plain or full-precision rows)")
     parser.add_argument("--cnn-ekfac", action="store_true",
                         help="also EK-FAC as the CNN's preconditioner (a probe measured 671 iterations: ~30 min)")
 
@@ -145,7 +147,9 @@ def main(exp):
             rows += bm.preconditioner_rows("cnn", model, V[:, 0] if k == 1 else V, 0.01, 1e-8,
                                            curvature="gauss-newton", kron=kron if args.cnn_ekfac else (),
                                            mixed_ranks=[30] if not args.quick else [10],
-                                           ranks=[r for r in args.cnn_ranks if not args.quick or r <= 30] or [10])
+                                           plain=not args.cnn_mixed_only,
+                                           ranks=[] if args.cnn_mixed_only else
+                                           [r for r in args.cnn_ranks if not args.quick or r <= 30] or [10])
     if "keras_head" in args.models:
         rows += keras_head_rows(args)
     lines += [f"| {label} | {t:.3f} | {note} |" for label, t, note in rows]
