@@ -168,6 +168,28 @@ class _SummaryBar:
                              + (f", {self._postfix}" if self._postfix else ""), file=sys.stderr)
 
 
+class BatchSequence:
+    """Minibatches of ``b`` indices out of ``n``: epochs of a permutation drawn with ``seed``
+    (a new permutation when the current one has fewer than ``b`` left), handed out in chunks
+    by :meth:`take`. The same seed gives the same sequence, so a leave-one-out re-fit (the
+    point at weight 0) and its control re-fit see the same batches."""
+
+    def __init__(self, n: int, b: int, seed):
+        self.n, self.b = int(n), int(b)
+        self._rng = np.random.default_rng(seed)
+        self._order, self._pos = self._rng.permutation(self.n), 0
+
+    def take(self, k: int) -> np.ndarray:
+        """The next ``k`` batches, shape (k, b), int32."""
+        batches = np.empty((k, self.b), dtype=np.int32)
+        for j in range(k):
+            if self._pos + self.b > self.n:
+                self._order, self._pos = self._rng.permutation(self.n), 0
+            batches[j] = self._order[self._pos:self._pos + self.b]
+            self._pos += self.b
+        return batches
+
+
 def progress_on(flag) -> bool:
     """Whether a model's ``progress`` setting shows bars: True / False as given; ``"auto"`` (the
     default, like Keras's ``verbose="auto"``) when standard error is a terminal or a Jupyter

@@ -41,7 +41,7 @@ import tensorflow as tf  # noqa: E402
 
 from ..validation import check_number
 from ..generic_neural_net import GenericNeuralNet, ParamBlock  # noqa: E402
-from ..utils import progress, progress_on  # noqa: E402
+from ..utils import BatchSequence, progress, progress_on  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -177,20 +177,13 @@ class AllCNN(GenericNeuralNet):
         lrs_all = self._lr_schedule(steps) if learning_rates is None else np.asarray(learning_rates, float)
         if len(lrs_all) != steps:
             raise ValueError(f"learning_rates must have {steps} entries")
-        rng = np.random.default_rng(self.seed if seed is None else seed)
-        order, pos = rng.permutation(n), 0
+        sequence = BatchSequence(n, b, self.seed if seed is None else seed)
         if record_every:
             chunk = min(chunk, int(record_every))
         for start in progress(range(0, steps, chunk), total=-(-steps // chunk), desc=desc,
                                enabled=progress_on(self.progress) and desc is not None):
             k = min(chunk, steps - start)
-            batches = np.empty((k, b), dtype=np.int32)
-            for j in range(k):
-                if pos + b > n:
-                    order, pos = rng.permutation(n), 0
-                batches[j] = order[pos:pos + b]
-                pos += b
-            run(self.X_train_, self.y_train_, tf.constant(batches), tf.constant(lrs_all[start:start + k], dt))
+            run(self.X_train_, self.y_train_, tf.constant(sequence.take(k)), tf.constant(lrs_all[start:start + k], dt))
             if record_every and record is not None and (start + k) % int(record_every) == 0:
                 record.append((theta.numpy().copy(), float(lrs_all[start + k - 1])))
         return theta.numpy(), (m.numpy(), v.numpy(), int(t.numpy()))

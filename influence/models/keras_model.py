@@ -217,7 +217,11 @@ class KerasModel(GenericNeuralNet):
                      for v in layer.trainable_variables):
                 why = "a frozen layer with weights lies above a layer of theta"
             else:
+                from ..utils import hash_arrays
+
                 self._layers, self._split = layers, first
+                self._frozen_key = hash_arrays(*[f.numpy() for f in self._frozen if f is not None],
+                                               *[t.numpy() for t in self._state])  # the snapshot's, fixed
                 probe = self._apply(layers[:first], np.zeros((1, *x_shape), dtype=self._input_dtype()), self._values())
                 self._feature_shape = tuple(probe.shape[1:])
                 if self._feature_shape == tuple(x_shape):
@@ -252,21 +256,19 @@ class KerasModel(GenericNeuralNet):
         seen, keyed by their hash and the frozen weights)."""
         from ..utils import hash_arrays
 
-        key = (hash_arrays(np.asarray(X)), self._frozen_hash())
+        key = (hash_arrays(np.asarray(X)), self._frozen_key)
         hit = getattr(self, "_feature_memo", None)
         if hit is not None and hit[0] == key:
             return hit[1]
-        value = self._values()
-        prefix = tf.function(lambda x: self._apply(self._layers[:self._split], x, value), reduce_retracing=True)
-        parts = [prefix(tf.constant(X[sl])).numpy() for sl in self._slices(len(X))]
+        if getattr(self, "_prefix", None) is None or self._prefix[0] != self._frozen_key:  # one trace per snapshot
+            value = self._values()
+            self._prefix = (self._frozen_key, tf.function(lambda x: self._apply(self._layers[:self._split], x, value),
+                                                          reduce_retracing=True))
+        parts = [self._prefix[1](tf.constant(X[sl])).numpy() for sl in self._slices(len(X))]
         feats = np.concatenate(parts).astype(self.dtype) if parts else np.zeros((0, *self._feature_shape), self.dtype)
         self._feature_memo = (key, feats)
         return feats
 
-    def _frozen_hash(self) -> str:
-        from ..utils import hash_arrays
-
-        return hash_arrays(*[f.numpy() for f in self._frozen if f is not None], *[t.numpy() for t in self._state])
 
     def _check_probabilities(self, x):
         """Refuse outputs that are probabilities where loss='softmax' takes logits (rows that are
@@ -462,18 +464,11 @@ class KerasModel(GenericNeuralNet):
                 continue
             var.assign(tf.zeros_like(var))
         w.assign(np.asarray(weights, dtype=self.dtype))
-        rng = np.random.default_rng(spec.seed)
-        order, pos = rng.permutation(n), 0
-        chunk = 256
+        from ..utils import BatchSequence
+
+        sequence, chunk = BatchSequence(n, b, spec.seed), 256
         for start in range(0, steps, chunk):
-            k = min(chunk, steps - start)
-            batches = np.empty((k, b), dtype=np.int32)
-            for j in range(k):
-                if pos + b > n:
-                    order, pos = rng.permutation(n), 0
-                batches[j] = order[pos:pos + b]
-                pos += b
-            run(self.X_train_, self.y_train_, tf.constant(batches))
+            run(self.X_train_, self.y_train_, tf.constant(sequence.take(min(chunk, steps - start))))
         theta = np.concatenate([v.numpy().reshape(-1) for v in variables])
         if not np.all(np.isfinite(theta)):
             raise FloatingPointError("retrain=KerasRetrain diverged (theta not finite): lower its learning_rate")
