@@ -47,6 +47,7 @@ _EXPORTS = {
     "linear_datamodeling_score": "refit_validation", "retrain_test_losses": "refit_validation",
     "CGSolver": "solvers", "ExactSolver": "solvers", "InverseHVPSolver": "solvers", "LissaSolver": "solvers",
     "ArnoldiSolver": "solvers", "NystromPreconditioner": "solvers", "KroneckerPreconditioner": "solvers",
+    "GaussNewtonPreconditioner": "solvers",
     "LissaDivergenceError": "solvers", "NotPositiveDefiniteError": "solvers", "SolveFailedError": "solvers", "SolveResult": "solvers",
     "get_solver": "solvers",
 }

@@ -75,24 +75,60 @@ def gauss_newton_kernels(model):
     return gnvp_sum, gnvp_sum_many
 
 
+def _per_example_jacobians(model, theta, x, out):
+    """``J_i = d f_i / d theta`` for each example, (b, k, p): k reverse passes, vectorised
+    over the batch (``out``: the batch's outputs, for k)."""
+    k = 1
+    for dim in out.shape[1:]:
+        k *= int(dim)
+
+    def jac(xi):
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch(theta)
+            fi = tf.reshape(model._forward(model.unflatten(theta), xi[None]), [-1])
+            parts = [fi[j] for j in range(k)]
+        return tf.stack([tape.gradient(part, theta, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+                         for part in parts])
+
+    return tf.vectorized_map(jac, x)
+
+
+def gauss_newton_factor_kernel(model):
+    """``A_i = R_i^T J_i`` for each example of a batch, (b, k, p), with ``S_i = R_i R_i^T`` the
+    output Hessian (``R_i = U_i diag(w_i)^1/2`` from its eigendecomposition, negative round-off
+    clipped), so that ``sum_i J_i^T S_i J_i = sum_i A_i^T A_i``: the explicit Gauss-Newton
+    matrix from k reverse passes per example instead of p products. Row ``j`` of ``A_i`` is the
+    gradient of ``f_i . R_i[:, j]``; the (i, j) pairs are one vectorised batch of b k scalar
+    gradients (cheaper to trace than k gradients per example)."""
+    def factor(theta, x, y):
+        out = model._forward(model.unflatten(theta), x)
+        k = 1
+        for dim in out.shape[1:]:
+            k *= int(dim)
+        w, U = tf.linalg.eigh(output_hessians(model, out, y))            # (b, k), (b, k, k)
+        R = U * tf.sqrt(tf.maximum(w, 0))[:, None, :]                    # S_i = R_i R_i^T
+        cotangents = tf.reshape(tf.transpose(R, [0, 2, 1]), [-1, k])     # row (i, j): R_i[:, j]
+
+        def row(args):
+            xi, ci = args
+            with tf.GradientTape() as tape:
+                tape.watch(theta)
+                fi = tf.reshape(model._forward(model.unflatten(theta), xi[None]), [-1])
+                score = tf.reduce_sum(fi * ci)
+            return tape.gradient(score, theta, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+        A = tf.vectorized_map(row, (tf.repeat(x, k, axis=0), cotangents))
+        return tf.reshape(A, [-1, k, tf.shape(theta)[0]])
+
+    return factor
+
+
 def per_example_gn_eigmax_kernel(model):
     """Largest eigenvalue of each example's ``J_i^T S_i J_i`` (``S_i = d^2 L / d f^2`` at ``f_i``):
     that of the small (k, k) matrix ``S_i^1/2 (J_i J_i^T) S_i^1/2``."""
     def per_example_gn_eigmax(theta, x, y):
         out = model._forward(model.unflatten(theta), x)
-        k = 1
-        for dim in out.shape[1:]:
-            k *= int(dim)
-
-        def jac(xi):
-            with tf.GradientTape(persistent=True) as tape:
-                tape.watch(theta)
-                fi = tf.reshape(model._forward(model.unflatten(theta), xi[None]), [-1])
-                parts = [fi[j] for j in range(k)]
-            return tf.stack([tape.gradient(part, theta, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-                             for part in parts])
-
-        J = tf.vectorized_map(jac, x)                                    # (b, k, p)
+        J = _per_example_jacobians(model, theta, x, out)                # (b, k, p)
         K = tf.einsum("bip,bjp->bij", J, J)
         w, U = tf.linalg.eigh(output_hessians(model, out, y))            # S_i = U diag(w) U^T
         root = tf.einsum("bij,bj,bkj->bik", U, tf.sqrt(tf.maximum(w, 0)), U)

@@ -60,6 +60,7 @@ class CurvatureOperator:
         self._one, self._many = K.compiled(one), K.compiled(many)
         self._batch_many = many  # uncompiled: for loops that compile it inside their own tf.function
         self._eigmax = None
+        self._factor = None
         self._caches: dict[str, tuple] = {}
 
     # ------------------------------------------------------------------ identity
@@ -188,8 +189,9 @@ class CurvatureOperator:
 
     # ------------------------------------------------------------------ explicit matrix & spectrum
     def dense(self) -> np.ndarray:
-        """The explicit (p, p) matrix from batched products (cached; refused above the model's
-        ``max_hessian_params``)."""
+        """The explicit (p, p) matrix (cached; refused above the model's ``max_hessian_params``):
+        the model's closed form if it has one; the Gauss-Newton matrix from per-example output
+        Jacobians (k reverse passes per example, :meth:`_dense_from_factors`); else p products."""
         m = self.model
         if m.n_params > m.max_hessian_params:
             raise ValueError(f"explicit Hessian refused for p = {m.n_params} > max_hessian_params = "
@@ -199,16 +201,72 @@ class CurvatureOperator:
             closed = getattr(m, "_closed_form_hessian", None)
             if closed is not None and self.indices is None and (self.kind == "hessian" or m.linear_outputs):
                 return closed()
-            p = m.n_params
-            chunk = min(p, 128)
-            H = np.empty((p, p))
-            for j in progress(range(0, p, chunk), total=-(-p // chunk), desc="Hessian", enabled=progress_on(m.progress)):
-                E = np.zeros((p, min(chunk, p - j)))
-                E[np.arange(j, j + E.shape[1]), np.arange(E.shape[1])] = 1.0
-                H[:, j:j + E.shape[1]] = self.hvp(E)
-            return 0.5 * (H + H.T)
+            return self._dense_from_factors() if self._dense_by_factors() else self._dense_from_products()
 
         return self._cached("dense", self.state_key(), compute)
+
+    def _dense_from_products(self) -> np.ndarray:
+        """The explicit matrix column by column: products with blocks of unit vectors."""
+        m = self.model
+        p = m.n_params
+        chunk = min(p, 128)
+        H = np.empty((p, p))
+        for j in progress(range(0, p, chunk), total=-(-p // chunk), desc="Hessian", enabled=progress_on(m.progress)):
+            E = np.zeros((p, min(chunk, p - j)))
+            E[np.arange(j, j + E.shape[1]), np.arange(E.shape[1])] = 1.0
+            H[:, j:j + E.shape[1]] = self.hvp(E)
+        return 0.5 * (H + H.T)
+
+    def _dense_by_factors(self) -> bool:
+        """Whether :meth:`dense` builds the matrix from per-example output Jacobians (k reverse
+        passes per example) rather than p products: the Gauss-Newton operator, or the Hessian
+        where the outputs are linear in theta (the two are then equal), with k < p outputs."""
+        m = self.model
+        if not ((self.kind == "gauss-newton" or m.linear_outputs) and m.strategy is None):
+            return False
+        return self._n_outputs() < m.n_params
+
+    def _n_outputs(self) -> int:
+        m = self.model
+        return int(np.prod(m.outputs(m.X_train_np_[:1]).shape[1:]))
+
+    def _dense_from_factors(self) -> np.ndarray:
+        """``(1/n) sum_i A_i^T A_i + wd diag(mask)`` with ``A_i = R_i^T J_i`` (``S_i = R_i R_i^T``,
+        :func:`~influence.curvature.kernels.gauss_newton_factor_kernel`): the explicit
+        Gauss-Newton matrix in k reverse passes per training point. The factor rows of a batch of
+        ~64 MB are multiplied out in float64 and not kept."""
+        m = self.model
+        if self._factor is None:
+            self._factor = K.compiled(K.gauss_newton_factor_kernel(self._handle))
+        p, k = m.n_params, self._n_outputs()
+        rows = int(max(1, min(m.batch_size, 2 ** 24 // max(1, k * p))))  # ~128 MB of factor rows
+        n = self.n_points
+        rows = min(rows, max(n, 1))
+        theta = m._theta_tf()
+        G = np.zeros((p, p))
+        batches = m._train_batches(self.indices, rows)
+        for x, y in progress(batches, total=-(-n // rows), desc="Gauss-Newton matrix (Jacobians)",
+                              enabled=progress_on(m.progress)):
+            b = int(x.shape[0])
+            if b < rows:  # the last batch padded with its own rows (dropped below): one trace for every batch
+                reps = tf.range(rows) % b
+                x, y = tf.gather(x, reps), tf.gather(y, reps)
+            A = np.asarray(self._factor(theta, x, y).numpy()[:b], dtype=np.float64).reshape(-1, p)
+            G += A.T @ A
+        G /= max(n, 1)
+        G[np.diag_indices(p)] += m.weight_decay * m.decay_mask_
+        return 0.5 * (G + G.T)
+
+    def gauss_newton(self) -> "CurvatureOperator":
+        """The Gauss-Newton operator of the same model and training points (this operator if it
+        is one; otherwise one held by this operator, so its explicit matrix is cached here)."""
+        if self.kind == "gauss-newton":
+            return self
+        if self.indices is None and isinstance(self._model_ref, weakref.ref):  # a shared operator: its sibling
+            return operator_for(self.model, "gauss-newton")
+        return self._cached("gauss_newton", self.state_key(),
+                            lambda: GaussNewtonOperator(self.model, indices=self.indices,
+                                                        _weak=isinstance(self._model_ref, weakref.ref)))
 
     def eigenvalue_bounds(self, tol: float = 1e-4, maxiter: int | None = None) -> tuple[float, float]:
         """(smallest, largest) eigenvalue by Lanczos (ARPACK) on products, cached per state.

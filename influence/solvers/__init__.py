@@ -6,6 +6,7 @@ many right-hand sides, returning a :class:`SolveResult` with its diagnostics::
     ExactSolver()                              # Cholesky of the explicit matrix
     CGSolver(tol=1e-10)                        # conjugate gradients on HVPs (block CG for many columns)
     CGSolver(preconditioner="nystrom")         # ... preconditioned by the top eigenpairs (Frangella et al. 2023)
+    CGSolver(preconditioner="gauss-newton")    # ... by the explicit Gauss-Newton matrix (p up to ~10k)
     LissaSolver(scale=25, depth=5000)          # stochastic Neumann series (Agarwal et al. 2017)
     ArnoldiSolver(rank=50)                     # top eigenpairs by Lanczos (Schioppa et al. 2022)
     EKFACSolver(damping=1e-3)                  # Kronecker-factored curvature (K-FAC, EK-FAC)
@@ -25,10 +26,10 @@ from .damping import AutoDamping
 from .exact import ExactSolver
 from .kfac import EKFACSolver, KFACSolver
 from .lissa import LissaSolver
-from .preconditioners import (CallablePreconditioner, KroneckerPreconditioner, NystromPreconditioner,
+from .preconditioners import (CallablePreconditioner, GaussNewtonPreconditioner, KroneckerPreconditioner, NystromPreconditioner,
                               Preconditioner, make_preconditioner, nystrom_inverse)
 
-__all__ = ["ArnoldiSolver", "CallablePreconditioner", "KroneckerPreconditioner", "NystromPreconditioner",
+__all__ = ["ArnoldiSolver", "CallablePreconditioner", "GaussNewtonPreconditioner", "KroneckerPreconditioner", "NystromPreconditioner",
            "Preconditioner", "make_preconditioner", "nystrom_inverse", "AutoDamping", "CGSolver", "EKFACSolver", "ExactSolver", "KFACSolver",
            "InverseHVPSolver", "LissaDivergenceError", "LissaSolver", "NotPositiveDefiniteError", "SOLVERS", "SolveFailedError",
            "SolveResult", "block_conjugate_gradient", "column_residuals", "conjugate_gradient", "get_solver",
