@@ -43,6 +43,15 @@ def add_arguments(parser):
     parser.add_argument("--no-ekfac", action="store_true", help="skip EK-FAC as a preconditioner")
     parser.add_argument("--cnn-mixed-only", action="store_true",
                         help="CNN: only the mixed-precision Nystrom rank-30 solve (no plain or full-precision rows)")
+    parser.add_argument("--cnn-preconditioners", nargs="*", default=["gauss-newton"], choices=["gauss-newton", "none"],
+                        help="named preconditioners for the CNN's rows, first in each table (default: gauss-newton, "
+                             "the explicit Gauss-Newton matrix from per-example Jacobians; none: skip)")
+    parser.add_argument("--cnn-named-only", type=int, default=None, metavar="K",
+                        help="CNN: only the named preconditioners' rows for K or more test points (plain CG and "
+                             "Nystrom rows on fewer)")
+    parser.add_argument("--cnn-hessian", action="store_true",
+                        help="also CG on the CNN's H + d I (d from its Lanczos bounds, as the figure), plain and "
+                             "preconditioned by the Gauss-Newton matrix, on the first test point")
     parser.add_argument("--cnn-ekfac", action="store_true",
                         help="also EK-FAC as the CNN's preconditioner (a probe measured 671 iterations: ~30 min)")
 
@@ -60,6 +69,22 @@ def cnn_flops_per_example(net) -> float:
         elif isinstance(layer, keras.layers.Dense):
             flops += 2.0 * layer.kernel.shape[0] * layer.kernel.shape[1]
     return flops
+
+
+def definite_damping(model, v, damping, tries=4):
+    """The figure's retry: triple ``damping`` while CG on H + damping I (Gauss-Newton
+    preconditioned) meets negative curvature."""
+    from influence import CGSolver
+    from influence.curvature import HessianOperator
+
+    op = HessianOperator(model)
+    for _ in range(tries):
+        res = CGSolver(damping=damping, tol=1e-8, maxiter=2000, preconditioner="gauss-newton",
+                       on_failure="warn").fit(op).solve(v)
+        if not res.info.get("negative_curvature"):
+            return damping
+        damping *= 3.0
+    return damping
 
 
 def keras_head_rows(args):
@@ -142,14 +167,25 @@ def main(exp):
         # a Gauss-Newton product: forward, forward-mode J v, reverse J^T u: ~4 forward passes
         rows += bm.hvp_bound_rows("cnn", GaussNewtonOperator(model), rates, columns=(1, 8), repeat=1,
                                   flops_per_hvp=4.0 * per_example * model.n_train_)
+        named = [p for p in args.cnn_preconditioners if p != "none"]
         for k in args.cnn_tests if not args.quick else [1]:
             V = model.test_gradients(data.test.x[:k], data.test.y[:k]).T
+            only_named = args.cnn_named_only is not None and k >= args.cnn_named_only
             rows += bm.preconditioner_rows("cnn", model, V[:, 0] if k == 1 else V, 0.01, 1e-8,
-                                           curvature="gauss-newton", kron=kron if args.cnn_ekfac else (),
-                                           mixed_ranks=[30] if not args.quick else [10],
-                                           plain=not args.cnn_mixed_only,
-                                           ranks=[] if args.cnn_mixed_only else
+                                           curvature="gauss-newton", named=named,
+                                           kron=kron if args.cnn_ekfac and not only_named else (),
+                                           mixed_ranks=[] if only_named else [30] if not args.quick else [10],
+                                           plain=not (args.cnn_mixed_only or only_named),
+                                           ranks=[] if args.cnn_mixed_only or only_named else
                                            [r for r in args.cnn_ranks if not args.quick or r <= 30] or [10])
+        if args.cnn_hessian:  # the figure's rule: 1.5 x the negative smallest eigenvalue, at least 0.01
+            lmin = HessianOperator(model).eigenvalue_bounds(tol=1e-2, maxiter=40 if args.quick else 200)[0]
+            rows.append(("cnn: smallest eigenvalue of H (Lanczos, tol 1e-2)", float("nan"), f"{lmin:.4g}"))
+            damping = max(0.01, -1.5 * lmin)
+            V = model.test_gradients(data.test.x[:1], data.test.y[:1]).T[:, 0]
+            damping = definite_damping(model, V, damping)
+            rows += bm.preconditioner_rows("cnn", model, V, damping, 1e-8, curvature="hessian", kron=(),
+                                           named=named, ranks=[], plain=False)
     if "keras_head" in args.models:
         rows += keras_head_rows(args)
     lines += [f"| {label} | {t:.3f} | {note} |" for label, t, note in rows]

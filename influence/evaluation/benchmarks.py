@@ -477,12 +477,14 @@ def hvp_bound_rows(label, op, rates, flops_per_hvp=None, bytes_per_hvp=None, col
 
 
 def preconditioner_rows(label, model, V, damping, tol, curvature="hessian", ranks=(10, 30, 100), kron=("ekfac",),
-                        block=True, maxiter=2000, mixed_ranks=(), plain=True):
+                        block=True, maxiter=2000, mixed_ranks=(), plain=True, named=()):
     """Rows: plain CG vs Nystrom-preconditioned CG at each rank vs Kronecker-preconditioned CG
-    on ``(C + damping I) X = V`` (block CG for several columns): iterations, HVP columns,
+    (``kron``) vs other named preconditioners (``named``, e.g. ``"gauss-newton"``) on
+    ``(C + damping I) X = V`` (block CG for several columns): iterations, HVP columns,
     set-up seconds (eigenpairs / factors, paid once per model), solve seconds, residual and
-    the largest difference from the plain solve. Each preconditioner's set-up is measured on
-    a fresh operator so that none reuses another's eigenpairs."""
+    the largest difference from the plain solve (without one: from the first row). Each
+    preconditioner's set-up is measured on a fresh operator so that none reuses another's
+    eigenpairs or explicit matrix."""
     from ..curvature import GaussNewtonOperator, HessianOperator
     from ..solvers import CGSolver, SolveFailedError
 
@@ -492,7 +494,7 @@ def preconditioner_rows(label, model, V, damping, tol, curvature="hessian", rank
     reference = None
     rows = []
     specs = ([("none", {})] if plain else []) + [(f"nystrom k={r}", {"preconditioner": "nystrom", "preconditioner_rank": r})
-                             for r in ranks] + [(name, {"preconditioner": name}) for name in kron] + [
+                             for r in ranks] + [(name, {"preconditioner": name}) for name in (*named, *kron)] + [
         (f"nystrom k={r}, mixed precision", {"preconditioner": "nystrom", "preconditioner_rank": r,
                                               "precision": "mixed"}) for r in mixed_ranks]
     for name, opts in specs:
@@ -506,10 +508,11 @@ def preconditioner_rows(label, model, V, damping, tol, curvature="hessian", rank
             res, t = timed(solver.solve, V)
         except SolveFailedError as exc:  # pragma: no cover - on_failure="warn"
             res, t = exc.result, float("nan")
-        diff = "" if reference is None else (f"; max relative difference from plain CG "
+        diff = "" if reference is None else (f"; max relative difference from {reference.info['_label']} "
                                              f"{np.max(np.abs(res.x - reference.x)) / np.max(np.abs(reference.x)):.1e}")
-        if reference is None and name == "none":
+        if reference is None:
             reference = res
+            res.info["_label"] = "plain CG" if name == "none" else f"preconditioner {name}"
         hvps = res.info.get("hvp_columns", res.iterations * k)
         mixed = opts.get("precision") == "mixed"
         setup_hvps = ((op.low_precision() if mixed else op).eigenpairs_cost().get("hvps", 0)
