@@ -15,8 +15,7 @@ is scored on
 - the linear datamodeling score (LDS) on ``--lds-tests`` test points over ``--lds-subsets``
   re-fits without a random half of the training set, the same subsets for every
   estimator (for the CNN: re-fits by the figure's protocol from its recorded fit, about an
-  hour for 50, journaled; every estimator but CG, which takes ~25 min per test point there on
-  H and G together: --cnn-cg-lds-tests K adds it on the first K test points, the others beside it);
+  hour for 50, journaled; CG on H and on G there Gauss-Newton preconditioned);
 - its wall time to score every training point for those test points.
 
 For the Fig 6 spam model the criterion is the paper's use: 10% of the training labels are
@@ -64,10 +63,6 @@ def add_arguments(parser):
     parser.add_argument("--cnn-lds", action=argparse.BooleanOptionalAction, default=True,
                         help="the CNN's LDS: --lds-subsets re-fits without a random half by the figure's protocol "
                              "(about an hour on 2 cores for 50; journaled, so a killed run resumes); default on")
-    parser.add_argument("--cnn-cg-lds-tests", type=int, default=0, metavar="K",
-                        help="also score CG on H and on the Gauss-Newton matrix for the CNN's LDS, on the first K "
-                             "of its LDS test points (about 25 min per test point on 2 cores, so not in the default "
-                             "3-hour run), every estimator's LDS over the same K beside it; default 0")
 
 
 def sizes(args):
@@ -227,7 +222,7 @@ def cnn(args):
         return None
     k, subsets = sizes(args)
     return cnn_board(stored, quick=args.quick, out_dir=args.out, lds_tests=k, lds_subsets=subsets, seed=args.seed,
-                     n_jobs=args.jobs, tracin=args.cnn_tracin, lds=args.cnn_lds, cg_lds_tests=args.cnn_cg_lds_tests)
+                     n_jobs=args.jobs, tracin=args.cnn_tracin, lds=args.cnn_lds)
 
 
 BUILDERS = {"fig2_lr": fig2_lr, "fig3_svm": fig3_svm, "inception": inception_head, "spam": spam, "cnn": cnn}

@@ -150,7 +150,7 @@ def main(exp):
         for k in tests:
             V = model.test_gradients(data.test.x[:k], data.test.y[:k]).T
             rows += bm.preconditioner_rows("logistic", model, V[:, 0] if k == 1 else V, 0.0, 1e-10, ranks=ranks,
-                                           kron=kron)
+                                           kron=kron, mixed_plain=True)
     if "cnn" in args.models:
         from influence.models.all_cnn import AllCNN
 

@@ -12,9 +12,9 @@ and tripled (up to 4 times) while CG still meets negative curvature.
 The same LOO changes are also compared with predictions that replace H by its
 Gauss-Newton matrix G (positive semi-definite; CG on G + 0.01 I, no raise needed):
 metrics pearson_gauss_newton and spearman_gauss_newton (not in the paper). Both CG solves
-are preconditioned (--preconditioner, default the Nystrom preconditioner from the top 30
-eigenpairs of the matrix solved, 10 with --quick): the same answer to the solve tolerance
-in fewer iterations (docs/solvers.md).
+are preconditioned (--preconditioner, default the explicit Gauss-Newton matrix G + 0.01 I
+built from per-example Jacobians: one iteration on G; or the Nystrom preconditioner from the
+top eigenpairs): the same answer to the solve tolerance in fewer iterations (docs/solvers.md).
 
 LOO: the 100 training points of largest |predicted change| are each removed and the model
 re-trained as the paper does: Adam continues from the fitted parameters with the
@@ -86,8 +86,9 @@ def add_arguments(parser):
     parser.add_argument("--paper-schedule", action="store_true", help="500k Adam steps as the original (GPU)")
     parser.add_argument("--dtype", default="float64", choices=["float32", "float64"],
                         help="floating type of the network (default: float64)")
-    parser.add_argument("--preconditioner", default="nystrom", choices=["nystrom", "ekfac", "none"],
-                        help="CG's preconditioner (default: Nystrom from the top eigenpairs of the matrix solved)")
+    parser.add_argument("--preconditioner", default="gauss-newton", choices=["gauss-newton", "nystrom", "ekfac", "none"],
+                        help="CG's preconditioner (default: the explicit Gauss-Newton matrix, from per-example "
+                             "Jacobians; nystrom: the top eigenpairs of the matrix solved)")
     parser.add_argument("--preconditioner-rank", type=int, default=None,
                         help="eigenpairs of the Nystrom preconditioner (default 30; --quick: 10)")
     parser.add_argument("--precision", default="full", choices=["full", "mixed"],

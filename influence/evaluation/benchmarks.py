@@ -477,7 +477,7 @@ def hvp_bound_rows(label, op, rates, flops_per_hvp=None, bytes_per_hvp=None, col
 
 
 def preconditioner_rows(label, model, V, damping, tol, curvature="hessian", ranks=(10, 30, 100), kron=("ekfac",),
-                        block=True, maxiter=2000, mixed_ranks=(), plain=True, named=()):
+                        block=True, maxiter=2000, mixed_ranks=(), plain=True, named=(), mixed_plain=False):
     """Rows: plain CG vs Nystrom-preconditioned CG at each rank vs Kronecker-preconditioned CG
     (``kron``) vs other named preconditioners (``named``, e.g. ``"gauss-newton"``) on
     ``(C + damping I) X = V`` (block CG for several columns): iterations, HVP columns,
@@ -497,11 +497,13 @@ def preconditioner_rows(label, model, V, damping, tol, curvature="hessian", rank
                              for r in ranks] + [(name, {"preconditioner": name}) for name in (*named, *kron)] + [
         (f"nystrom k={r}, mixed precision", {"preconditioner": "nystrom", "preconditioner_rank": r,
                                               "precision": "mixed"}) for r in mixed_ranks]
+    if mixed_plain:
+        specs.append(("none, mixed precision", {"precision": "mixed"}))
     for name, opts in specs:
         op = Op(model)
         solver = CGSolver(damping=damping, tol=tol, maxiter=maxiter, block=block, on_failure="warn", **opts).fit(op)
         setup = 0.0
-        if opts:  # the set-up alone, then the solve (the preconditioner is cached by then)
+        if solver._preconditioner is not None:  # the set-up alone, then the solve (the preconditioner is cached)
             target = op.low_precision() if opts.get("precision") == "mixed" else op
             _, setup = timed(solver._preconditioner.build, target, damping)
         try:

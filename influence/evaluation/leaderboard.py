@@ -46,8 +46,10 @@ def estimators_for(model, quick: bool, nonconvex: bool = False, damping: float =
     out = []
     if not nonconvex and model.n_params <= (2000 if quick else model.max_hessian_params):
         out.append(("exact", InfluenceFunction(ExactSolver())))
-    # non-convex networks: CG preconditioned by the top 30 eigenpairs (the same answer in fewer iterations)
-    pc = {"preconditioner": "nystrom", "preconditioner_rank": 30} if nonconvex else {}
+    # non-convex networks: preconditioned CG (the same answer in fewer iterations): by the explicit Gauss-Newton
+    # matrix where it fits (one iteration on G), else by the top 30 eigenpairs
+    pc = {} if not nonconvex else ({"preconditioner": "gauss-newton"} if model.n_params <= model.max_hessian_params
+                                   else {"preconditioner": "nystrom", "preconditioner_rank": 30})
     out.append(("CG", InfluenceFunction(CGSolver(tol=1e-8, damping=damping, **pc))))
     if nonconvex:  # LiSSA left out: the paper used CG here, and at its depth the series is far from converged
         out.append(("CG, Gauss-Newton", InfluenceFunction(CGSolver(tol=1e-8, damping=0.01, **pc),
@@ -182,20 +184,13 @@ def markdown(boards: dict, notes: list) -> tuple[list[str], dict]:
             lines += [f"| {label} | {r['found_at_10pct']:.3f} | {r['seconds']:.1f} |" for label, r in rows.items()]
             lines.append("")
             continue
-        kf = max((int(r.get("lds_first_k", 0)) for r in rows.values()), default=0)
-        extra = f" LDS, first {kf} test points, mean (min) |" if kf else ""
         lines += [f"## {name}", ""] + ([f"LOO: {board.source}", ""] if board.source else []) + [
-            "| estimator | LOO Pearson | LOO Spearman | LDS mean (min) | seconds |" + extra,
-            "|---|---|---|---|---|" + ("---|" if kf else "")]
+            "| estimator | LOO Pearson | LOO Spearman | LDS mean (min) | seconds |", "|---|---|---|---|---|"]
         for label, r in rows.items():
             loo_p = f"{r['loo_pearson']:.3f}" if "loo_pearson" in r else "–"
             loo_s = f"{r['loo_spearman']:.3f}" if "loo_spearman" in r else "–"
             lds = f"{r['lds']:.3f} ({r['lds_min']:.3f})" if "lds" in r else "–"
-            first = ""
-            if kf:
-                first = f" {r['lds_first']:.3f} ({r['lds_first_min']:.3f})" if "lds_first" in r else " –"
-                first += f"; {r['lds_first_seconds']:.0f} s |" if "lds_first_seconds" in r else " |"
-            lines.append(f"| {label} | {loo_p} | {loo_s} | {lds} | {r.get('seconds', float('nan')):.1f} |" + first)
+            lines.append(f"| {label} | {loo_p} | {loo_s} | {lds} | {r.get('seconds', float('nan')):.1f} |")
         if name in DATTRI:
             lines += ["", f"For comparison, {DATTRI[name]}."]
         lines.append("")
@@ -224,15 +219,16 @@ def plot(boards: dict, quick: bool):
 
 
 def cnn_board(cnn, *, quick: bool, out_dir, lds_tests: int, lds_subsets: int, seed: int = 0, n_jobs=None,
-              tracin: bool = True, lds: bool = True, cg_lds_tests: int = 0) -> Board:
+              tracin: bool = True, lds: bool = True) -> Board:
     """The Fig 2 CNN's rows from its stored run (:class:`~influence.evaluation.stored_runs.StoredCNN`,
     built ``with_refit_settings``).
 
     LOO on the figure's stored re-fits, every estimator at the figure's test point (CG on H
     and on G: the figure's own solves, stored with it; their seconds are the figure's). The
     LDS (``lds``) over re-fits without a random half by the figure's protocol (Adam continued
-    from the fitted state in the figure's fit record), journaled in ``out_dir``, for the
-    estimators that take minutes; CG on H and G only on the first ``cg_lds_tests`` test points.
+    from the fitted state in the figure's fit record), journaled in ``out_dir``, for every
+    estimator: CG on H and on G are new solves at the figure's damping (Gauss-Newton
+    preconditioned: one iteration on G), reported in the rows of the figure's solves.
     """
     from pathlib import Path
 
@@ -278,9 +274,11 @@ def cnn_board(cnn, *, quick: bool, out_dir, lds_tests: int, lds_subsets: int, se
     model.adam_state_, model.final_learning_rate_ = state
     Xk, yk = d.test.x[:lds_tests], d.test.y[:lds_tests]
     matrices = {}
-    for label, est in cheap:
-        matrices[label], secs = score(model, est, Xk, yk)
-        board.rows[label]["seconds"] = secs  # now: scoring every training point for the LDS test points
+    solves = {"CG": "CG (the figure's solve)", "CG, Gauss-Newton": "CG, Gauss-Newton (the figure's solve)"}
+    for label, est in every:
+        row = solves.get(label, label)
+        matrices[row], secs = score(model, est, Xk, yk)
+        board.rows.setdefault(row, {})["seconds"] = secs  # now: scoring every training point for the LDS test points
     journal = Path(out_dir) / "cnn_lds_refits.jsonl"
     result = linear_datamodeling_score(model, Xk, yk, matrices, n_subsets=lds_subsets, seed=seed, n_jobs=n_jobs,
                                        journal=journal)
@@ -288,25 +286,7 @@ def cnn_board(cnn, *, quick: bool, out_dir, lds_tests: int, lds_subsets: int, se
         board.rows[label].update(lds=float(result[label].score), lds_min=float(np.min(result[label].per_test)))
     first = next(iter(result.values()))
     board.note(f"LDS: {lds_tests} test points over {lds_subsets} re-fits without a random half "
-               f"({first.wall_time_s:.0f} s, journaled in {journal}), for every estimator but CG (about "
-               f"{m.get('cg_seconds', float('nan')):.0f} s per test point on this model); seconds of those rows: "
-               f"scoring all {model.n_train_} training points for the {lds_tests} test points")
-    kcg = min(cg_lds_tests, lds_tests)
-    if kcg > 0:  # the slow solvers join on the first kcg test points of the same re-fits (no re-fit runs)
-        def on_first(pt):
-            return dict(lds_first=float(np.nanmean(pt)), lds_first_min=float(np.nanmin(pt)), lds_first_k=kcg)
-
-        rows = {"CG": "CG (the figure's solve)", "CG, Gauss-Newton": "CG, Gauss-Newton (the figure's solve)"}
-        for label, est in every:
-            if label in rows:
-                M, secs = score(model, est, Xk[:kcg], yk[:kcg])
-                pt = first.rescored(M, model.n_train_, tests=np.arange(kcg)).per_test
-                board.rows.setdefault(rows[label], {"seconds": float("nan")}).update(on_first(pt),
-                                                                                     lds_first_seconds=secs)
-                logger.info("%s: LDS on the first %d test points %.3f (%.0fs)", label, kcg, np.nanmean(pt), secs)
-        for label in matrices:
-            board.rows[label].update(on_first(result[label].per_test[:kcg]))
-        board.note(f"CG on H and on G (new solves at the figure's damping) scored on the first {kcg} LDS test points "
-                   f"only, every estimator beside them on the same {kcg} (column 'LDS, first {kcg}'; CG's seconds "
-                   f"there: its solves and scoring for them)")
+               f"({first.wall_time_s:.0f} s, journaled in {journal}), for every estimator (CG on H and on G: new "
+               f"solves at the figure's damping; their LOO: the figure's solves); seconds of the LDS rows: scoring "
+               f"all {model.n_train_} training points for the {lds_tests} test points")
     return board

@@ -41,7 +41,8 @@ def orthonormal_basis(W: np.ndarray, rank_tol: float = 1e-10) -> np.ndarray:
 def block_conjugate_gradient(matvec: Callable[[np.ndarray], np.ndarray], B: np.ndarray, tol: float | np.ndarray = 1e-10,
                              maxiter: int = 1000,
                              preconditioner: Callable[[np.ndarray], np.ndarray] | None = None,
-                             rank_tol: float = 1e-10, callback: Callable[[int, float], None] | None = None):
+                             rank_tol: float = 1e-10, callback: Callable[[int, float], None] | None = None,
+                             state: dict | None = None):
     """Breakdown-free block CG for ``A X = B`` (``A`` symmetric positive definite, ``B`` (p, k)).
 
     ``matvec(P)`` returns ``A P`` for a (p, r) block; ``preconditioner(R)`` returns
@@ -50,7 +51,9 @@ def block_conjugate_gradient(matvec: Callable[[np.ndarray], np.ndarray], B: np.n
     solution 0), after ``maxiter`` (``callback(iterations, largest relative residual)`` after each)
     block iterations, or on negative curvature.
     Returns ``(X, iterations, negative_curvature_seen, block_sizes)`` with the number of
-    directions searched at each iteration.
+    directions searched at each iteration; ``state`` (a dict), if given, receives the final
+    recursive residual ``R`` (after one iteration it is the true one: ``X = P alpha`` and
+    ``R = B - (A P) alpha``).
     """
     B = np.asarray(B, dtype=np.float64)
     if B.ndim != 2:
@@ -85,4 +88,6 @@ def block_conjugate_gradient(matvec: Callable[[np.ndarray], np.ndarray], B: np.n
         Z = pc(R[:, active])
         beta = -scipy.linalg.cho_solve(factor, Q.T @ Z)
         P = orthonormal_basis(Z + P @ beta, rank_tol)
+    if state is not None:
+        state["residual"] = R
     return X, it, negative, sizes

@@ -209,13 +209,20 @@ class CGSolver(InverseHVPSolver):
     def _iterate(self, matvec, v, tol, maxiter, block, tick, pc=None):
         info, residuals = {}, None
         if block:
+            state = {}
             x, it, negative, sizes = block_conjugate_gradient(matvec, v, tol, maxiter,
-                                                              preconditioner=pc, callback=tick)
+                                                              preconditioner=pc, callback=tick, state=state)
             # the recursive residual drifts from the true one over many block iterations:
-            # refine on the true residual until every column meets tol (at most REFINEMENTS times)
+            # refine on the true residual until every column meets tol (at most REFINEMENTS times).
+            # After a single iteration (an exact preconditioner) there is no drift: x = P alpha and
+            # the residual v - (A P) alpha came from the operator's own product, so it is kept.
             vnorm = np.linalg.norm(v, axis=0)
             refinements = 0
-            while not negative and it < maxiter and refinements < self.REFINEMENTS:
+            if it == 1 and not negative and "residual" in state:
+                rnorm = np.linalg.norm(state["residual"], axis=0)
+                if np.all(rnorm <= tol * vnorm):
+                    residuals = rnorm / np.where(vnorm > 0, vnorm, 1.0)
+            while residuals is None and not negative and it < maxiter and refinements < self.REFINEMENTS:
                 r = v - matvec(x)
                 rnorm = np.linalg.norm(r, axis=0)
                 if np.all(rnorm <= tol * vnorm):

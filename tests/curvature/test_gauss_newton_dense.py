@@ -13,6 +13,7 @@ import keras  # noqa: E402
 from conftest import fit_tiny_cnn  # noqa: E402
 from influence import (CGSolver, CurvatureOperator, ExactSolver, GaussNewtonOperator, GaussNewtonPreconditioner,  # noqa: E402
                        HessianOperator, KerasModel)
+from influence.solvers import column_residuals  # noqa: E402
 
 
 def rel(a, b):
@@ -70,6 +71,7 @@ def test_gauss_newton_preconditioner_is_exact_on_g_and_cuts_iterations_on_damped
         res = CGSolver(damping=0.01, tol=1e-10, preconditioner="gauss-newton").fit(gn).solve(v)
         assert res.converged and res.iterations == 1, res.iterations
         assert res.residual < 1e-10  # the residual of the matrix-free product
+        assert np.max(column_residuals(gn, res.x, v, 0.01)) < 1e-10  # and computed afresh
         np.testing.assert_allclose(res.x, exact.x if v.ndim == 2 else exact.x[:, 0], rtol=1e-8,
                                    atol=1e-10 * np.abs(exact.x).max())
         assert res.info["preconditioner"] == "gauss-newton" and res.info["rank"] == m.n_params
