@@ -220,9 +220,13 @@ class CurvatureOperator:
     def _dense_by_factors(self) -> bool:
         """Whether :meth:`dense` builds the matrix from per-example output Jacobians (k reverse
         passes per example) rather than p products: the Gauss-Newton operator, or the Hessian
-        where the outputs are linear in theta (the two are then equal), with k < p outputs."""
+        where the outputs are linear in theta (the two are then equal), with k < p outputs,
+        unless the model's products are closed-form numpy (p of them cost less than the n k p^2
+        of the factors' Gram matrix: the linear models)."""
         m = self.model
         if not ((self.kind == "gauss-newton" or m.linear_outputs) and m.strategy is None):
+            return False
+        if self._numpy_closed_form():
             return False
         return self._n_outputs() < m.n_params
 
