@@ -117,19 +117,19 @@ class LogisticRegression(ConvexClassifier):
     def _curvature_sum_np(self, theta, x, V):
         """:meth:`_curvature_sum` in numpy for a block of rows ``x`` (the operators' products: the
         BLAS behind numpy multiplies float64 matrices ~1.5-2.5x faster than TF's on CPU). Row-major
-        ``vec(W)`` makes ``V.reshape(d, k m)`` each column's W side by side, class-major."""
+        ``vec(W)`` makes ``V.reshape(d, k m)`` each column's W side by side, class-major. Computed
+        transposed, ``A^T = [W, V]^T x^T`` and ``B^T x``: the BLAS runs these wide-by-skinny shapes
+        ~1.6x faster for one column (measured on 55,000 x 784; the same numbers to 1e-15)."""
         d, k = self.blocks_[0].shape
         m = V.shape[1]
-        A = x @ np.concatenate([theta.reshape(d, k), V.reshape(d, k * m)], axis=1)
-        Z = A[:, :k]
-        P = np.exp(Z - Z.max(axis=1, keepdims=True))
-        P /= P.sum(axis=1, keepdims=True)
-        A3 = A[:, k:].reshape(-1, k, m)  # (rows, class, column), a view: updated in place
-        A3 *= P[:, :, None]
-        s = A3.sum(axis=1)
-        for c in range(k):
-            A3[:, c, :] -= P[:, c, None] * s
-        return (x.T @ A[:, k:]).reshape(d * k, m)
+        AT = np.concatenate([theta.reshape(d, k), V.reshape(d, k * m)], axis=1).T @ x.T  # (k (1 + m), rows)
+        Z = AT[:k]
+        P = np.exp(Z - Z.max(axis=0, keepdims=True))
+        P /= P.sum(axis=0, keepdims=True)
+        A3 = AT[k:].reshape(k, m, -1)  # (class, column, row), a view: updated in place
+        A3 *= P[:, None, :]
+        A3 -= P[:, None, :] * A3.sum(axis=0)[None]
+        return (AT[k:] @ x).T.reshape(d * k, m)
 
     def _loss(self, logits, y):
         return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
@@ -165,9 +165,9 @@ class BinaryLogisticRegression(ConvexClassifier):
 
     def _curvature_sum_np(self, theta, x, V):
         """:meth:`_curvature_sum` in numpy for a block of rows ``x`` (see LogisticRegression's)."""
-        A = x @ np.concatenate([theta[:, None], V], axis=1)
-        s = 0.5 * (1.0 + np.tanh(0.5 * A[:, 0]))  # sigmoid, overflow-free
-        return x.T @ ((s * (1 - s))[:, None] * A[:, 1:])
+        AT = np.concatenate([theta[:, None], V], axis=1).T @ x.T  # transposed, as LogisticRegression's
+        s = 0.5 * (1.0 + np.tanh(0.5 * AT[0]))  # sigmoid, overflow-free
+        return (((s * (1 - s))[None, :] * AT[1:]) @ x).T
 
     def _loss(self, z, y):
         return tf.nn.sigmoid_cross_entropy_with_logits(labels=y, logits=z)
