@@ -187,6 +187,7 @@ def main(exp):
     metrics["cg_seconds"] = res.time_s
     metrics["cg_preconditioner"] = res.info.get("preconditioner", "none")
     metrics["cg_preconditioner_setup_hvps"] = res.info.get("setup_hvps", 0)
+    metrics["cg_preconditioner_setup_s"] = res.info.get("setup_s", 0.0)
     for name, (kres, kpred) in kron.items():
         metrics.update({f"pearson_{name}": float(scipy.stats.pearsonr(loo.actual, kpred[idx])[0]),
                         f"spearman_{name}": float(scipy.stats.spearmanr(loo.actual, kpred[idx])[0]),

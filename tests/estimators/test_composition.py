@@ -45,7 +45,8 @@ def test_no_solver_or_estimator_writes_onto_the_model(small):
     m.data_fingerprint_  # the model's own lazily computed hash of its data
     before = snapshot(m)
     solvers = [ExactSolver(), CGSolver(tol=1e-8), LissaSolver(scale="auto", depth=200, num_samples=2, batch_size=8),
-               ArnoldiSolver(rank=20), KFACSolver(damping=1e-3), EKFACSolver(damping=1e-3), CGSolver(damping="auto")]
+               ArnoldiSolver(rank=20), KFACSolver(damping=1e-3), EKFACSolver(damping=1e-3), CGSolver(damping="auto"),
+               CGSolver(damping=1e-3, preconditioner="gauss-newton")]
     for solver in solvers:
         for curvature in ("hessian", "gauss-newton"):
             infl = InfluenceFunction(solver, curvature=curvature).fit(m)
