@@ -173,10 +173,17 @@ class CurvatureOperator:
         width = V.shape[1] * max(1, m.n_params // max(1, X.shape[1])) + 1  # outputs x (columns + 1)
         rows = int(max(512, min(m.batch_size, 2 ** 22 // width)))  # ~32 MB of products per block
         n = X.shape[0] if idx is None else len(idx)
+        weights = None
+        if getattr(m, "_curvature_weights_np", None) is not None:  # what the products need of theta, once per state
+            weights = self._cached("closed_form_weights", self.state_key(), lambda: np.concatenate(
+                [m._curvature_weights_np(theta, np.asarray(X[s:s + rows], dtype=m.dtype))
+                 for s in range(0, X.shape[0], rows)]))
         out = None
         for start in range(0, n, rows):
-            x = X[start:start + rows] if idx is None else X[idx[start:start + rows]]
-            part = m._curvature_sum_np(theta, np.asarray(x, dtype=m.dtype), V)
+            block = slice(start, start + rows) if idx is None else idx[start:start + rows]
+            x = X[block]
+            part = m._curvature_sum_np(theta, np.asarray(x, dtype=m.dtype), V,
+                                       **({} if weights is None else {"weights": weights[block]}))
             out = part if out is None else out + part
         return np.zeros_like(V) if out is None else out
 

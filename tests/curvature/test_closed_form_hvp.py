@@ -28,3 +28,16 @@ def test_closed_form_products_equal_autodiff(multiclass_model, binary_model):
         np.testing.assert_allclose(tf_form.numpy() / m.n_train_ + m.weight_decay * V, _autodiff(m, V), rtol=1e-12,
                                    atol=1e-14)
         np.testing.assert_allclose(HessianOperator(m).hvp(np.eye(m.n_params)), m.hessian(), rtol=1e-10, atol=1e-13)
+
+
+def test_the_probabilities_are_kept_per_theta(multiclass_model, binary_model):
+    for m in (multiclass_model, binary_model):
+        V = np.random.default_rng(1).standard_normal((m.n_params, 3))
+        theta, x = np.asarray(m.theta_), m.X_train_np_[:50]
+        np.testing.assert_allclose(m._curvature_sum_np(theta, x, V, weights=m._curvature_weights_np(theta, x)),
+                                   m._curvature_sum_np(theta, x, V), rtol=1e-13, atol=1e-15)
+        c = type(m)(**m.get_config()).set_training_data(m.X_train_np_, m.y_train_np_).set_theta(1.1 * theta)
+        op = HessianOperator(c)
+        np.testing.assert_allclose(op.hvp(V), _autodiff(c, V), rtol=1e-12, atol=1e-14)
+        c.set_theta(0.7 * theta)  # a new theta: new probabilities, not the cached ones
+        np.testing.assert_allclose(op.hvp(V), _autodiff(c, V), rtol=1e-12, atol=1e-14)

@@ -9,7 +9,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import keras  # noqa: E402
 
-from influence import KerasModel, leave_one_out  # noqa: E402
+from influence import GaussNewtonOperator, KerasModel, leave_one_out  # noqa: E402
 
 
 def _convnet(seed=0):
@@ -43,6 +43,9 @@ def test_the_cache_is_on_and_gives_the_full_passes_numbers(pair, digits):
     np.testing.assert_allclose(g1, g2, rtol=1e-10, atol=1e-13)
     v = np.random.default_rng(0).standard_normal(cached.n_params)
     np.testing.assert_allclose(cached.hvp(v), plain.hvp(v), rtol=1e-10, atol=1e-12)
+    # the explicit Gauss-Newton matrix from per-example Jacobians of the head, against products of the full pass
+    G = GaussNewtonOperator(plain)._dense_from_products()
+    np.testing.assert_allclose(GaussNewtonOperator(cached).dense(), G, rtol=1e-9, atol=1e-12 * np.abs(G).max())
     for solver in ("cg", "ekfac"):
         a = cached.influence_matrix(xt, yt, solver=solver, damping=1e-3)
         b = plain.influence_matrix(xt, yt, solver=solver, damping=1e-3)
