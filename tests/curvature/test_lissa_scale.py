@@ -39,7 +39,7 @@ def test_per_example_curvature_of_a_nonlinear_model():
     Hessian the most curved points' values bound their own lambda_max(H_i)."""
     from conftest import fit_tiny_cnn
 
-    m = fit_tiny_cnn(dtype="float64")
+    m = fit_tiny_cnn(dtype="float64", adam_steps=200)
     m.curvature = "gauss-newton"
     g = m.per_example_curvature()
     want = [np.linalg.eigvalsh(point_matrix(m, i))[-1] for i in range(m.n_train_)]

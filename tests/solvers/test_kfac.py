@@ -213,7 +213,7 @@ def test_all_cnn_taps_and_ekfac():
     (five Conv2D layers and the Dense head), and an EK-FAC solve reports its true residual."""
     from conftest import fit_tiny_cnn
 
-    m = fit_tiny_cnn(dtype="float64")
+    m = fit_tiny_cnn(dtype="float64", adam_steps=200)
     th = tf.constant(m.theta_)
     out, taps = m._kfac_taps(m.unflatten(th), m.X_train_)
     np.testing.assert_allclose(out.numpy(), m.outputs(m.X_train_np_), rtol=1e-12, atol=1e-12)
