@@ -245,7 +245,7 @@ class CurvatureOperator:
         """``(1/n) sum_i A_i^T A_i + wd diag(mask)`` with ``A_i = R_i^T J_i`` (``S_i = R_i R_i^T``,
         :func:`~influence.curvature.kernels.gauss_newton_factor_kernel`): the explicit
         Gauss-Newton matrix in k reverse passes per training point. The factor rows of a batch of
-        ~64 MB are multiplied out in float64 and not kept."""
+        ~128 MB are multiplied out in float64 and not kept."""
         m = self.model
         if self._factor is None:
             self._factor = K.compiled(K.gauss_newton_factor_kernel(self._handle))
@@ -402,7 +402,7 @@ class CurvatureOperator:
         m = self.model
         if self._eigmax is None:
             self._eigmax = K.compiled(K.per_example_gn_eigmax_kernel(self._handle))
-        k = int(np.prod(m.outputs(m.X_train_np_[:1]).shape[1:]))
+        k = self._n_outputs()
         bs = max(1, min(m.batch_size, m._rows_per_chunk() // max(k, 1)))
         lam = m._map_train(self._eigmax, m._theta_tf(), reduce="concat", batch_size=bs, desc="per-example curvature")
         lam = np.maximum(lam, 0.0)
