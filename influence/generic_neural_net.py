@@ -124,7 +124,8 @@ class GenericNeuralNet(InfluenceShortcuts):
     #: copy of the batch's activations per column. None: 1024 where the outputs are linear in
     #: theta, else 8 (see :meth:`influence.curvature.CurvatureOperator.columns_per_pass`).
     hvp_max_columns: int | None = None
-    #: a closed form of the explicit Hessian, ``() -> (p, p)``, where the model knows one (the
+    #: a closed form of the explicit Hessian, ``(indices=None) -> (p, p)`` (the loss part over those
+    #: training points, None: all), where the model knows one (the
     #: curvature operators use it for their explicit matrix); None: built from HVPs
     _closed_form_hessian = None
 

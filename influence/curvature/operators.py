@@ -206,8 +206,8 @@ class CurvatureOperator:
 
         def compute():
             closed = getattr(m, "_closed_form_hessian", None)
-            if closed is not None and self.indices is None and (self.kind == "hessian" or m.linear_outputs):
-                return closed()
+            if closed is not None and (self.kind == "hessian" or m.linear_outputs):
+                return closed(self.indices)
             return self._dense_from_factors() if self._dense_by_factors() else self._dense_from_products()
 
         return self._cached("dense", self.state_key(), compute)

@@ -41,3 +41,30 @@ def test_the_probabilities_are_kept_per_theta(multiclass_model, binary_model):
         np.testing.assert_allclose(op.hvp(V), _autodiff(c, V), rtol=1e-12, atol=1e-14)
         c.set_theta(0.7 * theta)  # a new theta: new probabilities, not the cached ones
         np.testing.assert_allclose(op.hvp(V), _autodiff(c, V), rtol=1e-12, atol=1e-14)
+
+
+def test_closed_form_explicit_matrix_equals_the_product_build(multiclass_model, binary_model, monkeypatch):
+    """The explicit matrix of the linear models (multiclass: k (k + 1) / 2 weighted Gram blocks
+    by syrk; binary: X^T diag(p (1 - p)) X) equals the one built from p products, on the whole
+    set and on a sub-sample, and is built without a single product."""
+    from influence.curvature.operators import CurvatureOperator
+
+    for m in (multiclass_model, binary_model):
+        idx = np.arange(1, m.n_train_, 4)
+        for indices in (None, idx):
+            for Op in (HessianOperator, GaussNewtonOperator):
+                reference = Op(m, indices=indices)._dense_from_products()
+                with monkeypatch.context() as mp:
+                    mp.setattr(CurvatureOperator, "hvp", lambda *a, **k: (_ for _ in ()).throw(
+                        AssertionError("the closed form made a product")))
+                    D = Op(m, indices=indices).dense()
+                np.testing.assert_allclose(D, reference, rtol=1e-11, atol=1e-13)
+                np.testing.assert_array_equal(D, D.T)
+        # independent of the block layout: the Kronecker sum written out for a few points
+        if m is multiclass_model:
+            few = np.array([0, 5, 9])
+            x = m.X_train_np_[few]
+            P = m.predict_proba(x)
+            want = sum(np.kron(np.outer(xi, xi), np.diag(pi) - np.outer(pi, pi)) for xi, pi in zip(x, P)) / 3
+            want += m.weight_decay * np.eye(m.n_params)
+            np.testing.assert_allclose(HessianOperator(m, indices=few).dense(), want, rtol=1e-12, atol=1e-14)
