@@ -6,7 +6,8 @@ form, memory-bound for one column) and the Fig 2 CNN (its default fit: 5,500 ima
 Adam steps; G v by forward-over-reverse autodiff). For each: this machine's matmul and
 streaming rates, the product's time for 1 / 16 / 100 columns beside its bound (bytes read
 at the streaming rate, or FLOPs at the matmul rate), then CG with no preconditioner, the
-Nystrom preconditioner at each --ranks and EK-FAC as preconditioner: iterations, HVP
+Nystrom preconditioner at each --ranks, EK-FAC and (--preconditioners, --cnn-preconditioners)
+the explicit Gauss-Newton matrix as preconditioner: iterations, HVP
 columns, set-up and solve seconds, residual (and, for the CNN, the Nystrom-preconditioned
 solve in mixed precision: float32 products, float64 residuals), for --tests test points (block CG for
 several) on C + damping I (logistic: H, tol 1e-10, damping 0; CNN: G + 0.01 I, tol 1e-8).
@@ -14,7 +15,7 @@ Third (keras_head): the Keras documentation's MNIST convnet trained by ``model.f
 3,000 images, its last layer's objective-and-gradient pass with and without the
 frozen-feature cache. All numbers come from this one run; ratios are printed, not asserted. Writes
 BENCHMARK.md, metrics.json, arrays.npz and the figure into --out. --quick: 1 test point,
-ranks 10 and 30, a CNN of 500 images and 300 Adam steps.
+ranks 10 and 30, no explicit logistic Hessian, a CNN of 500 images and 300 Adam steps.
 """
 from __future__ import annotations
 
@@ -43,6 +44,9 @@ def add_arguments(parser):
     parser.add_argument("--no-ekfac", action="store_true", help="skip EK-FAC as a preconditioner")
     parser.add_argument("--cnn-mixed-only", action="store_true",
                         help="CNN: only the mixed-precision Nystrom rank-30 solve (no plain or full-precision rows)")
+    parser.add_argument("--preconditioners", nargs="*", default=["gauss-newton"], choices=["gauss-newton", "none"],
+                        help="named preconditioners for the logistic rows (default: gauss-newton, here the exact H: "
+                             "G = H for a linear model, its explicit matrix in closed form; none: skip)")
     parser.add_argument("--cnn-preconditioners", nargs="*", default=["gauss-newton"], choices=["gauss-newton", "none"],
                         help="named preconditioners for the CNN's rows, first in each table (default: gauss-newton, "
                              "the explicit Gauss-Newton matrix from per-example Jacobians; none: skip)")
@@ -150,7 +154,8 @@ def main(exp):
         for k in tests:
             V = model.test_gradients(data.test.x[:k], data.test.y[:k]).T
             rows += bm.preconditioner_rows("logistic", model, V[:, 0] if k == 1 else V, 0.0, 1e-10, ranks=ranks,
-                                           kron=kron, mixed_plain=True)
+                                           kron=kron, mixed_plain=True,
+                                           named=[] if args.quick else [p for p in args.preconditioners if p != "none"])
     if "cnn" in args.models:
         from influence.models.all_cnn import AllCNN
 

@@ -27,7 +27,10 @@ built from per-example output Jacobians (k reverse passes per example, not p pro
 :meth:`~influence.curvature.operators.CurvatureOperator.dense`) and cached with the
 operator. For a solve on ``G`` it is the exact inverse (CG stops after one iteration, its
 answer checked on the matrix-free product); for ``H`` it leaves ``I + M^-1 (H - G)``, the
-residual term of the Hessian. SPD for every ``d > 0`` (``G`` is positive semi-definite);
+residual term of the Hessian; where the outputs are linear in theta ``G = H`` (the logistic
+models build it in closed form), so CG on ``H`` stops after one iteration too, and the set-up
+(forming the matrix: ``n k (k + 1) d^2 / 2`` multiply-adds for softmax regression) is the cost.
+SPD for every ``d > 0`` (``G`` is positive semi-definite);
 refused above the model's ``max_hessian_params`` (then use ``"nystrom"``).
 
 ``make_preconditioner(spec, rank)`` turns CG's ``preconditioner=`` option (None, a name,
