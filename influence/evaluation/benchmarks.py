@@ -516,12 +516,14 @@ def preconditioner_rows(label, model, V, damping, tol, curvature="hessian", rank
             reference = res
             res.info["_label"] = "plain CG" if name == "none" else f"preconditioner {name}"
         hvps = res.info.get("hvp_columns", res.iterations * k)
+        checks = res.info.get("check_columns")
         mixed = opts.get("precision") == "mixed"
         setup_hvps = ((op.low_precision() if mixed else op).eigenpairs_cost().get("hvps", 0)
                       if name.startswith("nystrom") else 0)
         extra = (f" (float32 products; float64 residual after each of {res.info['refinements']} corrections, inner "
                  f"iterations {res.info['inner_iterations']})" if mixed else "")
         rows.append((f"{label}: {kind}, {k} test point{'s' if k > 1 else ''}, preconditioner {name}", setup + t,
-                     f"{res.iterations} iterations{extra}, {hvps} HVP columns (+{setup_hvps} for set-up), set-up "
+                     f"{res.iterations} iterations{extra}, {hvps} HVP columns (+{setup_hvps} for set-up"
+                     f"{'' if checks is None else f', +{checks} for true-residual checks'}), set-up "
                      f"{setup:.1f} s, solve {t:.1f} s, residual {res.residual:.1e}{diff}"))
     return rows

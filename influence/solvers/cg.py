@@ -91,7 +91,8 @@ class CGSolver(InverseHVPSolver):
     Krylov space; False iterates each column on its own, sharing only the batched HVPs).
     ``info`` holds ``negative_curvature``, and for several columns ``residuals`` (each
     column's relative residual) and, for block CG, ``block_sizes`` (directions searched
-    per iteration) and ``hvp_columns`` (their sum: the HVP work). ``on_failure``: a solve that
+    per iteration), ``hvp_columns`` (their sum: the iterations' HVP work) and
+    ``check_columns`` (the columns of the true-residual products on top). ``on_failure``: a solve that
     met negative curvature or ended above its residual threshold (``max(10 tol, 1e-6)``)
     raises :class:`SolveFailedError` ("raise", the default: its ``result`` holds the failed
     solve) or only warns ("warn"). ``precision="mixed"`` (opt-in, float64 models that can be
@@ -217,13 +218,14 @@ class CGSolver(InverseHVPSolver):
             # After a single iteration (an exact preconditioner) there is no drift: x = P alpha and
             # the residual v - (A P) alpha came from the operator's own product, so it is kept.
             vnorm = np.linalg.norm(v, axis=0)
-            refinements = 0
+            refinements, checks = 0, 0
             if it == 1 and not negative and "residual" in state:
                 rnorm = np.linalg.norm(state["residual"], axis=0)
                 if np.all(rnorm <= tol * vnorm):
                     residuals = rnorm / np.where(vnorm > 0, vnorm, 1.0)
             while residuals is None and not negative and it < maxiter and refinements < self.REFINEMENTS:
                 r = v - matvec(x)
+                checks += x.shape[1]
                 rnorm = np.linalg.norm(r, axis=0)
                 if np.all(rnorm <= tol * vnorm):
                     residuals = rnorm / np.where(vnorm > 0, vnorm, 1.0)  # of this x: no second HVP
@@ -232,7 +234,8 @@ class CGSolver(InverseHVPSolver):
                     matvec, r, tol * vnorm / np.where(rnorm > 0, rnorm, 1.0), maxiter - it,
                     preconditioner=pc, callback=tick)
                 x, it, sizes, refinements = x + dx, it + it2, sizes + sizes2, refinements + 1
-            info.update(block=True, block_sizes=sizes, hvp_columns=int(sum(sizes)), refinements=refinements)
+            info.update(block=True, block_sizes=sizes, hvp_columns=int(sum(sizes)), refinements=refinements,
+                        check_columns=checks)
         else:
             x, it, negative = conjugate_gradient(matvec, v, tol, maxiter, preconditioner=pc,
                                                  callback=tick)
@@ -250,6 +253,8 @@ class CGSolver(InverseHVPSolver):
                            "curvature='gauss-newton' (positive semi-definite)%s", self.damping, hint)
         if residuals is None:
             residuals = column_residuals(op, x, v, self.damping)
+            if "check_columns" in info:
+                info["check_columns"] += 1 if v.ndim == 1 else v.shape[1]
         res = float(np.max(residuals))
         if v.ndim == 2:
             info["residuals"] = residuals.tolist()

@@ -107,3 +107,25 @@ def test_influence_matrix_with_block_cg_equals_per_test_point_solves(multiclass_
     I = m.influence_matrix(Xt, yt, solver="cg", tol=1e-10)
     rows = np.stack([m.influence_up_loss(Xt[k:k + 1], yt[k:k + 1], solver="exact") for k in range(len(Xt))])
     assert rel(I, rows) < 1e-8
+
+
+def test_block_cg_reports_every_product_column(multiclass_model, monkeypatch):
+    """hvp_columns (the iterations') plus check_columns (the true-residual products) is every
+    column the operator was asked for in the solve."""
+    from influence import CGSolver
+    from influence.curvature import CurvatureOperator, HessianOperator
+
+    m = multiclass_model
+    V = np.random.default_rng(4).standard_normal((m.n_params, 5))
+    solver = CGSolver(damping=0.01, tol=1e-10).fit(HessianOperator(m))
+    seen = [0]
+    real = CurvatureOperator.hvp
+
+    def counting(self, v, indices=None):
+        seen[0] += 1 if np.ndim(v) == 1 else np.shape(v)[1]
+        return real(self, v, indices)
+
+    monkeypatch.setattr(CurvatureOperator, "hvp", counting)
+    res = solver.solve(V)
+    assert res.info["check_columns"] >= 5  # at least the final residual of every column
+    assert res.info["hvp_columns"] + res.info["check_columns"] == seen[0]
