@@ -132,6 +132,37 @@ class LogisticRegression(ConvexClassifier):
         A3 -= P[:, None, :] * A3.sum(axis=0)[None]
         return (AV @ x).T.reshape(d * k, m)
 
+    def _curvature_sum_split_np(self, split, V, weights, rows):
+        """:meth:`_curvature_sum_np` over the whole training set from its
+        :class:`~influence.curvature.gram.ColumnSplit`: ``A = Xd Vd + Xs Vs`` (the dense columns
+        by BLAS, the sparse ones by sparse products, the all-zero ones not at all), then the
+        same weighting and ``X^T B`` by parts. The same sums in another order (MNIST: 450 of
+        784 columns dense, the other 265 hold 0.7% of the non-zeros)."""
+        d, k = self.blocks_[0].shape
+        m = V.shape[1]
+        V2 = V.reshape(d, k * m)
+        Vd = V2[split.dense_columns].T  # (k m, r)
+        Vs = V2[split.sparse_columns]  # (s, k m)
+        out_d = np.zeros((k * m, len(split.dense_columns)))
+        out_s = np.zeros((len(split.sparse_columns), k * m))
+        for start in range(0, split.n_rows, rows):
+            stop = min(start + rows, split.n_rows)
+            xd, xs = split.rows(start, stop)
+            AT = Vd @ xd.T  # (k m, rows)
+            if xs is not None:
+                AT += (xs @ Vs).T
+            A3 = AT.reshape(k, m, -1)
+            P = weights[start:stop].T
+            A3 *= P[:, None, :]
+            A3 -= P[:, None, :] * A3.sum(axis=0)[None]
+            out_d += AT @ xd
+            if xs is not None:
+                out_s += xs.T @ AT.T
+        out = np.zeros((d, k * m))
+        out[split.dense_columns] = out_d.T
+        out[split.sparse_columns] = out_s
+        return out.reshape(d * k, m)
+
     @staticmethod
     def _softmax_columns(Z):
         P = np.exp(Z - Z.max(axis=0, keepdims=True))
@@ -143,38 +174,52 @@ class LogisticRegression(ConvexClassifier):
         d, k = self.blocks_[0].shape
         return self._softmax_columns(theta.reshape(d, k).T @ x.T).T
 
-    def _closed_form_hessian(self, indices=None):
-        """The explicit Hessian (= G) ``(1/n) sum_i (x_i x_i^T) kron S_i + wd diag(mask)``,
-        ``S_i = diag(P_i) - P_i P_i^T``, over the training points ``indices`` (None: all): block
-        (c, e) of row-major ``vec(W)`` is the weighted Gram matrix ``X^T diag(S_ce) X``, so the
-        k (k + 1) / 2 distinct blocks cost ``k (k + 1) n d^2 / 2`` multiply-adds (p products
-        would cost ``2 n d k p``: ~4x more for MNIST's d = 784, k = 10), by BLAS ``syrk`` on
-        ``sqrt|S_ce| X`` over row blocks of ~32 MB (``S_ce`` has one sign: >= 0 on the diagonal,
-        ``-P_c P_e <= 0`` off it)."""
-        from scipy.linalg import blas
+    def _closed_form_curvature(self, indices=None, dtype=np.float64):
+        """The loss part of the explicit Hessian (= G), ``(1/n) sum_i S_i kron (x_i x_i^T)`` with
+        ``S_i = diag(P_i) - P_i P_i^T``, over the training points ``indices`` (None: all), as
+        ``(index, B)``: ``B`` (dtype) is that matrix restricted to the parameters ``index``; it is
+        zero outside them (the weights of pixels that are zero in every row).
+
+        Block (c, e) of row-major ``vec(W)`` is ``X^T diag(S_ce) X``. Only the k (k - 1) / 2
+        off-diagonal blocks are formed, ``-X^T diag(P_c P_e) X`` (non-negative weights: one
+        weighted Gram matrix each, :class:`~influence.curvature.gram.ColumnSplit`, which skips
+        the all-zero columns and takes the sparse ones by sparse products); the diagonal blocks
+        follow from ``sum_e S_ce = P_c (1 - sum_e P_e) = 0``: block (c, c) is minus the sum of
+        row c's others (more accurate than ``P_c (1 - P_c)`` for confident rows). ``B`` is
+        ordered class-major over ``index``'s pixels. MNIST (55,000 x 784, 19% non-zero): 45
+        Gram matrices of 715 columns, ~450 of them dense."""
+        from ..curvature.gram import ColumnSplit
 
         X = self.X_train_np_ if indices is None else self.X_train_np_[np.asarray(indices)]
         d, k = self.blocks_[0].shape
+        n = max(X.shape[0], 1)
         theta = np.asarray(self.theta_, dtype=np.float64)
-        H4 = np.zeros((d, k, d, k))
-        rows = int(max(256, 2 ** 22 // max(d, 1)))  # ~32 MB of weighted rows per block
-        for start in range(0, X.shape[0], rows):
-            x = np.asarray(X[start:start + rows], dtype=np.float64)
-            P = self._curvature_weights_np(theta, x)
-            for c in range(k):
-                for e in range(c, k):
-                    w = P[:, c] * ((c == e) - P[:, e])
-                    sign = 1.0 if c == e else -1.0
-                    A = (np.sqrt(np.maximum(sign * w, 0.0))[:, None] * x).T  # (d, rows), Fortran order
-                    H4[:, c, :, e] += sign * blas.dsyrk(1.0, A, trans=0)  # upper triangle only
+        rows = int(max(256, 2 ** 22 // max(d, 1)))
+        P = np.concatenate([self._curvature_weights_np(theta, np.asarray(X[s:s + rows], dtype=np.float64))
+                            for s in range(0, X.shape[0], rows)]) if X.shape[0] else np.zeros((0, k))
+        split = ColumnSplit(X, dtype=dtype)
+        m = split.size
+        B = np.zeros((k, m, k, m), dtype=split.dtype)
         for c in range(k):
-            for e in range(c, k):
-                B = np.triu(H4[:, c, :, e])
-                B = B + np.triu(B, 1).T
-                H4[:, c, :, e] = B
-                H4[:, e, :, c] = B
-        H = H4.reshape(d * k, d * k) / max(X.shape[0], 1)
-        H[np.diag_indices(d * k)] += self.weight_decay * self.decay_mask_
+            for e in range(c + 1, k):
+                G = split.gram(P[:, c] * P[:, e])
+                G /= -n
+                B[c, :, e, :] = G
+                B[e, :, c, :] = G
+        for c in range(k):
+            B[c, :, c, :] = -B[c].sum(axis=1)  # the (c, c) block is still zero here
+        index = (split.index[None, :] * k + np.arange(k)[:, None]).ravel()  # class-major
+        return index, B.reshape(k * m, k * m)
+
+    def _closed_form_hessian(self, indices=None):
+        """The explicit Hessian (= G) ``(1/n) sum_i S_i kron (x_i x_i^T) + wd diag(mask)`` in
+        float64 (:meth:`_closed_form_curvature`, placed in the full (p, p) matrix)."""
+        index, B = self._closed_form_curvature(indices)
+        H = np.zeros((self.n_params, self.n_params))
+        order = np.argsort(index)
+        pos = index[order]
+        H[np.ix_(pos, pos)] = B[np.ix_(order, order)]
+        H[np.diag_indices(self.n_params)] += self.weight_decay * self.decay_mask_
         return H
 
     def _loss(self, logits, y):

@@ -103,6 +103,7 @@ class CGSolver(InverseHVPSolver):
 
     name = "cg"
     REFINEMENTS = 3  # block CG: restarts on the true residual when the recursive one drifted
+    TRUSTED_ITERATIONS = 2  # block CG: up to this many iterations the recursive residual is the true one
 
     def __init__(self, damping: float | str = 0.0, tol: float | None = None, maxiter: int | None = None,
                  preconditioner=None, preconditioner_rank: int | None = None, block: bool = True,
@@ -215,11 +216,14 @@ class CGSolver(InverseHVPSolver):
                                                               preconditioner=pc, callback=tick, state=state)
             # the recursive residual drifts from the true one over many block iterations:
             # refine on the true residual until every column meets tol (at most REFINEMENTS times).
-            # After a single iteration (an exact preconditioner) there is no drift: x = P alpha and
-            # the residual v - (A P) alpha came from the operator's own product, so it is kept.
+            # After one or two iterations (a near-exact preconditioner) there is no drift to speak
+            # of: the residual v - (A P1) a1 - (A P2) a2 came from the operator's own products and
+            # differs from v - A x by the rounding of two updates (~1e-16 times A's condition number,
+            # relative to ||v||: 1e-14 for the Fig 2 models), so it is kept and no product is spent
+            # checking it (the tests recompute it).
             vnorm = np.linalg.norm(v, axis=0)
             refinements, checks = 0, 0
-            if it == 1 and not negative and "residual" in state:
+            if it <= self.TRUSTED_ITERATIONS and not negative and "residual" in state:
                 rnorm = np.linalg.norm(state["residual"], axis=0)
                 if np.all(rnorm <= tol * vnorm):
                     residuals = rnorm / np.where(vnorm > 0, vnorm, 1.0)
