@@ -100,7 +100,8 @@ class InfluenceShortcuts:
         ``solver`` and its keyword options (each validated by the solver class):
 
         - ``"cg"`` (CGSolver): ``damping`` (number or "auto"), ``tol`` (None: 1e-10 float64,
-          1e-5 float32), ``maxiter``, ``preconditioner`` ("nystrom", "kfac", "ekfac", a callable),
+          1e-5 float32), ``maxiter``, ``preconditioner`` ("nystrom", "gauss-newton", "gauss-newton-float32",
+          "kfac", "ekfac", a callable),
           ``preconditioner_rank``, ``block``, ``on_failure`` ("raise" / "warn"), ``precision``
           ("full" / "mixed"), ``inner_tol``;
         - ``"exact"`` (Cholesky): ``damping``;

@@ -7,6 +7,7 @@ many right-hand sides, returning a :class:`SolveResult` with its diagnostics::
     CGSolver(tol=1e-10)                        # conjugate gradients on HVPs (block CG for many columns)
     CGSolver(preconditioner="nystrom")         # ... preconditioned by the top eigenpairs (Frangella et al. 2023)
     CGSolver(preconditioner="gauss-newton")    # ... by the explicit Gauss-Newton matrix (p up to ~10k)
+    CGSolver(preconditioner="gauss-newton-float32")  # ... formed in float32: cheaper, one more iteration
     LissaSolver(scale=25, depth=5000)          # stochastic Neumann series (Agarwal et al. 2017)
     ArnoldiSolver(rank=50)                     # top eigenpairs by Lanczos (Schioppa et al. 2022)
     EKFACSolver(damping=1e-3)                  # Kronecker-factored curvature (K-FAC, EK-FAC)

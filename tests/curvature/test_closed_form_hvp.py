@@ -44,9 +44,10 @@ def test_the_probabilities_are_kept_per_theta(multiclass_model, binary_model):
 
 
 def test_closed_form_explicit_matrix_equals_the_product_build(multiclass_model, binary_model, monkeypatch):
-    """The explicit matrix of the linear models (multiclass: k (k + 1) / 2 weighted Gram blocks
-    by syrk; binary: X^T diag(p (1 - p)) X) equals the one built from p products, on the whole
-    set and on a sub-sample, and is built without a single product."""
+    """The explicit matrix of the linear models (multiclass: k (k - 1) / 2 weighted Gram blocks
+    over dense and sparse columns, the diagonal ones by the rows' zero sum; binary:
+    X^T diag(p (1 - p)) X) equals the one built from p products, on the whole set and on a
+    sub-sample, and is built without a single product."""
     from influence.curvature.operators import CurvatureOperator
 
     for m in (multiclass_model, binary_model):
