@@ -136,8 +136,8 @@ class LogisticRegression(ConvexClassifier):
         """:meth:`_curvature_sum_np` over the whole training set from its
         :class:`~influence.curvature.gram.ColumnSplit`: ``A = Xd Vd + Xs Vs`` (the dense columns
         by BLAS, the sparse ones by sparse products, the all-zero ones not at all), then the
-        same weighting and ``X^T B`` by parts. The same sums in another order (MNIST: 450 of
-        784 columns dense, the other 265 hold 0.7% of the non-zeros)."""
+        same weighting and ``X^T B`` by parts. The same sums in another order (MNIST: 454 of
+        784 columns dense, the other 261 non-zero ones hold 0.7% of the non-zeros)."""
         d, k = self.blocks_[0].shape
         m = V.shape[1]
         V2 = V.reshape(d, k * m)
@@ -187,7 +187,7 @@ class LogisticRegression(ConvexClassifier):
         follow from ``sum_e S_ce = P_c (1 - sum_e P_e) = 0``: block (c, c) is minus the sum of
         row c's others (more accurate than ``P_c (1 - P_c)`` for confident rows). ``B`` is
         ordered class-major over ``index``'s pixels. MNIST (55,000 x 784, 19% non-zero): 45
-        Gram matrices of 715 columns, ~450 of them dense."""
+        Gram matrices of 715 columns, 454 of them dense."""
         from ..curvature.gram import ColumnSplit
 
         X = self.X_train_np_ if indices is None else self.X_train_np_[np.asarray(indices)]
