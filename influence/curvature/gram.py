@@ -19,8 +19,24 @@ another order); the rows and columns of ``X^T W X`` not in ``index`` are zero.
 """
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import scipy.sparse
+
+_SHARED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def split_of(model):
+    """The :class:`ColumnSplit` of ``model``'s whole training set in its dtype, shared by all
+    of the model's operators (kept while the model lives, keyed by its data fingerprint), or
+    None where the inputs are dense (:meth:`ColumnSplit.if_worthwhile`)."""
+    key = (model.data_fingerprint_, np.dtype(model.dtype).str)
+    hit = _SHARED.get(model)
+    if hit is None or hit[0] != key:
+        hit = (key, ColumnSplit.if_worthwhile(model.X_train_np_, dtype=model.dtype))
+        _SHARED[model] = hit
+    return hit[1]
 
 
 class ColumnSplit:
@@ -74,6 +90,16 @@ class ColumnSplit:
         if len(dense) > max_dense_fraction * X.shape[1]:
             return None
         return cls(X, dtype=dtype, plan=(dense, sparse))
+
+    def astype(self, dtype) -> "ColumnSplit":
+        """The same split with its blocks in ``dtype`` (no second pass over ``X``)."""
+        twin = object.__new__(ColumnSplit)
+        twin.__dict__.update(self.__dict__)
+        twin.dtype = np.dtype(dtype)
+        twin._dense = self._dense.astype(twin.dtype)
+        twin._sparse = None if self._sparse is None else self._sparse.astype(twin.dtype)
+        twin._blocks, twin._buffer = {}, None
+        return twin
 
     @property
     def size(self) -> int:

@@ -180,10 +180,9 @@ class CurvatureOperator:
                  for s in range(0, X.shape[0], rows)]))
         split_sum = getattr(m, "_curvature_sum_split_np", None)
         if idx is None and weights is not None and split_sum is not None:
-            from .gram import ColumnSplit
+            from .gram import split_of
 
-            split = self._cached("column_split", (m.data_fingerprint_, m.dtype),
-                                 lambda: ColumnSplit.if_worthwhile(X, dtype=m.dtype))
+            split = split_of(m)  # the model's, shared by its operators
             if split is not None:  # None: dense data, where the plain pass reads about as much
                 return split_sum(split, V, weights, rows)
         out = None
@@ -238,7 +237,11 @@ class CurvatureOperator:
         structured = getattr(m, "_closed_form_curvature", None)
         p = m.n_params
         if structured is not None and (self.kind == "hessian" or m.linear_outputs):
-            index, B = structured(self.indices, dtype=np.dtype(dtype))
+            from .gram import split_of
+
+            split = split_of(m) if self.indices is None else None  # the products' split, if made
+            index, B = structured(self.indices, dtype=np.dtype(dtype),
+                                  split=None if split is None else split.astype(dtype))
             reg = (m.weight_decay * m.decay_mask_).astype(np.float64)
             B[np.diag_indices(len(index))] += reg[index].astype(B.dtype)
             rest = reg[np.setdiff1d(np.arange(p), index)]

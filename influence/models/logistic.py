@@ -127,10 +127,18 @@ class LogisticRegression(ConvexClassifier):
             P, AV = self._softmax_columns(AT[:k]), AT[k:]
         else:  # the probabilities at this theta, computed once by the operator
             P, AV = weights.T, V.reshape(d, k * m).T @ x.T
-        A3 = AV.reshape(k, m, -1)  # (class, column, row), a view: updated in place
-        A3 *= P[:, None, :]
-        A3 -= P[:, None, :] * A3.sum(axis=0)[None]
+        self._weigh_in_place(AV.reshape(k, m, -1), P)  # (class, column, row), a view
         return (AV @ x).T.reshape(d * k, m)
+
+    @staticmethod
+    def _weigh_in_place(A3, P):
+        """``B_c = P_c A_c - P_c sum_e P_e A_e`` in place on ``A3`` (class, column, row), ``P``
+        (class, row): one pass to weigh, one to sum, one to subtract (class by class, so that no
+        full-size temporary is made)."""
+        A3 *= P[:, None, :]
+        s = A3.sum(axis=0)
+        for c in range(A3.shape[0]):
+            A3[c] -= P[c] * s
 
     def _curvature_sum_split_np(self, split, V, weights, rows):
         """:meth:`_curvature_sum_np` over the whole training set from its
@@ -151,10 +159,7 @@ class LogisticRegression(ConvexClassifier):
             AT = Vd @ xd.T  # (k m, rows)
             if xs is not None:
                 AT += (xs @ Vs).T
-            A3 = AT.reshape(k, m, -1)
-            P = weights[start:stop].T
-            A3 *= P[:, None, :]
-            A3 -= P[:, None, :] * A3.sum(axis=0)[None]
+            self._weigh_in_place(AT.reshape(k, m, -1), weights[start:stop].T)
             out_d += AT @ xd
             if xs is not None:
                 out_s += xs.T @ AT.T
@@ -174,7 +179,7 @@ class LogisticRegression(ConvexClassifier):
         d, k = self.blocks_[0].shape
         return self._softmax_columns(theta.reshape(d, k).T @ x.T).T
 
-    def _closed_form_curvature(self, indices=None, dtype=np.float64):
+    def _closed_form_curvature(self, indices=None, dtype=np.float64, split=None):
         """The loss part of the explicit Hessian (= G), ``(1/n) sum_i S_i kron (x_i x_i^T)`` with
         ``S_i = diag(P_i) - P_i P_i^T``, over the training points ``indices`` (None: all), as
         ``(index, B)``: ``B`` (dtype) is that matrix restricted to the parameters ``index``; it is
@@ -186,7 +191,8 @@ class LogisticRegression(ConvexClassifier):
         the all-zero columns and takes the sparse ones by sparse products); the diagonal blocks
         follow from ``sum_e S_ce = P_c (1 - sum_e P_e) = 0``: block (c, c) is minus the sum of
         row c's others (more accurate than ``P_c (1 - P_c)`` for confident rows). ``B`` is
-        ordered class-major over ``index``'s pixels. MNIST (55,000 x 784, 19% non-zero): 45
+        ordered class-major over ``index``'s pixels; ``split``: the rows' ColumnSplit if one exists
+        (the products' own, in ``dtype``). MNIST (55,000 x 784, 19% non-zero): 45
         Gram matrices of 715 columns, 454 of them dense."""
         from ..curvature.gram import ColumnSplit
 
@@ -197,7 +203,7 @@ class LogisticRegression(ConvexClassifier):
         rows = int(max(256, 2 ** 22 // max(d, 1)))
         P = np.concatenate([self._curvature_weights_np(theta, np.asarray(X[s:s + rows], dtype=np.float64))
                             for s in range(0, X.shape[0], rows)]) if X.shape[0] else np.zeros((0, k))
-        split = ColumnSplit(X, dtype=dtype)
+        split = ColumnSplit(X, dtype=dtype) if split is None else split  # ``split``: of these rows
         m = split.size
         B = np.zeros((k, m, k, m), dtype=split.dtype)
         for c in range(k):
