@@ -224,7 +224,7 @@ class CurvatureOperator:
         ``index`` is ``B``; every other parameter ``j`` has only its diagonal ``rest`` (the
         regulariser: no loss curvature, no coupling), in the order of ``np.setdiff1d(arange(p),
         index)``. ``dtype="float32"`` forms ``B`` in single precision (a preconditioner's
-        matrix: ~2x cheaper, equal to the float64 one to ~1e-7 relative). The models with a
+        matrix: cheaper, equal to the float64 one to ~1e-7 relative). The models with a
         structured closed form (:meth:`LogisticRegression._closed_form_curvature`) skip the
         parameters of all-zero inputs; others return :meth:`dense` (``float32``: the float32
         twin's, :meth:`low_precision`) with ``index`` all parameters. Not cached."""

@@ -85,7 +85,7 @@ class CGSolver(InverseHVPSolver):
     ``preconditioner_rank`` eigenpairs (default 30; computed once per model state and
     curvature, shared with ``solver="arnoldi"``), ``"gauss-newton"`` (the explicit Gauss-Newton
     matrix's Cholesky factor: one iteration on G) or ``"gauss-newton-float32"`` (the same in
-    single precision: two iterations, half the set-up), ``"kfac"`` / ``"ekfac"`` (damping > 0), a
+    single precision: two iterations, less set-up), ``"kfac"`` / ``"ekfac"`` (damping > 0), a
     :class:`~.preconditioners.Preconditioner`, or a callable ``R -> M^-1 R`` on (p,) or (p, k)
     arrays; it changes the iteration count, not the answer, so it is not part of the cache
     key; ``info`` records ``preconditioner``, ``rank``, ``setup_hvps``, ``setup_s``), ``block``
