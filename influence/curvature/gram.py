@@ -83,11 +83,13 @@ class ColumnSplit:
         return np.sort(order[:cut]), np.sort(order[cut:])
 
     @classmethod
-    def if_worthwhile(cls, X, dtype=np.float64, max_dense_fraction: float = 0.9):
+    def if_worthwhile(cls, X, dtype=np.float64, max_dense_fraction: float = 0.9, max_bytes: int = 2 ** 31):
         """A split of ``X`` if its dense part has at most ``max_dense_fraction`` of the columns
-        (else None: a plain pass over ``X`` reads about as much, and no copy is made)."""
+        and its copy at most ``max_bytes`` (else None: a plain pass over ``X`` reads about as
+        much, or the copy would cost too much memory; no copy is made)."""
         dense, sparse = cls.plan(X)
-        if len(dense) > max_dense_fraction * X.shape[1]:
+        copy = X.shape[0] * len(dense) * np.dtype(dtype).itemsize
+        if len(dense) > max_dense_fraction * X.shape[1] or copy > max_bytes:
             return None
         return cls(X, dtype=dtype, plan=(dense, sparse))
 

@@ -45,6 +45,19 @@ def test_column_split_gram_equals_the_dense_weighted_gram(sparse_cost, n_dense, 
         split.gram(np.ones(3))
 
 
+def test_a_split_is_made_only_where_it_pays():
+    rng = np.random.default_rng(1)
+    X = _design(rng)
+    split = ColumnSplit.if_worthwhile(X)
+    assert split is not None and split.n_dense < 0.9 * X.shape[1]
+    assert ColumnSplit.if_worthwhile(rng.random((200, 30))) is None  # dense data: the plain pass
+    assert ColumnSplit.if_worthwhile(X, max_bytes=1000) is None  # a copy too large
+    half = split.astype(np.float32)
+    w = rng.random(X.shape[0])
+    assert half.gram(w).dtype == np.float32
+    np.testing.assert_allclose(half.gram(w), split.gram(w), rtol=1e-5, atol=1e-5 * np.abs(split.gram(w)).max())
+
+
 def test_softmax_hessian_by_blocks_equals_the_closed_form(multiclass_model):
     m = multiclass_model
     d, k = m.blocks_[0].shape
