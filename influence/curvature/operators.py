@@ -22,6 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from ..utils import bar, hash_arrays, memo, progress, progress_on
+from ..validation import check_choice
 from . import kernels as K
 
 logger = logging.getLogger(__name__)
@@ -164,6 +165,24 @@ class CurvatureOperator:
         return (getattr(m, "_curvature_sum_np", None) is not None and m.strategy is None
                 and (self.kind == "hessian" or m.linear_outputs))
 
+    def _closed_form_weights(self):
+        """What the closed-form products need of theta (softmax regression: ``softmax(X W)``)
+        for every training point, once per state; None for a model without them."""
+        m = self.model
+        if getattr(m, "_curvature_weights_np", None) is None:
+            return None
+        X, theta = m.X_train_np_, np.asarray(m.theta_)
+        rows = int(max(512, 2 ** 22 // max(1, m.n_params // max(1, X.shape[1]) * X.shape[1])))
+        return self._cached("closed_form_weights", self.state_key(), lambda: np.concatenate(
+            [m._curvature_weights_np(theta, np.asarray(X[s:s + rows], dtype=m.dtype))
+             for s in range(0, X.shape[0], rows)]))
+
+    def _refuse_explicit(self):
+        m = self.model
+        if m.n_params > m.max_hessian_params:
+            raise ValueError(f"explicit Hessian refused for p = {m.n_params} > max_hessian_params = "
+                             f"{m.max_hessian_params}; use the 'cg' or 'lissa' solver")
+
     def _closed_form_sum(self, V, idx):
         """``sum_i C_i V`` by the model's numpy closed form (``_curvature_sum_np(theta, x, V)``),
         over row blocks of ~32 MB of intermediate products."""
@@ -173,11 +192,7 @@ class CurvatureOperator:
         width = V.shape[1] * max(1, m.n_params // max(1, X.shape[1])) + 1  # outputs x (columns + 1)
         rows = int(max(512, min(m.batch_size, 2 ** 22 // width)))  # ~32 MB of products per block
         n = X.shape[0] if idx is None else len(idx)
-        weights = None
-        if getattr(m, "_curvature_weights_np", None) is not None:  # what the products need of theta, once per state
-            weights = self._cached("closed_form_weights", self.state_key(), lambda: np.concatenate(
-                [m._curvature_weights_np(theta, np.asarray(X[s:s + rows], dtype=m.dtype))
-                 for s in range(0, X.shape[0], rows)]))
+        weights = self._closed_form_weights()
         split_sum = getattr(m, "_curvature_sum_split_np", None)
         if idx is None and weights is not None and split_sum is not None:
             from .gram import split_of
@@ -207,9 +222,7 @@ class CurvatureOperator:
         the model's closed form if it has one; the Gauss-Newton matrix from per-example output
         Jacobians (k reverse passes per example, :meth:`_dense_from_factors`); else p products."""
         m = self.model
-        if m.n_params > m.max_hessian_params:
-            raise ValueError(f"explicit Hessian refused for p = {m.n_params} > max_hessian_params = "
-                             f"{m.max_hessian_params}; use the 'cg' or 'lissa' solver")
+        self._refuse_explicit()
 
         def compute():
             closed = getattr(m, "_closed_form_hessian", None)
@@ -228,20 +241,19 @@ class CurvatureOperator:
         structured closed form (:meth:`LogisticRegression._closed_form_curvature`) skip the
         parameters of all-zero inputs; others return :meth:`dense` (``float32``: the float32
         twin's, :meth:`low_precision`) with ``index`` all parameters. Not cached."""
-        if dtype not in ("float64", "float32"):
-            raise ValueError(f"dtype must be 'float64' or 'float32', got {dtype!r}")
+        check_choice("dtype", dtype, ("float64", "float32"))
         m = self.model
-        if m.n_params > m.max_hessian_params:
-            raise ValueError(f"explicit matrix refused for p = {m.n_params} > max_hessian_params = "
-                             f"{m.max_hessian_params}; use the 'cg' or 'lissa' solver")
+        self._refuse_explicit()
         structured = getattr(m, "_closed_form_curvature", None)
         p = m.n_params
         if structured is not None and (self.kind == "hessian" or m.linear_outputs):
             from .gram import split_of
 
             split = split_of(m) if self.indices is None else None  # the products' split, if made
+            weights = self._closed_form_weights()
             index, B = structured(self.indices, dtype=np.dtype(dtype),
-                                  split=None if split is None else split.astype(dtype))
+                                  split=None if split is None else split.astype(dtype),
+                                  weights=weights if self.indices is None else weights[self.indices])
             reg = (m.weight_decay * m.decay_mask_).astype(np.float64)
             B[np.diag_indices(len(index))] += reg[index].astype(B.dtype)
             rest = reg[np.setdiff1d(np.arange(p), index)]

@@ -50,7 +50,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..validation import check_number
+from ..validation import check_choice, check_number
 from .base import NotPositiveDefiniteError
 
 PRECONDITIONERS = ("nystrom", "gauss-newton", "gauss-newton-float32", "kfac", "ekfac")
@@ -141,9 +141,7 @@ class GaussNewtonPreconditioner(Preconditioner):
     name = "gauss-newton"
 
     def __init__(self, dtype: str = "float64"):
-        if dtype not in ("float64", "float32"):
-            raise ValueError(f"dtype must be 'float64' or 'float32', got {dtype!r}")
-        self.dtype = dtype
+        self.dtype = check_choice("dtype", dtype, ("float64", "float32"))
         self.setup: dict = {}
 
     def config(self) -> dict:
@@ -179,14 +177,16 @@ class GaussNewtonPreconditioner(Preconditioner):
         index, other, fac, rest = gn._cached("gauss_newton_cholesky", (gn.state_key(), float(damping), self.dtype),
                                              factor)
         dt = fac[0].dtype
+        in_order = not len(other) and np.array_equal(index, np.arange(len(index)))  # the factor is all of M
         self.setup = {"preconditioner": self.name, "rank": int(len(index)), "dtype": self.dtype, "setup_hvps": 0,
                       "setup_s": time.perf_counter() - t0}  # ~0 when the factor was cached
 
         def apply(r):
+            if in_order:
+                return scipy.linalg.cho_solve(fac, r.astype(dt, copy=False), check_finite=False).astype(np.float64)
             out = np.empty(r.shape, dtype=np.float64)
             out[index] = scipy.linalg.cho_solve(fac, r[index].astype(dt), check_finite=False)
-            if len(other):
-                out[other] = r[other] / (rest if r.ndim == 1 else rest[:, None])
+            out[other] = r[other] / (rest if r.ndim == 1 else rest[:, None])
             return out
 
         return apply

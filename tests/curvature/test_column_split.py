@@ -103,6 +103,14 @@ def test_float32_gauss_newton_preconditioner_reaches_the_float64_answer_in_two_i
                                    atol=1e-9 * np.abs(exact.x).max())
     with pytest.raises(ValueError, match="dtype"):
         GaussNewtonPreconditioner(dtype="half")
+    # no all-zero input: every parameter in the factor, in the class-major order of the blocks
+    dense = m.clone().set_training_data(m.X_train_np_ + 0.05, m.y_train_np_).set_theta(m.theta_)
+    dop = HessianOperator(dense)
+    index, _, _ = dop.explicit_blocks()
+    assert len(index) == m.n_params and not np.array_equal(index, np.arange(m.n_params))
+    res = CGSolver(tol=1e-10, preconditioner="gauss-newton-float32").fit(dop).solve(V)
+    assert res.converged and res.iterations <= 2
+    np.testing.assert_allclose(res.x, ExactSolver().fit(dop).solve(V).x, rtol=1e-8, atol=1e-9 * np.abs(res.x).max())
 
 
 def test_float32_gauss_newton_preconditioner_on_a_network():
