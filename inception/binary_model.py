@@ -91,7 +91,7 @@ class BinaryInceptionModel(BinaryLogisticRegression):
         ``inputs``): images are independent (BatchNorm in inference mode), so one backward
         pass over a batch gives every image's gradient.
         """
-        self._require_fit()
+        self.require_fit()
         inputs = np.asarray(inputs, dtype=self.input_dtype)
         y = np.asarray(y, dtype=self.dtype).reshape(-1)
         if len(inputs) != len(y):

@@ -35,7 +35,8 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "DataError": "datasets.manifest", "DataMissingError": "datasets.manifest",
-    "GenericNeuralNet": "generic_neural_net", "ParamBlock": "generic_neural_net",
+    "GenericNeuralNet": "generic_neural_net", "ParamBlock": "generic_neural_net", "Model": "models.base",
+    "Influence": "facade", "GradientIndex": "index",
     "NotStationaryError": "generic_neural_net",
     "InfluenceRanking": "estimators", "InfluenceFunction": "estimators", "Estimator": "estimators",
     "get_estimator": "estimators",

@@ -29,8 +29,17 @@ The model holds the parameters, the forward pass, the per-example loss, the data
 and re-fit. The curvature is an operator object (:mod:`influence.curvature`), solvers are
 fitted on it (:mod:`influence.solvers`), and the influence quantities are an
 :class:`~influence.estimators.InfluenceFunction` over model, operator and solver; the
-model's ``hvp``, ``s_test``, ``influence_matrix``, ... are thin wrappers over them
-(:mod:`influence.shortcuts`), and nothing of theirs is stored on the model.
+concrete models' ``hvp``, ``s_test``, ``influence_matrix``, ... are thin wrappers over a
+per-model :class:`~influence.facade.Influence` (:mod:`influence.facade`).
+
+The public model protocol (docs/architecture.md) is all that operators, solvers and
+estimators use of a model: ``theta_``, ``n_params``, ``n_train_``, ``dtype``, ``weight_decay``,
+``decay_mask_``, ``blocks_``, ``unflatten``, ``forward``, ``pointwise_loss``, ``kernels``,
+``train_batches`` / ``map_train``, ``per_example_gradients``, ``test_gradients``,
+``check_indices`` / ``check_xy``, ``closed_form_curvature`` (optional), ``kfac_taps``
+(optional). Hyperparameters that determine a fitted result are fixed once the model holds
+training data, and the training data and theta are private read-only copies, so nothing a
+cache depends on can change behind it.
 """
 from __future__ import annotations
 
@@ -45,8 +54,7 @@ import tensorflow as tf
 
 from .curvature import check_curvature
 from .model_kernels import GradientKernels
-from .shortcuts import InfluenceShortcuts
-from .utils import bar, hash_arrays, progress, progress_on
+from .utils import bar, frozen_copy, hash_arrays, progress, progress_on
 from .validation import check_choice, check_number
 
 logger = logging.getLogger(__name__)
@@ -72,7 +80,7 @@ class ParamBlock:
         return int(np.prod(self.shape)) if self.shape else 1
 
 
-class GenericNeuralNet(InfluenceShortcuts):
+class GenericNeuralNet:
     """Base class: a differentiable model with a flat parameter vector and influence tools.
 
     Subclasses implement :meth:`_param_blocks` (shapes), :meth:`_forward` (outputs from
@@ -124,10 +132,11 @@ class GenericNeuralNet(InfluenceShortcuts):
     #: copy of the batch's activations per column. None: 1024 where the outputs are linear in
     #: theta, else 8 (see :meth:`influence.curvature.CurvatureOperator.columns_per_pass`).
     hvp_max_columns: int | None = None
-    #: a closed form of the explicit Hessian, ``(indices=None) -> (p, p)`` (the loss part over those
-    #: training points, None: all), where the model knows one (the
-    #: curvature operators use it for their explicit matrix); None: built from HVPs
-    _closed_form_hessian = None
+    #: constructor arguments that may change after the model holds training data (they change
+    #: no fitted result: progress bars, caches on disk, batch sizes, thresholds); every other
+    #: one is fixed then (:meth:`__setattr__`)
+    mutable_config = ("progress", "cache_dir", "strategy", "batch_size", "max_hessian_params", "curvature",
+                      "stationarity_tol", "nonstationary", "retrain")
 
     def __init__(self, weight_decay: float = 0.0, dtype: str = "float64", batch_size: int = 8192,
                  cache_dir: str | None = None, seed: int = 0, max_hessian_params: int = 10000,
@@ -149,6 +158,91 @@ class GenericNeuralNet(InfluenceShortcuts):
         self.progress = progress
         self.strategy = strategy
         self._built = False
+
+    @classmethod
+    def _config_names(cls) -> frozenset:
+        """The constructor arguments of this class (read from the signatures; kept on the class)."""
+        names = cls.__dict__.get("_config_names_cache")
+        if names is None:
+            names = set()
+            for klass in cls.__mro__:
+                if "__init__" in klass.__dict__:
+                    for name, par in inspect.signature(klass.__init__).parameters.items():
+                        if name != "self" and par.kind not in (par.VAR_POSITIONAL, par.VAR_KEYWORD):
+                            names.add(name)
+            names = frozenset(names)
+            type.__setattr__(cls, "_config_names_cache", names)
+        return names
+
+    def __setattr__(self, name, value):
+        """Hyperparameters that determine a fitted result (``weight_decay``, ``dtype``, ``seed``,
+        a subclass's own, ...: every constructor argument but :attr:`mutable_config`) are fixed
+        once the model holds training data: theta, the compiled kernels and every cache keyed
+        on the model depend on them. Use :meth:`with_config` for a copy with other values."""
+        if (self.__dict__.get("_built") and name in self._config_names() and name not in self.mutable_config
+                and name in self.__dict__):
+            old = self.__dict__[name]
+            same = old is value
+            if not same:
+                try:
+                    same = bool(old == value) and type(old) is type(value)
+                except Exception:  # arrays, objects without a plain equality
+                    same = False
+            if not same:
+                raise AttributeError(
+                    f"{type(self).__name__}.{name} is fixed once the model holds training data (now {old!r}; "
+                    f"got {value!r}): theta, the compiled kernels and every cached factor depend on it. Use "
+                    f"model.with_config({name}=...) for a copy at the same theta and data, or build a new "
+                    f"model and fit it")
+        object.__setattr__(self, name, value)
+
+    def with_config(self, **changes) -> "GenericNeuralNet":
+        """A new model with these constructor arguments changed, holding the same training data
+        and theta (not re-fitted: call :meth:`fit` for the optimum of the new objective)."""
+        unknown = sorted(set(changes) - set(self.get_config()))
+        if unknown:
+            raise ValueError(f"with_config: {unknown} are not constructor arguments of {type(self).__name__} "
+                             f"(allowed: {sorted(self.get_config())})")
+        new = type(self)(**{**self.get_config(), **changes})
+        if self._built:
+            new.set_training_data(self.X_train_np_, self.y_train_np_)
+            new.set_theta(self.theta_)
+        return new
+
+    # ------------------------------------------------------------------ the public protocol
+    def forward(self, params: list[tf.Tensor], x: tf.Tensor) -> tf.Tensor:
+        """The model's outputs (logits, margins) from the parameter blocks and a batch of inputs."""
+        return self._forward(params, x)
+
+    def pointwise_loss(self, outputs: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+        """Per-example loss (batch,) from outputs and encoded targets (no regulariser)."""
+        return self._loss(outputs, y)
+
+    def kfac_taps(self, params: list[tf.Tensor], x: tf.Tensor):
+        """``(outputs, taps)`` with each Dense/Conv2D layer's input and pre-activation exposed."""
+        return self._kfac_taps(params, x)
+
+    def sample_targets(self, outputs: tf.Tensor, seed: tf.Tensor, dtype) -> tf.Tensor:
+        """Targets drawn from the model's predictive distribution at ``outputs`` (seeded)."""
+        return self._sample_targets(outputs, seed, dtype)
+
+    @property
+    def kernels(self) -> GradientKernels:
+        """The model's compiled gradient kernels (losses, gradients, per-example gradients, JVPs)."""
+        self.require_fit()
+        return self._kernels
+
+    def margin_function(self):
+        """``(margin(outputs, y), weight(margin))`` as TF functions where the model's output function
+        for TRAK is not the log-odds of its predictive distribution (the smooth-hinge SVM), else None."""
+        return None
+
+    def closed_form_curvature(self):
+        """An object with the model's closed-form curvature (products, explicit matrix), or None.
+
+        The linear models return one (:class:`influence.models.logistic.SoftmaxCurvature`); the
+        curvature operators use it in place of autodiff products where it applies."""
+        return None
 
     # ------------------------------------------------------------------ subclass hooks
     def _param_blocks(self, x_shape: tuple[int, ...], y: np.ndarray) -> list[ParamBlock]:
@@ -211,7 +305,7 @@ class GenericNeuralNet(InfluenceShortcuts):
                 cfg[name] = getattr(self, name)
         return cfg
 
-    def _cache_identity(self) -> dict:
+    def cache_identity(self) -> dict:
         """What, besides theta and the data, tells this model's cached results apart: the
         class and its configuration (subclasses add what the configuration's strings miss)."""
         return {"class": f"{type(self).__module__}.{type(self).__qualname__}",
@@ -251,14 +345,14 @@ class GenericNeuralNet(InfluenceShortcuts):
             raise ValueError(f"{name} contains NaN or infinite values")
         return X
 
-    def _check_differentiable_inputs(self) -> None:
+    def check_differentiable_inputs(self) -> None:
         """Raise where the loss has no gradient with respect to the inputs (``influence_pert_loss``)."""
 
     def _normalise_targets(self, y) -> np.ndarray:
         """Targets as the loss takes them (a subclass may accept other layouts, e.g. (n, 1) for one output)."""
         return np.asarray(y)
 
-    def _check_xy(self, X, y, name="X") -> tuple[np.ndarray, np.ndarray]:
+    def check_xy(self, X, y, name="X") -> tuple[np.ndarray, np.ndarray]:
         X = self._check_x(X, name)
         y = self._normalise_targets(y)
         if self.multi_output_targets:
@@ -287,6 +381,7 @@ class GenericNeuralNet(InfluenceShortcuts):
         return self._restoring_on_failure(self._set_training_data, X, y)
 
     def _set_training_data(self, X, y) -> "GenericNeuralNet":
+        X_in = X
         X = self._check_x(X, "X_train")
         y = self._normalise_targets(y)
         if len(X) == 0:
@@ -301,9 +396,11 @@ class GenericNeuralNet(InfluenceShortcuts):
             self._compile()
             self._built = True
             if not hasattr(self, "theta_"):
-                self.theta_ = self._init_theta(np.random.default_rng(self.seed)).astype(self.dtype)
-        X, y_enc = self._check_xy(X, y, "X_train")
-        self.X_train_np_, self.y_train_np_ = X, y
+                self.theta_ = frozen_copy(self._init_theta(np.random.default_rng(self.seed)).astype(self.dtype))
+        y_in = y
+        X, y_enc = self.check_xy(X, y, "X_train")
+        # private read-only copies: a caller's later `X *= 2` cannot change the fitted model
+        self.X_train_np_, self.y_train_np_ = frozen_copy(X, X_in, y_in), frozen_copy(y, X_in, y_in)
         self.X_train_ = tf.constant(X)
         self.y_train_ = tf.constant(y_enc)
         self.n_train_ = len(X)
@@ -323,7 +420,7 @@ class GenericNeuralNet(InfluenceShortcuts):
             raise ValueError(f"theta must have {self.n_params} entries, got {theta.size}")
         if not np.all(np.isfinite(theta)):
             raise ValueError("theta contains NaN or infinite values")
-        self.theta_ = theta
+        self.theta_ = frozen_copy(theta, theta)  # the caller's array may change later; ours cannot
         return self
 
     def fit(self, X, y, theta0=None) -> "GenericNeuralNet":
@@ -370,19 +467,39 @@ class GenericNeuralNet(InfluenceShortcuts):
         The objective is normalised over the remaining points. The model itself is left
         as it was. Subclasses with a different retraining protocol override this.
         """
-        self._require_fit()
+        self.require_fit()
         keep = np.ones(self.n_train_, dtype=bool)
-        keep[self._check_indices(indices)] = False
-        X, y, theta = self.X_train_np_, self.y_train_np_, self.theta_
-        try:
-            self.set_training_data(X[keep], y[keep])
-            self.set_theta(theta)
-            return self._retrain(theta.copy())
-        finally:
-            self.set_training_data(X, y)
-            self.set_theta(theta)
+        keep[self.check_indices(indices)] = False
+        sub = self.on_training_subset(np.flatnonzero(keep))
+        return sub._retrain(np.array(self.theta_))
 
-    def _require_fit(self):
+    def _shallow_copy(self) -> "GenericNeuralNet":
+        """A copy sharing the compiled kernels and the read-only arrays (:meth:`_after_copy` runs)."""
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new._after_copy()
+        return new
+
+    def _after_copy(self) -> None:
+        """Hook: what a shallow copy must not share with its original (the facade's caches)."""
+
+    def at_theta(self, theta) -> "GenericNeuralNet":
+        """A copy of this model at other parameters (same configuration, data and compiled
+        kernels); this model is left as it is."""
+        self.require_fit()
+        return self._shallow_copy().set_theta(theta)
+
+    def on_training_subset(self, indices) -> "GenericNeuralNet":
+        """A copy of this model (same configuration, compiled kernels and theta) whose training set
+        is the given points; this model is left as it is (nothing is swapped in place)."""
+        self.require_fit()
+        idx = self.check_indices(indices)
+        new = self._shallow_copy()  # shares the compiled kernels and the read-only arrays
+        new.set_training_data(self.X_train_np_[idx], self.y_train_np_[idx])
+        new.set_theta(self.theta_)
+        return new
+
+    def require_fit(self):
         if not self._built:
             raise RuntimeError(f"{type(self).__name__} has no training data: call fit() first")
 
@@ -401,25 +518,25 @@ class GenericNeuralNet(InfluenceShortcuts):
         self._kernels = GradientKernels(self)
 
     # ------------------------------------------------------------------ batching helpers
-    def _theta_tf(self, theta=None) -> tf.Tensor:
+    def theta_tensor(self, theta=None) -> tf.Tensor:
         return tf.constant(self.theta_ if theta is None else np.asarray(theta, dtype=self.dtype))
 
-    def _slices(self, n: int, batch_size: int | None = None):
+    def slices(self, n: int, batch_size: int | None = None):
         bs = batch_size or self.batch_size
         return [slice(i, min(i + bs, n)) for i in range(0, n, bs)]
 
-    def _train_batches(self, indices=None, batch_size=None):
+    def train_batches(self, indices=None, batch_size=None):
         """Yield (x, y) tensors over the training set or the given indices."""
         if indices is None:
-            for sl in self._slices(self.n_train_, batch_size):
+            for sl in self.slices(self.n_train_, batch_size):
                 yield self.X_train_[sl], self.y_train_[sl]
         else:
             indices = np.asarray(indices)
-            for sl in self._slices(len(indices), batch_size):
+            for sl in self.slices(len(indices), batch_size):
                 idx = tf.constant(indices[sl])
                 yield tf.gather(self.X_train_, idx), tf.gather(self.y_train_, idx)
 
-    def _map_train(self, kernel, theta, *extra, reduce: str = "sum", indices=None, batch_size=None,
+    def map_train(self, kernel, theta, *extra, reduce: str = "sum", indices=None, batch_size=None,
                    desc: str | None = None):
         """Apply ``kernel(theta, x, y, *extra)`` to every training batch; sum or concatenate.
 
@@ -427,9 +544,9 @@ class GenericNeuralNet(InfluenceShortcuts):
         replica; sums add the replicas' results, concatenations keep the shards' order.
         """
         n = self.n_train_ if indices is None else len(indices)
-        batches = self._train_batches(indices, batch_size)
+        batches = self.train_batches(indices, batch_size)
         total, parts = None, []
-        for x, y in progress(batches, total=len(self._slices(n, batch_size)), desc=desc,
+        for x, y in progress(batches, total=len(self.slices(n, batch_size)), desc=desc,
                               enabled=progress_on(self.progress) and desc is not None):
             out = self._run_on_replicas(kernel, theta, x, y, extra, reduce)
             if reduce == "sum":
@@ -462,7 +579,7 @@ class GenericNeuralNet(InfluenceShortcuts):
             return out
         return np.concatenate(local)
 
-    def _check_indices(self, indices) -> np.ndarray:
+    def check_indices(self, indices) -> np.ndarray:
         if indices is None:
             return np.arange(self.n_train_)
         idx = np.atleast_1d(np.asarray(indices))
@@ -474,7 +591,7 @@ class GenericNeuralNet(InfluenceShortcuts):
             raise IndexError(f"training index out of range for {self.n_train_} training points")
         return idx % self.n_train_
 
-    def _rows_per_chunk(self) -> int:
+    def rows_per_chunk(self) -> int:
         """How many p-vectors (e.g. per-example gradients) to hold at once: about 2e7 numbers."""
         return max(1, int(2e7 // max(self.n_params, 1)))
 
@@ -491,9 +608,9 @@ class GenericNeuralNet(InfluenceShortcuts):
     # ------------------------------------------------------------------ objective & derivatives
     def objective_and_gradient(self, theta=None) -> tuple[float, np.ndarray]:
         """``R(theta)`` and its gradient over the whole training set."""
-        self._require_fit()
+        self.require_fit()
         th_np = self.theta_ if theta is None else np.asarray(theta, dtype=self.dtype)
-        total, grad = self._map_train(self._kernels.loss_sum_and_grad, self._theta_tf(th_np))
+        total, grad = self.map_train(self._kernels.loss_sum_and_grad, self.theta_tensor(th_np))
         total = float(total)
         n = self.n_train_
         return (total / n + self._reg_value(th_np),
@@ -507,36 +624,36 @@ class GenericNeuralNet(InfluenceShortcuts):
 
     def losses(self, X, y, theta=None) -> np.ndarray:
         """Per-example loss (no regulariser) on any examples."""
-        self._require_fit()
-        X, y = self._check_xy(X, y)
-        th = self._theta_tf(theta)
+        self.require_fit()
+        X, y = self.check_xy(X, y)
+        th = self.theta_tensor(theta)
         return np.concatenate([self._kernels.losses(th, tf.constant(X[sl]), tf.constant(y[sl])).numpy()
-                               for sl in self._slices(len(X))]) if len(X) else np.zeros(0)
+                               for sl in self.slices(len(X))]) if len(X) else np.zeros(0)
 
     def mean_loss(self, X, y, theta=None) -> float:
         return float(np.mean(self.losses(X, y, theta)))
 
     def train_losses(self, indices=None) -> np.ndarray:
         """Per-example training loss (no regulariser)."""
-        idx = self._check_indices(indices)
+        idx = self.check_indices(indices)
         return self.losses(self.X_train_np_[idx], self.y_train_np_[idx])
 
     def outputs(self, X, theta=None) -> np.ndarray:
         """The model's raw outputs (logits or margins) on ``X``."""
-        self._require_fit()
+        self.require_fit()
         X = self._check_x(X)
-        th = self.unflatten(self._theta_tf(theta))
-        return np.concatenate([self._forward(th, tf.constant(X[sl])).numpy() for sl in self._slices(len(X))])
+        th = self.unflatten(self.theta_tensor(theta))
+        return np.concatenate([self._forward(th, tf.constant(X[sl])).numpy() for sl in self.slices(len(X))])
 
     def loss_gradient(self, X, y, theta=None) -> np.ndarray:
         """Gradient of the mean loss (no regulariser) over the given examples."""
-        self._require_fit()
-        X, y = self._check_xy(X, y)
+        self.require_fit()
+        X, y = self.check_xy(X, y)
         if len(X) == 0:
             raise ValueError("no examples given")
-        th = self._theta_tf(theta)
+        th = self.theta_tensor(theta)
         g = np.zeros(self.n_params)
-        for sl in self._slices(len(X)):
+        for sl in self.slices(len(X)):
             g += self._kernels.loss_sum_and_grad(th, tf.constant(X[sl]), tf.constant(y[sl]))[1].numpy()
         return g / len(X)
 
@@ -546,26 +663,26 @@ class GenericNeuralNet(InfluenceShortcuts):
 
     def test_gradients(self, X_test, y_test) -> np.ndarray:
         """``grad L(z_test_k)`` for each test point separately, shape (k, p); vectorised."""
-        self._require_fit()
-        X_test, y_test = self._check_xy(X_test, y_test, "X_test")
-        th = self._theta_tf()
+        self.require_fit()
+        X_test, y_test = self.check_xy(X_test, y_test, "X_test")
+        th = self.theta_tensor()
         if len(X_test) == 0:
             return np.zeros((0, self.n_params))
-        bs = min(self.batch_size, self._rows_per_chunk())
+        bs = min(self.batch_size, self.rows_per_chunk())
         kernel = self._kernels.per_example_grads
         return np.concatenate([kernel(th, tf.constant(X_test[sl]), tf.constant(y_test[sl])).numpy()
-                               for sl in self._slices(len(X_test), bs)])
+                               for sl in self.slices(len(X_test), bs)])
 
     def per_example_gradients(self, indices=None, include_regularizer: bool = True,
                               batch_size: int | None = None) -> np.ndarray:
         """Gradients ``g(z_i)`` for the given training indices, shape (m, p); vectorised."""
-        self._require_fit()
-        idx = self._check_indices(indices)
-        th = self._theta_tf()
-        bs = batch_size or min(self.batch_size, self._rows_per_chunk())
+        self.require_fit()
+        idx = self.check_indices(indices)
+        th = self.theta_tensor()
+        bs = batch_size or min(self.batch_size, self.rows_per_chunk())
         if len(idx) == 0:
             return np.zeros((0, self.n_params))
-        out = self._map_train(self._kernels.per_example_grads, th, reduce="concat", indices=idx, batch_size=bs)
+        out = self.map_train(self._kernels.per_example_grads, th, reduce="concat", indices=idx, batch_size=bs)
         if include_regularizer:
             out += self.weight_decay * self.decay_mask_ * self.theta_
         return out
@@ -604,23 +721,21 @@ class GenericNeuralNet(InfluenceShortcuts):
         Stops once ``||grad|| <= tol * 1e-2``, or when a step does not decrease the
         objective (e.g. a non-convex region).
         """
+        from .curvature import HessianOperator
         from .solvers import conjugate_gradient
 
-        op = self.curvature_operator()
-        saved = self.theta_
-        try:
-            f, g = self.objective_and_gradient(theta)
-            for _ in range(max_steps):
-                gn = np.linalg.norm(g)
-                if gn <= tol * 1e-2 or not np.isfinite(gn):
-                    break
-                self.theta_ = np.asarray(theta, dtype=self.dtype)
-                step, _, _ = conjugate_gradient(op.hvp, g, tol=inner_tol, maxiter=max(50, min(self.n_params, 500)))
-                new = theta - step
-                f_new, g_new = self.objective_and_gradient(new)
-                if not f_new <= f + 1e-12 * abs(f):
-                    break  # not a descent step: keep what we have
-                theta, f, g = new, f_new, g_new
-        finally:
-            self.theta_ = saved
+        op = None
+        f, g = self.objective_and_gradient(theta)
+        for _ in range(max_steps):
+            gn = np.linalg.norm(g)
+            if gn <= tol * 1e-2 or not np.isfinite(gn):
+                break
+            # H at this theta (the model's own theta is not touched; compiled products shared)
+            op = HessianOperator(self, theta=theta) if op is None else op.at(theta)
+            step, _, _ = conjugate_gradient(op.hvp, g, tol=inner_tol, maxiter=max(50, min(self.n_params, 500)))
+            new = theta - step
+            f_new, g_new = self.objective_and_gradient(new)
+            if not f_new <= f + 1e-12 * abs(f):
+                break  # not a descent step: keep what we have
+            theta, f, g = new, f_new, g_new
         return theta

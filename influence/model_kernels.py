@@ -8,6 +8,7 @@ Python loop). Curvature kernels (HVPs) belong to the curvature operators
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import tensorflow as tf
@@ -21,7 +22,16 @@ class _DropPforWhileLoopWarnings(logging.Filter):
         return "uses a while_loop" not in record.getMessage()
 
 
-tf.get_logger().addFilter(_DropPforWhileLoopWarnings())
+@contextlib.contextmanager
+def quiet_pfor_fallback():
+    """Drop vectorized_map's while-loop fallback warning while a kernel is traced (the body of a
+    tf.function runs only then); nothing is left installed on TensorFlow's logger afterwards."""
+    filt = _DropPforWhileLoopWarnings()
+    tf.get_logger().addFilter(filt)
+    try:
+        yield
+    finally:
+        tf.get_logger().removeFilter(filt)
 
 
 class GradientKernels:
@@ -30,7 +40,7 @@ class GradientKernels:
 
     def __init__(self, model):
         def losses(theta, x, y):
-            return model._loss(model._forward(model.unflatten(theta), x), y)
+            return model.pointwise_loss(model.forward(model.unflatten(theta), x), y)
 
         def loss_sum_and_grad(theta, x, y):
             with tf.GradientTape() as tape:
@@ -42,7 +52,8 @@ class GradientKernels:
             def one(args):
                 xi, yi = args
                 return loss_sum_and_grad(theta, xi[None], yi[None])[1]
-            return tf.vectorized_map(one, (x, y))
+            with quiet_pfor_fallback():
+                return tf.vectorized_map(one, (x, y))
 
         def jvp_losses(theta, x, y, s):
             # s . grad L(z_i) for every i in the batch: one forward-mode pass
@@ -64,3 +75,9 @@ class GradientKernels:
         self.per_example_grads = fn(per_example_grads)
         self.jvp_losses = fn(jvp_losses)
         self.input_grad_of_score = fn(input_grad_of_score)
+
+
+def quiet_vectorized_map(fn, elems):
+    """``tf.vectorized_map`` without its while-loop fallback warning (:func:`quiet_pfor_fallback`)."""
+    with quiet_pfor_fallback():
+        return tf.vectorized_map(fn, elems)

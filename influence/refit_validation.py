@@ -144,7 +144,7 @@ def refit_journal(model, X_test, y_test, path) -> Journal:
     the training data, the optimiser state that re-training continues (``adam_state_``,
     where the model keeps one) and the test points."""
     state = getattr(model, "adam_state_", None)
-    return Journal(path, {"what": "re-fit test losses", "model": model._cache_identity(),
+    return Journal(path, {"what": "re-fit test losses", "model": model.cache_identity(),
                           "theta_and_data": [hash_arrays(model.theta_), model.data_fingerprint_],
                           "optimiser_state": None if state is None else hash_arrays(*state),
                           "test": hash_arrays(np.asarray(X_test), np.asarray(y_test))})
@@ -166,8 +166,8 @@ def retrain_test_losses(model, groups, X_test, y_test, executor: Executor | None
     model, test points and groups re-fits only those not recorded there, so a killed run
     of hours resumes where it stopped.
     """
-    model._require_fit()
-    groups = [model._check_indices(g) for g in groups]
+    model.require_fit()
+    groups = [model.check_indices(g) for g in groups]
     X_test, y_test = model.as_batch(X_test, y_test)
     if len(X_test) == 0:
         raise ValueError("no test points given: X_test is empty")
@@ -232,8 +232,8 @@ def leave_one_out(model, X_test, y_test, indices, predicted=None, executor: Exec
     ``journal``: a file recording each finished re-fit (the control included), so that a
     killed run resumes (see :func:`retrain_test_losses`).
     """
-    model._require_fit()
-    indices = model._check_indices(indices)
+    model.require_fit()
+    indices = model.check_indices(indices)
     if predicted is not None:
         predicted = np.asarray(predicted, dtype=float)
         if predicted.shape != indices.shape:
@@ -335,8 +335,8 @@ def linear_datamodeling_score(model, X_test, y_test, influence, n_subsets: int =
     one per solver), scored on the same re-fits: then a dict of results. ``journal``: a file
     recording each finished re-fit, so that a killed run resumes (:func:`retrain_test_losses`).
     """
-    model._require_fit()
-    idx = model._check_indices(indices)
+    model.require_fit()
+    idx = model.check_indices(indices)
     X_test, y_test = model.as_batch(X_test, y_test)
     named = dict(influence) if isinstance(influence, dict) else {None: influence}
     for name, matrix in named.items():

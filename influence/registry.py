@@ -16,6 +16,20 @@ class Registry:
         self.what = what
         self.base = base
         self._classes: dict[str, type] = {}
+        self._lazy: dict[str, str] = {}  # name -> "module:Class", imported on first use
+
+    def register_lazy(self, name: str, target: str) -> None:
+        """Register ``"module:Class"`` under ``name`` without importing it now (a class of a
+        module that itself imports the registry's package)."""
+        self._lazy[name] = target
+
+    def _resolve(self) -> None:
+        import importlib
+
+        while self._lazy:
+            name, target = self._lazy.popitem()
+            module, attr = target.split(":")
+            self.register(getattr(importlib.import_module(module), attr))
 
     def register(self, cls: type) -> type:
         name = cls.name
@@ -25,22 +39,25 @@ class Registry:
         return cls
 
     def names(self) -> list[str]:
-        return sorted(self._classes)
+        return sorted(set(self._classes) | set(self._lazy))
 
     def __getitem__(self, name: str) -> type:
+        self._resolve()
         return self._classes[name]
 
     def __contains__(self, name) -> bool:
-        return name in self._classes
+        return name in self._classes or name in self._lazy
 
     def __iter__(self):
+        self._resolve()
         return iter(self._classes)
 
     def items(self):
+        self._resolve()
         return self._classes.items()
 
     def __len__(self):
-        return len(self._classes)
+        return len(self._classes) + len(self._lazy)
 
     def create(self, spec, **options):
         """An instance from a name and its options, or ``spec`` itself when it is an instance."""
@@ -48,6 +65,7 @@ class Registry:
             if options:
                 raise ValueError(f"pass options either to the {self.what} instance or here, not both")
             return spec
+        self._resolve()
         try:
             cls = self._classes[spec]
         except (KeyError, TypeError):

@@ -229,3 +229,15 @@ def progress(iterable, total=None, desc=None, enabled=True):
     except ImportError:  # pragma: no cover
         return iterable
     return tqdm(iterable, total=total, desc=desc, leave=False)
+
+
+def frozen_copy(a, *sources) -> np.ndarray:
+    """``a`` as a read-only array that shares no memory with ``sources`` (the caller's arrays):
+    copied when it might, then flagged read-only, so that neither the caller nor the library can
+    change what a fitted model (and every cache keyed on it) was computed from."""
+    a = np.asarray(a)
+    if any(isinstance(s, np.ndarray) and np.may_share_memory(a, s) for s in sources) or a.base is not None \
+            or a.flags.writeable and any(a is s for s in sources):
+        a = a.copy()
+    a.setflags(write=False)
+    return a

@@ -77,19 +77,16 @@ def cnn_flops_per_example(net) -> float:
     return flops
 
 
-def definite_damping(model, v, damping, tries=4):
-    """The figure's retry: triple ``damping`` while CG on H + damping I (Gauss-Newton
-    preconditioned) meets negative curvature."""
+def definite_damping(model, v, damping):
+    """The figure's retry (the library's rule, :func:`influence.solvers.damping.raise_until_definite`):
+    ``damping`` raised while CG on H + damping I (Gauss-Newton preconditioned) meets negative curvature."""
     from influence import CGSolver
     from influence.curvature import HessianOperator
+    from influence.solvers.damping import raise_until_definite
 
     op = HessianOperator(model)
-    for _ in range(tries):
-        res = CGSolver(damping=damping, tol=1e-8, maxiter=2000, preconditioner="gauss-newton",
-                       on_failure="warn").fit(op).solve(v)
-        if not res.info.get("negative_curvature"):
-            return damping
-        damping *= 3.0
+    _, damping = raise_until_definite(lambda d: CGSolver(damping=d, tol=1e-8, maxiter=2000, preconditioner="gauss-newton",
+                                                         on_failure="warn").fit(op).solve(v), damping)
     return damping
 
 

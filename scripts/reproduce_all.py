@@ -26,11 +26,10 @@ import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # the library of this checkout
-
-from influence.report import (HEADLINE, STAND_IN, check_target, data_used, fmt, headline, is_table,  # noqa: E402,F401
+from influence.report import (HEADLINE, STAND_IN, check_target, data_used, fmt, headline, is_table,  # noqa: F401
                               write_report)
+
+REPO = Path(__file__).resolve().parents[1]
 
 # name, datasets it needs, what it reproduces
 EXPERIMENTS = [

@@ -13,31 +13,14 @@ and keeps the ``r`` densest as a dense block ``Xd`` and the others as a sparse (
 
 the dense block by BLAS (``n r^2 / 2`` multiply-adds), the others by sparse products
 (``nnz(Xs) r`` and ``sum_i nnz(Xs_i)^2``). ``r`` minimises that count with a sparse
-multiply-add priced at ``sparse_cost`` dense ones (measured ~50 on 2 cores: the BLAS runs
-at ~200 GFLOP/s, SciPy's sparse products at ~2). The result is exact (the same sums in
+multiply-add priced at ``sparse_cost`` dense ones (the ratio of the BLAS's rate to SciPy's
+sparse products'; its measurement is in docs/solvers.md). The result is exact (the same sums in
 another order); the rows and columns of ``X^T W X`` not in ``index`` are zero.
 """
 from __future__ import annotations
 
-import weakref
-
 import numpy as np
 import scipy.sparse
-
-_SHARED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def split_of(model):
-    """The :class:`ColumnSplit` of ``model``'s whole training set in its dtype, shared by all
-    of the model's operators (kept while the model lives, keyed by its data fingerprint), or
-    None where the inputs are dense (:meth:`ColumnSplit.if_worthwhile`)."""
-    key = (model.data_fingerprint_, np.dtype(model.dtype).str)
-    hit = _SHARED.get(model)
-    if hit is None or hit[0] != key:
-        hit = (key, ColumnSplit.if_worthwhile(model.X_train_np_, dtype=model.dtype))
-        _SHARED[model] = hit
-    return hit[1]
-
 
 class ColumnSplit:
     """A design matrix split into dense and sparse columns for weighted Gram matrices.
@@ -95,13 +78,13 @@ class ColumnSplit:
 
     def astype(self, dtype) -> "ColumnSplit":
         """The same split with its blocks in ``dtype`` (no second pass over ``X``)."""
-        twin = object.__new__(ColumnSplit)
-        twin.__dict__.update(self.__dict__)
-        twin.dtype = np.dtype(dtype)
-        twin._dense = self._dense.astype(twin.dtype)
-        twin._sparse = None if self._sparse is None else self._sparse.astype(twin.dtype)
-        twin._blocks, twin._buffer = {}, None
-        return twin
+        converted = object.__new__(ColumnSplit)
+        converted.__dict__.update(self.__dict__)
+        converted.dtype = np.dtype(dtype)
+        converted._dense = self._dense.astype(converted.dtype)
+        converted._sparse = None if self._sparse is None else self._sparse.astype(converted.dtype)
+        converted._blocks, converted._buffer = {}, None
+        return converted
 
     @property
     def size(self) -> int:

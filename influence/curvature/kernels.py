@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from ..model_kernels import quiet_vectorized_map
+
 
 def output_hessians(model, out: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
     """``d^2 L(z_i) / d f_i^2`` for each example of a batch, (b, k, k) symmetrised, with ``f_i``
@@ -21,7 +23,7 @@ def output_hessians(model, out: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
         outer.watch(f)
         with tf.GradientTape() as inner:
             inner.watch(f)
-            total = tf.reduce_sum(model._loss(tf.reshape(f, tf.shape(out)), y))
+            total = tf.reduce_sum(model.pointwise_loss(tf.reshape(f, tf.shape(out)), y))
         g = inner.gradient(total, f)
     S = outer.batch_jacobian(g, f, unconnected_gradients=tf.UnconnectedGradients.ZERO)
     return 0.5 * (S + tf.linalg.matrix_transpose(S))
@@ -30,7 +32,7 @@ def output_hessians(model, out: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
 def _loss_grad(model, theta, x, y):
     with tf.GradientTape() as tape:
         tape.watch(theta)
-        total = tf.reduce_sum(model._loss(model._forward(model.unflatten(theta), x), y))
+        total = tf.reduce_sum(model.pointwise_loss(model.forward(model.unflatten(theta), x), y))
     return tape.gradient(total, theta)
 
 
@@ -57,20 +59,20 @@ def gauss_newton_kernels(model):
         with tf.GradientTape() as tape:
             tape.watch(theta)
             with tf.autodiff.ForwardAccumulator(theta, v) as acc:
-                out = model._forward(model.unflatten(theta), x)
+                out = model.forward(model.unflatten(theta), x)
             jv = tf.stop_gradient(acc.jvp(out, unconnected_gradients=tf.UnconnectedGradients.ZERO))
         f = tf.stop_gradient(out)
         with tf.GradientTape() as outer:
             outer.watch(f)
             with tf.GradientTape() as inner:
                 inner.watch(f)
-                total = tf.reduce_sum(model._loss(f, y))
+                total = tf.reduce_sum(model.pointwise_loss(f, y))
             gjv = tf.reduce_sum(inner.gradient(total, f) * jv)
         hjv = tf.stop_gradient(outer.gradient(gjv, f, unconnected_gradients=tf.UnconnectedGradients.ZERO))
         return tape.gradient(out, theta, output_gradients=hjv, unconnected_gradients=tf.UnconnectedGradients.ZERO)
 
     def gnvp_sum_many(theta, x, y, V):
-        return tf.transpose(tf.vectorized_map(lambda v: gnvp_sum(theta, x, y, v), tf.transpose(V)))
+        return tf.transpose(quiet_vectorized_map(lambda v: gnvp_sum(theta, x, y, v), tf.transpose(V)))
 
     return gnvp_sum, gnvp_sum_many
 
@@ -85,12 +87,12 @@ def _per_example_jacobians(model, theta, x, out):
     def jac(xi):
         with tf.GradientTape(persistent=True) as tape:
             tape.watch(theta)
-            fi = tf.reshape(model._forward(model.unflatten(theta), xi[None]), [-1])
+            fi = tf.reshape(model.forward(model.unflatten(theta), xi[None]), [-1])
             parts = [fi[j] for j in range(k)]
         return tf.stack([tape.gradient(part, theta, unconnected_gradients=tf.UnconnectedGradients.ZERO)
                          for part in parts])
 
-    return tf.vectorized_map(jac, x)
+    return quiet_vectorized_map(jac, x)
 
 
 def gauss_newton_factor_kernel(model):
@@ -101,7 +103,7 @@ def gauss_newton_factor_kernel(model):
     gradient of ``f_i . R_i[:, j]``; the (i, j) pairs are one vectorised batch of b k scalar
     gradients (cheaper to trace than k gradients per example)."""
     def factor(theta, x, y):
-        out = model._forward(model.unflatten(theta), x)
+        out = model.forward(model.unflatten(theta), x)
         k = 1
         for dim in out.shape[1:]:
             k *= int(dim)
@@ -113,11 +115,11 @@ def gauss_newton_factor_kernel(model):
             xi, ci = args
             with tf.GradientTape() as tape:
                 tape.watch(theta)
-                fi = tf.reshape(model._forward(model.unflatten(theta), xi[None]), [-1])
+                fi = tf.reshape(model.forward(model.unflatten(theta), xi[None]), [-1])
                 score = tf.reduce_sum(fi * ci)
             return tape.gradient(score, theta, unconnected_gradients=tf.UnconnectedGradients.ZERO)
 
-        A = tf.vectorized_map(row, (tf.repeat(x, k, axis=0), cotangents))
+        A = quiet_vectorized_map(row, (tf.repeat(x, k, axis=0), cotangents))
         return tf.reshape(A, [-1, k, tf.shape(theta)[0]])
 
     return factor
@@ -127,7 +129,7 @@ def per_example_gn_eigmax_kernel(model):
     """Largest eigenvalue of each example's ``J_i^T S_i J_i`` (``S_i = d^2 L / d f^2`` at ``f_i``):
     that of the small (k, k) matrix ``S_i^1/2 (J_i J_i^T) S_i^1/2``."""
     def per_example_gn_eigmax(theta, x, y):
-        out = model._forward(model.unflatten(theta), x)
+        out = model.forward(model.unflatten(theta), x)
         J = _per_example_jacobians(model, theta, x, out)                # (b, k, p)
         K = tf.einsum("bip,bjp->bij", J, J)
         w, U = tf.linalg.eigh(output_hessians(model, out, y))            # S_i = U diag(w) U^T

@@ -9,19 +9,22 @@ points only (a sub-sampled operator); the regulariser is always whole.
 
 An operator owns its compiled kernels and its caches (the explicit matrix, the extreme
 eigenvalues, each training point's curvature), each keyed by :meth:`state_key` (theta,
-the training data, the operator): a model re-fitted or given new data gets fresh values.
-The model itself is never modified. :func:`operator_for` hands out one shared operator per
-model and curvature, so that convenience calls reuse the compiled kernels.
+the training data, the model's hyperparameters, the operator): a model re-fitted or given
+new data gets fresh values. The model itself is never modified; an operator may be taken at
+another theta than the model's (``theta=``, :meth:`CurvatureOperator.at`). Where the model
+offers a closed form of its curvature (:meth:`GenericNeuralNet.closed_form_curvature`: the
+linear models), products and the explicit matrix use it. There is no module-level cache:
+a model's shared operators belong to its :class:`~influence.facade.Influence`.
 """
 from __future__ import annotations
 
+import copy
 import logging
-import weakref
 
 import numpy as np
 import tensorflow as tf
 
-from ..utils import bar, hash_arrays, memo, progress, progress_on
+from ..utils import bar, frozen_copy, hash_arrays, memo, progress, progress_on
 from ..validation import check_choice
 from . import kernels as K
 
@@ -45,32 +48,55 @@ class CurvatureOperator:
         A model with training data; read at each call (its current theta and data).
     indices : array of int or None
         Training points the loss part averages over (None: all).
+    theta : array or None
+        The parameters it is taken at (None: the model's ``theta_``, read at each call).
+    closed_form : object or None
+        The model's closed-form curvature to use (None: ``model.closed_form_curvature()``; an
+        :class:`~influence.facade.Influence` passes one to both of its operators, so that they
+        share its column split).
     """
 
     kind = "base"
 
-    def __init__(self, model, indices=None, *, _weak: bool = False):
-        model._require_fit()
-        self._model_ref = weakref.ref(model) if _weak else (lambda m=model: m)
-        self.indices = None if indices is None else model._check_indices(indices)
-        handle = weakref.proxy(model) if _weak else model  # compiled kernels must not keep a shared model alive
-        closed = getattr(model, "_curvature_sum", None)
-        one, many = (K.closed_form_kernels(closed) if closed is not None and
-                     (self.kind == "hessian" or model.linear_outputs) else self._make_kernels(handle))
-        self._handle = handle
+    def __init__(self, model, indices=None, *, theta=None, closed_form=None):
+        model.require_fit()
+        self.model = model
+        self.indices = None if indices is None else model.check_indices(indices)
+        self._theta = None if theta is None else self._check_theta(theta)
+        forms = closed_form if closed_form is not None else model.closed_form_curvature()
+        self._forms = forms if forms is not None and (self.kind == "hessian" or model.linear_outputs) else None
+        one, many = (K.closed_form_kernels(self._forms.batch_sum) if self._forms is not None
+                     else self._make_kernels(model))
         self._one, self._many = K.compiled(one), K.compiled(many)
         self._batch_many = many  # uncompiled: for loops that compile it inside their own tf.function
         self._eigmax = None
         self._factor = None
         self._caches: dict[str, tuple] = {}
+        self._owned: dict[str, object] = {}
 
     # ------------------------------------------------------------------ identity
+    def _check_theta(self, theta) -> np.ndarray:
+        m = self.model
+        theta = np.asarray(theta, dtype=m.dtype).reshape(-1)
+        if theta.shape != (m.n_params,) or not np.all(np.isfinite(theta)):
+            raise ValueError(f"theta must be {m.n_params} finite numbers, got shape {theta.shape}")
+        return frozen_copy(theta, theta)
+
     @property
-    def model(self):
-        model = self._model_ref()
-        if model is None:
-            raise RuntimeError("the model of this curvature operator no longer exists")
-        return model
+    def theta(self) -> np.ndarray:
+        """The parameters this operator is taken at (the model's ``theta_`` unless given)."""
+        return self.model.theta_ if self._theta is None else self._theta
+
+    def _theta_tensor(self) -> tf.Tensor:
+        return tf.constant(self.theta)
+
+    def at(self, theta) -> "CurvatureOperator":
+        """The same operator at another theta: a new object sharing the compiled products (its
+        caches start empty); this one is left as it is."""
+        new = copy.copy(self)
+        new._theta = self._check_theta(theta)
+        new._caches = {}
+        return new
 
     @property
     def n_params(self) -> int:
@@ -86,13 +112,22 @@ class CurvatureOperator:
 
     def state_key(self) -> tuple:
         """What every value this operator computes depends on: theta, the training data, the
-        operator's kind and its sub-sample."""
+        model's class and hyperparameters (weight decay, dtype, ...), the operator's kind and
+        its sub-sample."""
         m = self.model
-        return (hash_arrays(m.theta_), m.data_fingerprint_, self.kind,
+        return (hash_arrays(self.theta), m.data_fingerprint_, hash_arrays(m.cache_identity()), self.kind,
                 None if self.indices is None else hash_arrays(self.indices))
 
     def _cached(self, name: str, key, compute):
         return memo(self._caches, name, key, compute)
+
+    def owned(self, name: str, build):
+        """A value another component builds once for this operator and leaves in its keeping
+        (LiSSA's compiled series loop: it depends on the operator alone, its inputs are arguments)."""
+        found = self._owned.get(name)
+        if found is None:
+            found = self._owned[name] = build()
+        return found
 
     #: whether a training point's curvature from the Gauss-Newton form is exact for this operator
     def _example_curvature_exact(self) -> bool:
@@ -125,14 +160,14 @@ class CurvatureOperator:
         step = self.columns_per_pass()
         if v.ndim == 2 and v.shape[1] > step:  # bounded memory: a block of columns per pass over the data
             return np.concatenate([self.hvp(v[:, j:j + step], indices) for j in range(0, v.shape[1], step)], axis=1)
-        idx = self.indices if indices is None else m._check_indices(indices)
+        idx = self.indices if indices is None else m.check_indices(indices)
         n = m.n_train_ if idx is None else len(idx)
         if self._numpy_closed_form():
             out = self._closed_form_sum(v if v.ndim == 2 else v[:, None], idx)
             out = out if v.ndim == 2 else out[:, 0]
             mask = m.decay_mask_ if v.ndim == 1 else m.decay_mask_[:, None]
             return out / n + m.weight_decay * mask * v
-        out = m._map_train(self._one if v.ndim == 1 else self._many, m._theta_tf(), tf.constant(v), indices=idx)
+        out = m.map_train(self._one if v.ndim == 1 else self._many, self._theta_tensor(), tf.constant(v), indices=idx)
         mask = m.decay_mask_ if v.ndim == 1 else m.decay_mask_[:, None]
         return out / n + m.weight_decay * mask * v
 
@@ -140,7 +175,7 @@ class CurvatureOperator:
 
     def low_precision(self) -> "CurvatureOperator":
         """A float32 twin of this float64 operator (a float32 copy of the model at the same theta
-        and data; cached per state), for mixed-precision solves: its products are ~3x cheaper
+        and data; cached per state), for mixed-precision solves: its products are cheaper
         on a CPU and agree with this operator's to ~1e-6 relative."""
         m = self.model
         if m.dtype != "float64":
@@ -151,61 +186,54 @@ class CurvatureOperator:
             if "dtype" not in cfg or "model" in cfg:  # a wrapped Keras network keeps its layers' dtype
                 raise ValueError(f"precision='mixed' needs a model that can be rebuilt in float32 from its "
                                  f"configuration; {type(m).__name__} cannot (build a float32 network instead)")
-            twin = type(m)(**{**cfg, "dtype": "float32", "cache_dir": None})
-            twin.set_training_data(m.X_train_np_, m.y_train_np_).set_theta(np.asarray(m.theta_, np.float32))
-            for name in ("grad_norm_",):
-                if hasattr(m, name):
-                    setattr(twin, name, getattr(m, name))
-            return type(self)(twin, indices=self.indices)
+            twin = m.with_config(dtype="float32", cache_dir=None)
+            return type(self)(twin, indices=self.indices, theta=np.asarray(self.theta, np.float32))
 
         return self._cached("low_precision", self.state_key(), make)
 
     def _numpy_closed_form(self) -> bool:
-        m = self.model
-        return (getattr(m, "_curvature_sum_np", None) is not None and m.strategy is None
-                and (self.kind == "hessian" or m.linear_outputs))
+        return self._forms is not None and self.model.strategy is None
 
     def _closed_form_weights(self):
         """What the closed-form products need of theta (softmax regression: ``softmax(X W)``)
         for every training point, once per state; None for a model without them."""
         m = self.model
-        if getattr(m, "_curvature_weights_np", None) is None:
+        if self._forms is None:
             return None
-        X, theta = m.X_train_np_, np.asarray(m.theta_)
+        X, theta = m.X_train_np_, np.asarray(self.theta)
         rows = int(max(512, 2 ** 22 // max(1, m.n_params // max(1, X.shape[1]) * X.shape[1])))
         return self._cached("closed_form_weights", self.state_key(), lambda: np.concatenate(
-            [m._curvature_weights_np(theta, np.asarray(X[s:s + rows], dtype=m.dtype))
+            [self._forms.weights(theta, np.asarray(X[s:s + rows], dtype=m.dtype))
              for s in range(0, X.shape[0], rows)]))
 
     def _refuse_explicit(self):
         m = self.model
         if m.n_params > m.max_hessian_params:
-            raise ValueError(f"explicit Hessian refused for p = {m.n_params} > max_hessian_params = "
-                             f"{m.max_hessian_params}; use the 'cg' or 'lissa' solver")
+            raise ValueError(f"explicit Hessian refused ({self.kind}) for p = {m.n_params} > max_hessian_params = "
+                             f"{m.max_hessian_params}: use solver='cg' or 'lissa' (with CG's Nystrom "
+                             f"preconditioner, a preconditioner_rank below p - 1 = {m.n_params - 1}), or raise "
+                             f"max_hessian_params")
 
     def _closed_form_sum(self, V, idx):
-        """``sum_i C_i V`` by the model's numpy closed form (``_curvature_sum_np(theta, x, V)``),
+        """``sum_i C_i V`` by the model's numpy closed form (``closed_form.numpy_sum(theta, x, V)``),
         over row blocks of ~32 MB of intermediate products."""
         m = self.model
         X = m.X_train_np_
-        theta = np.asarray(m.theta_)
+        theta = np.asarray(self.theta)
         width = V.shape[1] * max(1, m.n_params // max(1, X.shape[1])) + 1  # outputs x (columns + 1)
         rows = int(max(512, min(m.batch_size, 2 ** 22 // width)))  # ~32 MB of products per block
         n = X.shape[0] if idx is None else len(idx)
         weights = self._closed_form_weights()
-        split_sum = getattr(m, "_curvature_sum_split_np", None)
-        if idx is None and weights is not None and split_sum is not None:
-            from .gram import split_of
-
-            split = split_of(m)  # the model's, shared by its operators
+        if idx is None and weights is not None and self._forms.has_split_sum:
+            split = self._forms.split()  # shared by the operators given the same closed form
             if split is not None:  # None: dense data, where the plain pass reads about as much
-                return split_sum(split, V, weights, rows)
+                return self._forms.split_sum(split, V, weights, rows)
         out = None
         for start in range(0, n, rows):
             block = slice(start, start + rows) if idx is None else idx[start:start + rows]
             x = X[block]
-            part = m._curvature_sum_np(theta, np.asarray(x, dtype=m.dtype), V,
-                                       **({} if weights is None else {"weights": weights[block]}))
+            part = self._forms.numpy_sum(theta, np.asarray(x, dtype=m.dtype), V,
+                                         None if weights is None else weights[block])
             out = part if out is None else out + part
         return np.zeros_like(V) if out is None else out
 
@@ -225,9 +253,8 @@ class CurvatureOperator:
         self._refuse_explicit()
 
         def compute():
-            closed = getattr(m, "_closed_form_hessian", None)
-            if closed is not None and (self.kind == "hessian" or m.linear_outputs):
-                return closed(self.indices)
+            if self._forms is not None:
+                return self._forms.matrix(np.asarray(self.theta), self.indices)
             return self._dense_from_factors() if self._dense_by_factors() else self._dense_from_products()
 
         return self._cached("dense", self.state_key(), compute)
@@ -244,16 +271,13 @@ class CurvatureOperator:
         check_choice("dtype", dtype, ("float64", "float32"))
         m = self.model
         self._refuse_explicit()
-        structured = getattr(m, "_closed_form_curvature", None)
         p = m.n_params
-        if structured is not None and (self.kind == "hessian" or m.linear_outputs):
-            from .gram import split_of
-
-            split = split_of(m) if self.indices is None else None  # the products' split, if made
+        if self._forms is not None and self._forms.has_blocks:
+            split = self._forms.split() if self.indices is None else None  # the products' split, if made
             weights = self._closed_form_weights()
-            index, B = structured(self.indices, dtype=np.dtype(dtype),
-                                  split=None if split is None else split.astype(dtype),
-                                  weights=weights if self.indices is None else weights[self.indices])
+            index, B = self._forms.blocks(np.asarray(self.theta), self.indices, dtype=np.dtype(dtype),
+                                          split=None if split is None else split.astype(dtype),
+                                          weights=weights if self.indices is None else weights[self.indices])
             reg = (m.weight_decay * m.decay_mask_).astype(np.float64)
             B[np.diag_indices(len(index))] += reg[index].astype(B.dtype)
             rest = reg[np.setdiff1d(np.arange(p), index)]
@@ -303,14 +327,14 @@ class CurvatureOperator:
         ~128 MB are multiplied out in float64 and not kept."""
         m = self.model
         if self._factor is None:
-            self._factor = K.compiled(K.gauss_newton_factor_kernel(self._handle))
+            self._factor = K.compiled(K.gauss_newton_factor_kernel(m))
         p, k = m.n_params, self._n_outputs()
         rows = int(max(1, min(m.batch_size, 2 ** 24 // max(1, k * p))))  # ~128 MB of factor rows
         n = self.n_points
         rows = min(rows, max(n, 1))
-        theta = m._theta_tf()
+        theta = self._theta_tensor()
         G = np.zeros((p, p))
-        batches = m._train_batches(self.indices, rows)
+        batches = m.train_batches(self.indices, rows)
         for x, y in progress(batches, total=-(-n // rows), desc="Gauss-Newton matrix (Jacobians)",
                               enabled=progress_on(m.progress)):
             b = int(x.shape[0])
@@ -328,11 +352,9 @@ class CurvatureOperator:
         is one; otherwise one held by this operator, so its explicit matrix is cached here)."""
         if self.kind == "gauss-newton":
             return self
-        if self.indices is None and isinstance(self._model_ref, weakref.ref):  # a shared operator: its sibling
-            return operator_for(self.model, "gauss-newton")
         return self._cached("gauss_newton", self.state_key(),
-                            lambda: GaussNewtonOperator(self.model, indices=self.indices,
-                                                        _weak=isinstance(self._model_ref, weakref.ref)))
+                            lambda: GaussNewtonOperator(self.model, indices=self.indices, theta=self._theta,
+                                                        closed_form=self._forms))
 
     def eigenvalue_bounds(self, tol: float = 1e-4, maxiter: int | None = None) -> tuple[float, float]:
         """(smallest, largest) eigenvalue by Lanczos (ARPACK) on products, cached per state.
@@ -401,6 +423,12 @@ class CurvatureOperator:
         p = self.n_params
         t0 = time.perf_counter()
         if rank >= p - 1:
+            m = self.model
+            if p > m.max_hessian_params:
+                raise ValueError(f"{rank} eigenpairs of a p = {p} operator (rank >= p - 1) need the explicit matrix, "
+                                 f"refused above max_hessian_params = {m.max_hessian_params}: ask for at most "
+                                 f"{p - 2} (ArnoldiSolver's rank, CG's preconditioner_rank with "
+                                 f"preconditioner='nystrom'), or raise max_hessian_params")
             lam, V = np.linalg.eigh(self.dense())
             lam, V = lam[::-1][:rank], V[:, ::-1][:, :rank]
             matvecs = p
@@ -456,10 +484,10 @@ class CurvatureOperator:
     def _example_curvature(self, refine):
         m = self.model
         if self._eigmax is None:
-            self._eigmax = K.compiled(K.per_example_gn_eigmax_kernel(self._handle))
+            self._eigmax = K.compiled(K.per_example_gn_eigmax_kernel(m))
         k = self._n_outputs()
-        bs = max(1, min(m.batch_size, m._rows_per_chunk() // max(k, 1)))
-        lam = m._map_train(self._eigmax, m._theta_tf(), reduce="concat", batch_size=bs, desc="per-example curvature")
+        bs = max(1, min(m.batch_size, m.rows_per_chunk() // max(k, 1)))
+        lam = m.map_train(self._eigmax, self._theta_tensor(), reduce="concat", batch_size=bs, desc="per-example curvature")
         lam = np.maximum(lam, 0.0)
         if not self._example_curvature_exact() and refine > 0:
             ratio = 1.0
@@ -509,27 +537,21 @@ class GaussNewtonOperator(CurvatureOperator):
 
 OPERATORS = {cls.kind: cls for cls in (HessianOperator, GaussNewtonOperator)}
 
-_SHARED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def operator_for(model, curvature: str | None = None) -> CurvatureOperator:
-    """The shared operator of ``model`` for ``curvature`` (default: the model's ``curvature``).
-
-    One per model and curvature, kept while the model lives (it holds the model weakly), so
-    every convenience call reuses its compiled kernels and caches."""
+def make_operator(model, curvature: str | None = None, **options) -> CurvatureOperator:
+    """A new operator of ``model`` for ``curvature`` (default: the model's ``curvature``)."""
     curvature = check_curvature(model.curvature if curvature is None else curvature)
-    model._require_fit()
-    ops = _SHARED.setdefault(model, {})
-    op = ops.get(curvature)
-    if op is None:
-        op = ops[curvature] = OPERATORS[curvature](model, _weak=True)
-    return op
+    return OPERATORS[curvature](model, **options)
 
 
 def as_operator(obj, curvature: str | None = None) -> CurvatureOperator:
-    """An operator as it is, or the shared operator of a model."""
+    """An operator as it is; for a model, the model's own shared operator where it offers one
+    (``model.curvature_operator``, the concrete models' :class:`~influence.facade.Influence`),
+    else a new one."""
     if isinstance(obj, CurvatureOperator):
         if curvature is not None and check_curvature(curvature) != obj.kind:
             raise ValueError(f"curvature={curvature!r} given with a {obj.kind} operator")
         return obj
-    return operator_for(obj, curvature)
+    shared = getattr(obj, "curvature_operator", None)
+    if shared is not None:
+        return shared(curvature)
+    return make_operator(obj, curvature)

@@ -12,7 +12,9 @@ for itself. Estimators:
   over saved checkpoints; without checkpoints, the gradient dot product at the fitted parameters;
 - ``"trak"``: TRAK (Park et al. 2023) with a seeded random projection and an optional ensemble;
 - ``"grad_dot"``, ``"grad_cos"``: ``-g_test . g_i`` and its cosine (influence with ``H = I``);
-- ``"random"``: seeded Gaussian scores (the floor any estimator must beat).
+- ``"random"``: seeded Gaussian scores (the floor any estimator must beat);
+- ``"index"``: :class:`~influence.index.GradientIndex`, projected gradients written once to HDF5
+  shards, every query a matrix product (``path=`` names its directory).
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from .trak import TRAK, gaussian_projection
 ESTIMATORS = Registry("estimator", Estimator)
 for _cls in (InfluenceFunction, TracIn, TRAK, GradientDot, GradientCosine, RandomScores):
     ESTIMATORS.register(_cls)
+ESTIMATORS.register_lazy("index", "influence.index.gradient_index:GradientIndex")  # imports this package
 
 __all__ = ["ESTIMATORS", "Estimator", "GradientCosine", "GradientDot", "InfluenceFunction", "InfluenceRanking",
            "RandomScores", "TRAK", "TracIn", "TracInCheckpoints", "gaussian_projection", "get_estimator"]

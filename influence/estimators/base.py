@@ -1,13 +1,11 @@
 """The estimator interface: fitted on a model, then scores of training points per test point."""
 from __future__ import annotations
 
-import weakref
-
 import numpy as np
 
 
 def _is_model(obj) -> bool:
-    return hasattr(obj, "_require_fit") and hasattr(obj, "n_params")
+    return hasattr(obj, "require_fit") and hasattr(obj, "n_params")
 
 
 class Estimator:
@@ -23,17 +21,17 @@ class Estimator:
     name = "base"
 
     def __init__(self):
-        self._model_ref = None
+        self._model = None
 
-    def fit(self, model, _weak: bool = False) -> "Estimator":
+    def fit(self, model) -> "Estimator":
         """Bind the estimator to a fitted model (read, never modified)."""
-        model._require_fit()
-        self._model_ref = weakref.ref(model) if _weak else (lambda m=model: m)
+        model.require_fit()
+        self._model = model
         return self
 
     @property
     def model_(self):
-        model = None if getattr(self, "_model_ref", None) is None else self._model_ref()
+        model = getattr(self, "_model", None)
         if model is None:
             raise RuntimeError(f"{type(self).__name__} is not fitted: call fit(model) first")
         return model
@@ -74,8 +72,8 @@ def test_and_train_gradients(model, X_test, y_test, indices=None, include_regula
     """``(G_test (k, p), an iterator of (rows, G_train chunk (c, p)))`` at the model's theta."""
     X_test, y_test = model.as_batch(X_test, y_test)
     G_test = model.test_gradients(X_test, y_test)
-    idx = model._check_indices(indices)
-    c = chunk or max(1, min(len(idx), model._rows_per_chunk()))
+    idx = model.check_indices(indices)
+    c = chunk or max(1, min(len(idx), model.rows_per_chunk()))
 
     def chunks():
         for j in range(0, len(idx), c):

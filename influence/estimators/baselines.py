@@ -54,7 +54,7 @@ class RandomScores(Estimator):
     def _influence_matrix(self, X_test, y_test, indices=None) -> np.ndarray:
         model = self.model_
         X_test, _ = model.as_batch(X_test, y_test)
-        return np.random.default_rng(self.seed).standard_normal((len(X_test), len(model._check_indices(indices))))
+        return np.random.default_rng(self.seed).standard_normal((len(X_test), len(model.check_indices(indices))))
 
     def _self_scores(self) -> np.ndarray:
         return np.random.default_rng(self.seed).standard_normal(self.model_.n_train_)

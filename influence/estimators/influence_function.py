@@ -34,7 +34,7 @@ import numpy as np
 import tensorflow as tf
 
 from .. import result_store
-from ..curvature import check_curvature, operator_for
+from ..curvature import as_operator, check_curvature
 from ..solvers import InverseHVPSolver, SolveResult, get_solver
 from ..utils import hash_arrays, progress, progress_on
 from .base import Estimator
@@ -57,12 +57,10 @@ class InfluenceRanking:
     harmful_change: np.ndarray
 
 
-_WRITABLE: set = set()
-
-
-def _writable(folder: Path) -> bool:
-    """Whether files can be written into ``folder`` (created if absent); remembered once true."""
-    if folder in _WRITABLE:
+def _writable(folder: Path, known: set) -> bool:
+    """Whether files can be written into ``folder`` (created if absent); remembered in ``known``
+    (the influence object's own set) once true."""
+    if folder in known:
         return True
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -71,7 +69,7 @@ def _writable(folder: Path) -> bool:
         probe.unlink()
     except OSError:
         return False
-    _WRITABLE.add(folder)
+    known.add(folder)
     return True
 
 
@@ -80,12 +78,12 @@ def gradient_dots(model, s: np.ndarray, indices=None, include_regularizer: bool 
     """``s . g(z_i)`` (float64) for the given training indices, via forward-mode JVPs (no n x p
     matrix). With ``s = s_test`` this is ``-I_up,loss(z_i, z_test)``; named by what it returns,
     since every ``influence_*`` function returns ``I_up,loss`` itself."""
-    model._require_fit()
-    idx = model._check_indices(indices)
+    model.require_fit()
+    idx = model.check_indices(indices)
     s = np.asarray(s, dtype=model.dtype).reshape(-1)
     if s.shape != (model.n_params,):
         raise ValueError(f"s must have {model.n_params} entries")
-    out = model._map_train(model._kernels.jvp_losses, model._theta_tf(), tf.constant(s), reduce="concat",
+    out = model.map_train(model.kernels.jvp_losses, model.theta_tensor(), tf.constant(s), reduce="concat",
                            indices=None if indices is None else idx, desc="scores")
     out = np.asarray(out, dtype=np.float64)
     if include_regularizer:
@@ -104,9 +102,9 @@ def influence_scores(model, s, indices=None, include_regularizer: bool = True) -
 
 def score_input_gradients(model, s, indices) -> np.ndarray:
     """``-d/dx_i (s . grad L(z_i))`` for the given training indices."""
-    idx = model._check_indices(indices)
+    idx = model.check_indices(indices)
     st = tf.constant(np.asarray(s, dtype=model.dtype))
-    return -np.asarray(model._map_train(model._kernels.input_grad_of_score, model._theta_tf(), st, reduce="concat",
+    return -np.asarray(model.map_train(model.kernels.input_grad_of_score, model.theta_tensor(), st, reduce="concat",
                                         indices=idx), dtype=np.float64)
 
 
@@ -135,13 +133,17 @@ class InfluenceFunction(Estimator):
         self.curvature = None if curvature is None else check_curvature(curvature)
         self.cache_dir = cache_dir
         self._solver = get_solver(solver, **solver_options)  # validated now, before any work
+        self._writable_dirs: set = set()  # cache folders found writable
         super().__init__()
 
     # ------------------------------------------------------------------ fitting
-    def fit(self, model, _weak: bool = False) -> "InfluenceFunction":
-        """Bind to a fitted model: its curvature operator, and the solver fitted on it."""
-        super().fit(model, _weak=_weak)
-        self.operator_ = operator_for(model, self.curvature)
+    def fit(self, model, operator=None) -> "InfluenceFunction":
+        """Bind to a fitted model: its curvature operator (``operator``, or the model's own
+        shared one, :func:`~influence.curvature.as_operator`), and the solver fitted on it."""
+        super().fit(model)
+        if operator is not None and operator.model is not model:
+            raise ValueError("InfluenceFunction.fit: operator= belongs to another model than the one given")
+        self.operator_ = as_operator(model if operator is None else operator, self.curvature)
         self.solver_ = self._solver.fit(self.operator_)
         return self
 
@@ -168,14 +170,14 @@ class InfluenceFunction(Estimator):
         v = model.test_gradient(X_test, y_test)
         path = None
         if use_cache and self._cache_path("x") is not None:
-            key = hash_arrays(model._cache_identity(), model.theta_, model.data_fingerprint_, np.asarray(X_test),
+            key = hash_arrays(model.cache_identity(), model.theta_, model.data_fingerprint_, np.asarray(X_test),
                               np.asarray(y_test), self.solver_.config(), self.operator_.kind)
             path = self._cache_path(key)
             cached = result_store.load_solve(path, key)
             if cached is not None:
                 logger.info("s_test loaded from cache %s", key[:12])
                 return cached
-        if path is not None and not _writable(path.parent):  # found before the solve, not after it
+        if path is not None and not _writable(path.parent, self._writable_dirs):  # found before the solve, not after it
             logger.warning("s_test not cached: cache_dir %s cannot be written to", path.parent)
             path = None
         result = self.inverse_hvp(v)
@@ -215,7 +217,7 @@ class InfluenceFunction(Estimator):
         """
         if int(k) < 1:
             raise ValueError(f"k must be an integer >= 1, got {k!r}")
-        idx = self.model_._check_indices(indices)
+        idx = self.model_.check_indices(indices)
         change = self.predicted_loss_diffs(X_test, y_test, idx, use_cache=use_cache)
         up, down = np.argsort(-change, kind="stable"), np.argsort(change, kind="stable")
         up, down = up[change[up] > 0][:k], down[change[down] < 0][:k]
@@ -233,16 +235,16 @@ class InfluenceFunction(Estimator):
         The regulariser part of ``g`` does not depend on x, so it drops out. Refused before any
         solve where the inputs are not differentiable (integer tokens).
         """
-        self.model_._check_differentiable_inputs()
+        self.model_.check_differentiable_inputs()
         s = self.s_test(X_test, y_test, use_cache=use_cache).x
         return score_input_gradients(self.model_, s, indices)
 
     def self_influence(self, indices=None, include_regularizer: bool = True) -> np.ndarray:
         """``I_up,loss(z_i, z_i) = -g(z_i)^T C^-1 g(z_i)``; batched multi-RHS solves."""
         model = self.model_
-        idx = model._check_indices(indices)
+        idx = model.check_indices(indices)
         out = np.empty(len(idx))
-        chunk = max(1, min(len(idx), model._rows_per_chunk(), 1024))
+        chunk = max(1, min(len(idx), model.rows_per_chunk(), 1024))
         for j in range(0, len(idx), chunk):
             G = model.per_example_gradients(idx[j:j + chunk], include_regularizer)
             X = self.inverse_hvp(G.T).x
@@ -288,16 +290,16 @@ class InfluenceFunction(Estimator):
         if test_chunk is not None and int(test_chunk) < 1:
             raise ValueError(f"test_chunk must be an integer >= 1 or None, got {test_chunk!r}")
         tc = k if test_chunk is None else int(test_chunk)
-        idx = model._check_indices(indices)
+        idx = model.check_indices(indices)
         if out is not None and Path(out).suffix != ".npy":
             raise ValueError(f"out must be a path ending in .npy, got {out!r}")
         if resume and out is None:
             raise ValueError("resume=True needs out=<path>.npy to write to")
         key = None
         if resume:
-            key = hash_arrays(model._cache_identity(), model.theta_, model.data_fingerprint_, X_test, y_test, idx,
+            key = hash_arrays(model.cache_identity(), model.theta_, model.data_fingerprint_, X_test, y_test, idx,
                               include_regularizer, self.solver_.config(), self.operator_.kind, tc)
-        chunk = max(1, min(len(idx), model._rows_per_chunk()))
+        chunk = max(1, min(len(idx), model.rows_per_chunk()))
 
         def fill(result, done, chunk_done):
             for t in range(0, k, tc):

@@ -14,7 +14,25 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..validation import check_number
 from .base import Estimator, squared_gradient_norms, test_and_train_gradients
+
+
+def check_checkpoints(checkpoints) -> list:
+    """``[(theta, learning_rate), ...]`` checked: theta finite, the learning rate a number > 0."""
+    out = []
+    for k, item in enumerate(checkpoints):
+        try:
+            theta, lr = item
+        except (TypeError, ValueError):
+            raise ValueError(f"TracIn checkpoint {k} must be a pair (theta, learning_rate), got "
+                             f"{type(item).__name__}") from None
+        lr = check_number(f"learning rate of TracIn checkpoint {k}", lr, low=0.0, low_open=True)
+        theta = np.asarray(theta, dtype=np.float64).reshape(-1)
+        if not np.all(np.isfinite(theta)):
+            raise ValueError(f"TracIn checkpoint {k}: theta contains NaN or infinite values")
+        out.append((theta, lr))
+    return out
 
 
 class TracIn(Estimator):
@@ -24,26 +42,26 @@ class TracIn(Estimator):
 
     def __init__(self, checkpoints: list | None = None):
         super().__init__()
-        self._checkpoints = checkpoints
+        self._checkpoints = None if checkpoints is None else check_checkpoints(checkpoints)
         self.used_ = None
 
     def checkpoints_of(self, model) -> list:
         cps = self._checkpoints if self._checkpoints is not None else getattr(model, "checkpoints_", None)
-        return list(cps or [])
+        cps = check_checkpoints(cps or [])
+        for k, (theta, _) in enumerate(cps):
+            if theta.shape != (model.n_params,):
+                raise ValueError(f"TracIn checkpoint {k}: theta has {theta.size} entries, the model has "
+                                 f"p = {model.n_params} parameters")
+        return cps
 
     def _self_scores(self) -> np.ndarray:
         """``-sum_k lr_k ||grad L(z_i; theta_k)||^2`` (without checkpoints: at the fit)."""
         model = self.model_
         cps = self.checkpoints_of(model)
         self.used_ = "tracin" if cps else "grad_dot_at_fit"
-        saved = model.theta_.copy()
         total = np.zeros(model.n_train_)
-        try:
-            for theta, lr in cps or [(model.theta_, 1.0)]:
-                model.set_theta(theta)
-                total += float(lr) * squared_gradient_norms(model, include_regularizer=False)
-        finally:
-            model.set_theta(saved)
+        for theta, lr in cps or [(model.theta_, 1.0)]:  # a copy of the model at each checkpoint
+            total += float(lr) * squared_gradient_norms(model.at_theta(theta), include_regularizer=False)
         return -total
 
     def _influence_matrix(self, X_test, y_test, indices=None) -> np.ndarray:
@@ -52,19 +70,14 @@ class TracIn(Estimator):
         self.used_ = "tracin" if cps else "grad_dot_at_fit"
         if not cps:
             cps = [(model.theta_, 1.0)]
-        saved = model.theta_.copy()
         total = None
-        try:
-            for theta, lr in cps:
-                model.set_theta(theta)
-                G_test, idx, chunks = test_and_train_gradients(model, X_test, y_test, indices,
-                                                               include_regularizer=False)
-                part = np.empty((len(G_test), len(idx)))
-                for sl, G in chunks:
-                    part[:, sl] = G_test @ G.T
-                total = float(lr) * part if total is None else total + float(lr) * part
-        finally:
-            model.set_theta(saved)
+        for theta, lr in cps:  # a copy of the model at each checkpoint (the model is not touched)
+            G_test, idx, chunks = test_and_train_gradients(model.at_theta(theta), X_test, y_test, indices,
+                                                           include_regularizer=False)
+            part = np.empty((len(G_test), len(idx)))
+            for sl, G in chunks:
+                part[:, sl] = G_test @ G.T
+            total = float(lr) * part if total is None else total + float(lr) * part
         return -total
 
 

@@ -17,8 +17,6 @@ that supports the test prediction (helpful), so the estimator returns ``-tau``, 
 """
 from __future__ import annotations
 
-import weakref
-
 import numpy as np
 
 from ..validation import check_number
@@ -33,30 +31,18 @@ def gaussian_projection(p: int, proj_dim: int, seed: int = 0) -> np.ndarray | No
     return np.random.default_rng(seed).standard_normal((p, proj_dim)) / np.sqrt(proj_dim)
 
 
-_KERNELS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> its compiled margin kernel
-
-
-def _margin_kernel(model):
-    """tf.function ``(theta, x, y) -> (margins (b,), Q (b,), margin gradients (b, p))``, one per model
-    (held here, weakly keyed by the model, which is never modified)."""
-    cached = _KERNELS.get(model)
-    if cached is not None:
-        return cached
+def margin_kernel(model):
+    """tf.function ``(theta, x, y) -> (margins (b,), Q (b,), margin gradients (b, p))`` of one model
+    (a new one per call: :class:`TRAK` keeps one per ensemble member). The margin is the model's
+    own (``model.margin_function()``, e.g. the smooth-hinge SVM's ``y z``) or the log-odds of its
+    predictive distribution."""
     import tensorflow as tf
 
-    handle = model
-    model = weakref.proxy(model)  # the compiled kernel must not keep the model alive
+    from ..model_kernels import quiet_vectorized_map
 
-    from ..models.smooth_hinge import SmoothHingeSVM
-
-    if isinstance(handle, SmoothHingeSVM):
-        temp = float(model.temp)
-
-        def margin(out, y):
-            return tf.cast(y, out.dtype) * out
-
-        def weight(m):  # -dL/dm of the smooth hinge t log(1 + exp((1 - m)/t))
-            return tf.sigmoid((1 - m) / temp) if temp > 0 else tf.cast(m < 1, m.dtype)
+    own = model.margin_function()
+    if own is not None:
+        margin, weight = own
     elif model.predictive == "sigmoid":
         def margin(out, y):
             return (2 * tf.cast(y, out.dtype) - 1) * tf.reshape(out, [-1])
@@ -82,22 +68,21 @@ def _margin_kernel(model):
             xi, yi = args
             with tf.GradientTape() as tape:
                 tape.watch(theta)
-                m = margin(model._forward(model.unflatten(theta), xi[None]), yi[None])[0]
+                m = margin(model.forward(model.unflatten(theta), xi[None]), yi[None])[0]
             return m, tape.gradient(m, theta)
-        m, g = tf.vectorized_map(one, (x, y))
+        m, g = quiet_vectorized_map(one, (x, y))
         return m, weight(m), g
 
-    _KERNELS[handle] = compiled = tf.function(kernel, reduce_retracing=True)
-    return compiled
+    return tf.function(kernel, reduce_retracing=True)
 
 
-def projected_margin_gradients(model, X, y_encoded, P, chunk: int | None = None):
+def projected_margin_gradients(model, X, y_encoded, P, chunk: int | None = None, kernel=None):
     """``(phi (n, d), Q (n,))`` for examples ``X`` with encoded labels, projected by ``P`` chunk by chunk."""
     import tensorflow as tf
 
-    kernel = _margin_kernel(model)
-    th = model._theta_tf()
-    c = chunk or max(1, min(model.batch_size, model._rows_per_chunk()))
+    kernel = margin_kernel(model) if kernel is None else kernel
+    th = model.theta_tensor()
+    c = chunk or max(1, min(model.batch_size, model.rows_per_chunk()))
     phis, qs = [], []
     for j in range(0, len(X), c):
         _, q, g = kernel(th, tf.constant(X[j:j + c]), tf.constant(y_encoded[j:j + c]))
@@ -120,19 +105,40 @@ class TRAK(Estimator):
         self.proj_dim = check_number("proj_dim", proj_dim, low=1, integer=True)
         self.damping = check_number("damping", damping, low=0.0)
         self.seed = check_number("seed", seed, low=0, integer=True)
-        self._models = models
+        self._models = None if models is None else list(models)
+        self._kernels = {}  # id(member) -> (member, its compiled margin kernel)
+
+    def _kernel(self, m):
+        hit = self._kernels.get(id(m))
+        if hit is None or hit[0] is not m:
+            hit = self._kernels[id(m)] = (m, margin_kernel(m))
+        return hit[1]
+
+    def _ensemble(self) -> list:
+        """The members, each checked to hold the training set of the model the estimator is
+        fitted on (same points, same order: the scores are summed per training point)."""
+        model = self.model_
+        ensemble = list(self._models) if self._models else [model]
+        for k, m in enumerate(ensemble):
+            m.require_fit()
+            if m.n_train_ != model.n_train_ or m.data_fingerprint_ != model.data_fingerprint_:
+                raise ValueError(f"TRAK(models=...): member {k} ({type(m).__name__}) holds other training points "
+                                 f"than the fitted model (n = {m.n_train_} vs {model.n_train_}, data fingerprint "
+                                 f"{m.data_fingerprint_[:12]} vs {model.data_fingerprint_[:12]}); every member must "
+                                 f"hold the same training set, in the same order")
+        return ensemble
 
     def _features(self, m, k):
         """``(P, Phi, Q, (Phi^T Phi + damping I)^+ as (U, inv))`` of ensemble member ``k``."""
         P = gaussian_projection(m.n_params, self.proj_dim, self.seed + k)
-        Phi, Q = projected_margin_gradients(m, m.X_train_np_, m.y_train_.numpy(), P)
+        Phi, Q = projected_margin_gradients(m, m.X_train_np_, m.y_train_.numpy(), P, kernel=self._kernel(m))
         w, U = np.linalg.eigh(Phi.T @ Phi + self.damping * np.eye(Phi.shape[1]))
         inv = np.where(w > 1e-12 * max(w.max(), 1e-300), 1 / np.where(w > 0, w, 1), 0.0)  # pseudo-inverse
         return P, Phi, Q, U, inv
 
     def _self_scores(self) -> np.ndarray:
         """``-tau(i, i) = -phi_i^T (Phi^T Phi + damping I)^+ phi_i Q_i``, averaged over the ensemble."""
-        ensemble = list(self._models) if self._models else [self.model_]
+        ensemble = self._ensemble()
         total = 0.0
         for k, m in enumerate(ensemble):
             _, Phi, Q, U, inv = self._features(m, k)
@@ -141,15 +147,13 @@ class TRAK(Estimator):
 
     def _influence_matrix(self, X_test, y_test, indices=None) -> np.ndarray:
         model = self.model_
-        ensemble = list(self._models) if self._models else [model]
+        ensemble = self._ensemble()
         X_test, y_test = model.as_batch(X_test, y_test)
-        idx = model._check_indices(indices)
+        idx = model.check_indices(indices)
         total = np.zeros((len(X_test), len(idx)))
         for k, m in enumerate(ensemble):
-            if m.n_train_ != model.n_train_:
-                raise ValueError("every model of the ensemble must be fitted on the same training set")
             P, Phi, Q, U, inv = self._features(m, k)
-            Xt, yt = m._check_xy(X_test, y_test, "X_test")
-            phi_t, _ = projected_margin_gradients(m, Xt, yt, P)
+            Xt, yt = m.check_xy(X_test, y_test, "X_test")
+            phi_t, _ = projected_margin_gradients(m, Xt, yt, P, kernel=self._kernel(m))
             total += (((phi_t @ U) * inv) @ (U.T @ Phi[idx].T)) * Q[idx]
         return -total / len(ensemble)

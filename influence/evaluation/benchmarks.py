@@ -54,7 +54,7 @@ def logistic_rows(model, data, args, xt, yt):
     def one_gradient_dot(x, y):
         with tf.GradientTape() as tape:
             tape.watch(theta)
-            loss = model._kernels.losses(theta, x[None], y[None])[0]
+            loss = model.kernels.losses(theta, x[None], y[None])[0]
         return tf.reduce_sum(tape.gradient(loss, theta) * s_tf)
 
     m = min(args.loop_subset, n)

@@ -25,7 +25,7 @@ FIT = "fit"  # the unit's name in the journal
 
 def fit_journal(model, X, y, path) -> Journal:
     """The journal of ``model``'s fit on ``(X, y)`` at ``path``."""
-    return Journal(path, {"model": model._cache_identity(), "data": hash_arrays(np.asarray(X), np.asarray(y))})
+    return Journal(path, {"model": model.cache_identity(), "data": hash_arrays(np.asarray(X), np.asarray(y))})
 
 
 def fit_from_journal(model, X, y, path, fresh: bool = False) -> Journal:
@@ -37,10 +37,8 @@ def fit_from_journal(model, X, y, path, fresh: bool = False) -> Journal:
     book = fit_journal(model, X, y, path)
     saved = book.arrays(FIT) if FIT in book else None
     if saved is not None:
-        model.set_training_data(X, y).set_theta(saved["theta"])
-        model.adam_state_ = (saved["m"], saved["v"], int(saved["t"]))
-        model.final_learning_rate_ = book.get(FIT)["final_learning_rate"]
-        model.grad_norm_ = float(np.linalg.norm(model.gradient()))
+        model.restore_fit(X, y, saved["theta"], adam_state=(saved["m"], saved["v"], int(saved["t"])),
+                          final_learning_rate=book.get(FIT)["final_learning_rate"])
         logger.info("fit restored from %s (delete it or pass --fresh to re-train)", path)
         return book
     model.fit(X, y)

@@ -271,7 +271,7 @@ def cnn_board(cnn, *, quick: bool, out_dir, lds_tests: int, lds_subsets: int, se
         board.note("no LDS: the figure's fit journal (fit.jsonl and its npz, with the Adam state that re-training "
                    "continues) is not in the folder")
         return board
-    model.adam_state_, model.final_learning_rate_ = state
+    model.restore_training_state(*state)
     Xk, yk = d.test.x[:lds_tests], d.test.y[:lds_tests]
     matrices = {}
     solves = {"CG": "CG (the figure's solve)", "CG, Gauss-Newton": "CG, Gauss-Newton (the figure's solve)"}

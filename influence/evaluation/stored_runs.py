@@ -94,7 +94,7 @@ def replayed_checkpoints(cfg, seed, X, y, theta, out, k=10):
                    train_batch_size=500, decay_fractions=tuple(cfg["decay_fractions"]), lbfgs_iter=cfg["lbfgs_iter"],
                    dtype=cfg.get("dtype", "float64"), seed=seed, checkpoints=k, progress=True)
     book = Journal(Path(out) / "cnn_tracin_checkpoints.jsonl",
-                   {"what": "fig2 CNN fit replayed for TracIn", "model": model._cache_identity(),
+                   {"what": "fig2 CNN fit replayed for TracIn", "model": model.cache_identity(),
                     "data": hash_arrays(np.asarray(X), np.asarray(y)), "theta": hash_arrays(theta)})
     saved = book.arrays("checkpoints") if "checkpoints" in book else None
     if saved is None:

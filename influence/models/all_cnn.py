@@ -40,14 +40,19 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 import tensorflow as tf  # noqa: E402
 
 from ..validation import check_number
-from ..generic_neural_net import GenericNeuralNet, ParamBlock  # noqa: E402
-from ..utils import BatchSequence, progress, progress_on  # noqa: E402
+from ..generic_neural_net import ParamBlock  # noqa: E402
+from .base import Model  # noqa: E402
+from ..utils import BatchSequence, bar, progress, progress_on  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
 
-class AllCNN(GenericNeuralNet):
+class AllCNN(Model):
     """All-convolutional net; see the module docstring for layers, init and training."""
+
+    #: the re-fit protocol's settings change no fitted result (re-fit journals are keyed by them)
+    mutable_config = Model.mutable_config + ("retrain_iter", "retrain_steps", "retrain_seed",
+                                             "retrain_learning_rate", "checkpoints")
 
     def __init__(self, n_classes: int = 10, channels: tuple = (8, 8, 8, 8, 8), strides: tuple = (1, 2, 1, 2, 1),
                  kernel_size: int = 3, weight_decay: float = 0.001, learning_rate: float = 1e-4,
@@ -150,7 +155,7 @@ class AllCNN(GenericNeuralNet):
         return self.learning_rate * np.where(step < self.decay_fractions[0] * steps, 1.0,
                                              np.where(step < self.decay_fractions[1] * steps, 0.1, 0.01))
 
-    def adam(self, theta0: np.ndarray, steps: int, seed: int | None = None, chunk: int = 500,
+    def adam(self, theta0: np.ndarray, steps: int, seed: int | None = None, chunk: int = 100,
              state: tuple | None = None, learning_rates: np.ndarray | None = None,
              example_weights: np.ndarray | None = None, desc: str | None = "Adam",
              record_every: int | None = None, record: list | None = None) -> tuple[np.ndarray, tuple]:
@@ -180,12 +185,17 @@ class AllCNN(GenericNeuralNet):
         sequence = BatchSequence(n, b, self.seed if seed is None else seed)
         if record_every:
             chunk = min(chunk, int(record_every))
-        for start in progress(range(0, steps, chunk), total=-(-steps // chunk), desc=desc,
-                               enabled=progress_on(self.progress) and desc is not None):
-            k = min(chunk, steps - start)
-            run(self.X_train_, self.y_train_, tf.constant(sequence.take(k)), tf.constant(lrs_all[start:start + k], dt))
-            if record_every and record is not None and (start + k) % int(record_every) == 0:
-                record.append((theta.numpy().copy(), float(lrs_all[start + k - 1])))
+        shown = bar(total=steps, desc=desc, unit="step", enabled=progress_on(self.progress) and desc is not None)
+        try:  # the bar counts steps (a heartbeat shows "Adam: 300/2000", not "0/1" for minutes)
+            for start in range(0, steps, chunk):
+                k = min(chunk, steps - start)
+                run(self.X_train_, self.y_train_, tf.constant(sequence.take(k)),
+                    tf.constant(lrs_all[start:start + k], dt))
+                shown.update(k)
+                if record_every and record is not None and (start + k) % int(record_every) == 0:
+                    record.append((theta.numpy().copy(), float(lrs_all[start + k - 1])))
+        finally:
+            shown.close()
         return theta.numpy(), (m.numpy(), v.numpy(), int(t.numpy()))
 
     def _adam_kernel(self):
@@ -256,16 +266,38 @@ class AllCNN(GenericNeuralNet):
         """
         if self.retrain != "adam":
             return super().retrain_without(indices)
-        self._require_fit()
+        self.require_fit()
         if getattr(self, "adam_state_", None) is None:
             raise RuntimeError("retrain='adam' needs the Adam state of training (fit with adam_steps > 0)")
         w = np.ones(self.n_train_)
-        w[self._check_indices(indices)] = 0.0
+        w[self.check_indices(indices)] = 0.0
         lrs = np.full(self.retrain_steps, self.final_learning_rate_ if self.retrain_learning_rate is None
                       else self.retrain_learning_rate)
         theta, _ = self.adam(self.theta_.copy(), self.retrain_steps, seed=self.retrain_seed, state=self.adam_state_,
                              learning_rates=lrs, example_weights=w, desc=None)
         return theta
+
+    def restore_fit(self, X, y, theta, adam_state=None, final_learning_rate=None) -> "AllCNN":
+        """Hold the training set and a fit recorded earlier (theta, and the Adam state and final
+        learning rate that ``retrain='adam'`` continues from) without training again."""
+        self.set_training_data(X, y).set_theta(theta)
+        self.restore_training_state(adam_state, final_learning_rate)
+        self.grad_norm_ = float(np.linalg.norm(self.gradient()))
+        return self
+
+    def restore_training_state(self, adam_state, final_learning_rate) -> "AllCNN":
+        """The Adam state ``(m, v, t)`` and final learning rate of the training that produced
+        theta (recorded by an earlier run), for ``retrain='adam'``."""
+        if adam_state is not None:
+            m, v, t = adam_state
+            m, v = np.asarray(m, dtype=self.dtype), np.asarray(v, dtype=self.dtype)
+            if m.shape != (self.n_params,) or v.shape != (self.n_params,):
+                raise ValueError(f"adam_state: m and v must have {self.n_params} entries, got {m.shape}, {v.shape}")
+            adam_state = (m, v, int(t))
+        self.adam_state_ = adam_state
+        self.final_learning_rate_ = (None if final_learning_rate is None else
+                                     check_number("final_learning_rate", final_learning_rate, low=0.0, low_open=True))
+        return self
 
     def __getstate__(self):
         state = super().__getstate__()

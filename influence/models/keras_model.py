@@ -60,12 +60,14 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import tensorflow as tf  # noqa: E402
 
-from ..generic_neural_net import GenericNeuralNet, ParamBlock  # noqa: E402
+from ..generic_neural_net import ParamBlock  # noqa: E402
+from .base import Model  # noqa: E402
+from ..utils import frozen_copy  # noqa: E402
 
 LOSSES = ("softmax", "sigmoid", "squared")
 
 
-class KerasModel(GenericNeuralNet):
+class KerasModel(Model):
     """A built Keras model as a :class:`GenericNeuralNet` (see the module docstring).
 
     Parameters
@@ -138,6 +140,10 @@ class KerasModel(GenericNeuralNet):
         self.retrain = retrain
         if feature_cache not in (True, False, "auto"):
             raise ValueError(f"feature_cache must be True, False or 'auto', got {feature_cache!r}")
+        if feature_cache is True and trainable is None:
+            raise ValueError("feature_cache=True caches the features of the frozen layers below theta, but "
+                             "trainable=None puts every layer in theta (nothing is frozen): name the layers of theta "
+                             "(trainable=[...]) or leave feature_cache='auto'")
         self.feature_cache = feature_cache
         self._split = None  # index of the first layer of the head when the frozen features are cached
         if self.loss in ("softmax", "sigmoid"):
@@ -178,7 +184,7 @@ class KerasModel(GenericNeuralNet):
                 self._check_probabilities(X[:64].astype(self.dtype) if np.issubdtype(X.dtype, np.floating) else X[:64])
         raw = None if self._split is not None and self._is_features(X) else np.asarray(X)
         out = super()._set_training_data(X, y)
-        self.X_train_raw_ = raw if self._split is not None else None  # for a retrain callable
+        self.X_train_raw_ = frozen_copy(raw, X) if self._split is not None else None  # for a retrain callable
         return out
 
     def _is_features(self, X) -> bool:
@@ -264,7 +270,7 @@ class KerasModel(GenericNeuralNet):
             value = self._values()
             self._prefix = (self._frozen_key, tf.function(lambda x: self._apply(self._layers[:self._split], x, value),
                                                           reduce_retracing=True))
-        parts = [self._prefix[1](tf.constant(X[sl])).numpy() for sl in self._slices(len(X))]
+        parts = [self._prefix[1](tf.constant(X[sl])).numpy() for sl in self.slices(len(X))]
         feats = np.concatenate(parts).astype(self.dtype) if parts else np.zeros((0, *self._feature_shape), self.dtype)
         self._feature_memo = (key, feats)
         return feats
@@ -355,7 +361,7 @@ class KerasModel(GenericNeuralNet):
             h = self._apply([layer], h, value)
         return h, taps
 
-    def _check_differentiable_inputs(self) -> None:
+    def check_differentiable_inputs(self) -> None:
         if self._split is not None:
             raise ValueError("influence_pert_loss differentiates with respect to the training inputs, but the frozen "
                              "layers' features are cached (feature_cache): wrap the model with feature_cache=False")
@@ -394,13 +400,13 @@ class KerasModel(GenericNeuralNet):
             raise ValueError("labels must be 0 or 1 for loss='sigmoid'")
         return y.astype(self.dtype)
 
-    def _cache_identity(self) -> dict:
+    def cache_identity(self) -> dict:
         """The base class's, plus the architecture and the weights outside theta: two Keras
         models with the same configuration string (``<Sequential name=...>``) but different
         layers, activations or frozen weights must not share cached ``s_test`` vectors."""
         from ..utils import hash_arrays
 
-        ident = super()._cache_identity()
+        ident = super().cache_identity()
         ident["model"] = architecture_fingerprint(self.model)
         if self._built:  # every weight that changes the outputs: the frozen ones and the layers' state too
             ident["fixed_weights"] = hash_arrays(*[f.numpy() for f in self._frozen if f is not None],
@@ -420,8 +426,8 @@ class KerasModel(GenericNeuralNet):
         ``indices`` is the control re-fit). The model itself is left as it was."""
         if self.retrain is None:
             return super().retrain_without(indices)
-        self._require_fit()
-        drop = self._check_indices(indices)
+        self.require_fit()
+        drop = self.check_indices(indices)
         if isinstance(self.retrain, KerasRetrain):
             weights = np.ones(self.n_train_)
             weights[drop] = 0.0
@@ -509,7 +515,7 @@ class KerasModel(GenericNeuralNet):
     # ------------------------------------------------------------------ convenience
     def update_keras_model(self) -> None:
         """Write ``theta`` back into the wrapped Keras model's variables."""
-        self._require_fit()
+        self.require_fit()
         selected = [v for v, sel in zip(self.model.trainable_variables, self._selected) if sel]
         for var, value in zip(selected, self.unflatten(tf.constant(self.theta_))):
             var.assign(tf.cast(value, var.dtype))

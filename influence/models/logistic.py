@@ -13,10 +13,61 @@ import numpy as np
 import tensorflow as tf
 
 from ..validation import check_number
-from ..generic_neural_net import GenericNeuralNet, ParamBlock
+from ..generic_neural_net import ParamBlock
+from .base import Model
 
 
-class ConvexClassifier(GenericNeuralNet):
+class LinearCurvature:
+    """The closed-form loss curvature of a logistic model (outputs linear in theta, so H = G):
+    what the curvature operators use in place of autodiff products
+    (:meth:`GenericNeuralNet.closed_form_curvature`). Every method takes theta explicitly.
+
+    - ``batch_sum(theta, x, y, V)``: ``sum_i nabla^2 L(z_i) V`` over a batch, as TF ops;
+    - ``numpy_sum(theta, x, V, weights)``: the same in numpy for a block of rows;
+    - ``weights(theta, x)``: what the products need of theta per row (computed once per state);
+    - ``split()`` / ``split_sum(split, V, weights, rows)``: the training inputs' column split
+      (:class:`~influence.curvature.gram.ColumnSplit`, made once and shared by the operators
+      given this object; None for dense inputs) and the whole-set product over it;
+    - ``matrix(theta, indices)``: the explicit (p, p) matrix with the regulariser;
+    - ``blocks(theta, indices, dtype, split, weights)``: the structured explicit matrix
+      (index, B) over the parameters with loss curvature (softmax regression).
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.has_split_sum = hasattr(model, "_curvature_sum_split_np")
+        self.has_blocks = hasattr(model, "_closed_form_curvature")
+        self._split = None  # (data fingerprint, split)
+
+    def batch_sum(self, theta, x, y, V):
+        return self.model._curvature_sum(theta, x, y, V)
+
+    def numpy_sum(self, theta, x, V, weights=None):
+        return self.model._curvature_sum_np(theta, x, V, weights=weights)
+
+    def weights(self, theta, x):
+        return self.model._curvature_weights_np(theta, x)
+
+    def split(self):
+        from ..curvature.gram import ColumnSplit
+
+        m = self.model
+        key = (m.data_fingerprint_, np.dtype(m.dtype).str)
+        if self._split is None or self._split[0] != key:
+            self._split = (key, ColumnSplit.if_worthwhile(m.X_train_np_, dtype=m.dtype))
+        return self._split[1]
+
+    def split_sum(self, split, V, weights, rows):
+        return self.model._curvature_sum_split_np(split, V, weights, rows)
+
+    def matrix(self, theta, indices=None):
+        return self.model._closed_form_hessian(theta, indices)
+
+    def blocks(self, theta, indices=None, dtype=np.float64, split=None, weights=None):
+        return self.model._closed_form_curvature(theta, indices, dtype=dtype, split=split, weights=weights)
+
+
+class ConvexClassifier(Model):
     """A convex linear model fitted by L-BFGS (+ Newton polish) to a tight tolerance.
 
     ``tol`` is L-BFGS's max-abs-gradient stopping point; ``max_iter`` its iteration cap;
@@ -116,10 +167,10 @@ class LogisticRegression(ConvexClassifier):
 
     def _curvature_sum_np(self, theta, x, V, weights=None):
         """:meth:`_curvature_sum` in numpy for a block of rows ``x`` (the operators' products: the
-        BLAS behind numpy multiplies float64 matrices ~1.5-2.5x faster than TF's on CPU). Row-major
+        BLAS behind numpy multiplies float64 matrices faster than TF's on CPU: docs/solvers.md). Row-major
         ``vec(W)`` makes ``V.reshape(d, k m)`` each column's W side by side, class-major. Computed
         transposed, ``A^T = [W, V]^T x^T`` and ``B^T x``: the BLAS runs these wide-by-skinny shapes
-        ~1.6x faster for one column (measured on 55,000 x 784; the same numbers to 1e-15)."""
+        faster for one column (docs/solvers.md; the same numbers to 1e-15)."""
         d, k = self.blocks_[0].shape
         m = V.shape[1]
         if weights is None:
@@ -179,7 +230,10 @@ class LogisticRegression(ConvexClassifier):
         d, k = self.blocks_[0].shape
         return self._softmax_columns(theta.reshape(d, k).T @ x.T).T
 
-    def _closed_form_curvature(self, indices=None, dtype=np.float64, split=None, weights=None):
+    def closed_form_curvature(self) -> LinearCurvature:
+        return LinearCurvature(self)
+
+    def _closed_form_curvature(self, theta, indices=None, dtype=np.float64, split=None, weights=None):
         """The loss part of the explicit Hessian (= G), ``(1/n) sum_i S_i kron (x_i x_i^T)`` with
         ``S_i = diag(P_i) - P_i P_i^T``, over the training points ``indices`` (None: all), as
         ``(index, B)``: ``B`` (dtype) is that matrix restricted to the parameters ``index``; it is
@@ -199,7 +253,7 @@ class LogisticRegression(ConvexClassifier):
         X = self.X_train_np_ if indices is None else self.X_train_np_[np.asarray(indices)]
         d, k = self.blocks_[0].shape
         n = max(X.shape[0], 1)
-        theta = np.asarray(self.theta_, dtype=np.float64)
+        theta = np.asarray(theta, dtype=np.float64)
         rows = int(max(256, 2 ** 22 // max(d, 1)))
         if weights is not None:
             P = weights
@@ -222,10 +276,10 @@ class LogisticRegression(ConvexClassifier):
         index = (split.index[None, :] * k + np.arange(k)[:, None]).ravel()  # class-major
         return index, B.reshape(k * m, k * m)
 
-    def _closed_form_hessian(self, indices=None):
+    def _closed_form_hessian(self, theta, indices=None):
         """The explicit Hessian (= G) ``(1/n) sum_i S_i kron (x_i x_i^T) + wd diag(mask)`` in
         float64 (:meth:`_closed_form_curvature`, placed in the full (p, p) matrix)."""
-        index, B = self._closed_form_curvature(indices)
+        index, B = self._closed_form_curvature(theta, indices)
         H = np.zeros((self.n_params, self.n_params))
         order = np.argsort(index)
         pos = index[order]
@@ -297,18 +351,21 @@ class BinaryLogisticRegression(ConvexClassifier):
         """
         import scipy.linalg
 
-        idx = self._check_indices(indices)
+        idx = self.check_indices(indices)
         X = self.X_train_np_[idx]
         L = scipy.linalg.cholesky(self.hessian(), lower=True)
         Z = scipy.linalg.solve_triangular(L, X.T, lower=True)
         r = 1.0 / (1.0 + np.exp(-(X @ self.theta_))) - self.y_train_np_[idx]
         return -(r ** 2) * np.sum(Z * Z, axis=0)
 
-    def _closed_form_hessian(self, indices=None):
+    def closed_form_curvature(self) -> LinearCurvature:
+        return LinearCurvature(self)
+
+    def _closed_form_hessian(self, theta, indices=None):
         """Closed form ``X^T diag(p(1-p)) X / n + wd I`` (= G: the outputs are linear in theta)
         over the training points ``indices`` (None: all); the curvature operators' explicit matrix."""
         X = self.X_train_np_ if indices is None else self.X_train_np_[np.asarray(indices)]
-        p = 1.0 / (1.0 + np.exp(-(X @ self.theta_)))
+        p = 1.0 / (1.0 + np.exp(-(X @ np.asarray(theta))))
         H = (X.T * (p * (1 - p))) @ X / max(X.shape[0], 1)
         return 0.5 * (H + H.T) + self.weight_decay * np.diag(self.decay_mask_)
 

@@ -35,6 +35,19 @@ def smooth_hinge(s, t: float):
 class SmoothHingeSVM(ConvexClassifier):
     """Linear SVM with the smooth hinge loss at temperature ``temp`` (labels -1/+1)."""
 
+    def margin_function(self):
+        """TRAK's output function ``m = y z`` and ``Q = -dL/dm`` of the smooth hinge
+        ``t log(1 + exp((1 - m) / t))`` (a step at ``t = 0``)."""
+        temp = float(self.temp)
+
+        def margin(out, y):
+            return tf.cast(y, out.dtype) * out
+
+        def weight(m):
+            return tf.sigmoid((1 - m) / temp) if temp > 0 else tf.cast(m < 1, m.dtype)
+
+        return margin, weight
+
     def __init__(self, temp: float = 0.0, use_bias: bool = False, weight_decay: float = 0.01,
                  svc_tol: float = 1e-8, svc_max_iter: int = 100000, **kwargs):
         super().__init__(weight_decay=weight_decay, **kwargs)

@@ -107,6 +107,22 @@ class InverseHVPSolver:
         self.operator_ = as_operator(operator)
         return self
 
+    def settings_key(self) -> dict:
+        """Every option of this solver, the private ones too (a callable by its identity): two
+        solvers with equal keys compute the same things (the facade shares one per key)."""
+        return {k: (id(v) if callable(v) else repr(v)) for k, v in vars(self).items()
+                if k not in ("_store", "operator_")}
+
+    def share_store(self, store: dict) -> "InverseHVPSolver":
+        """Use ``store`` for precomputed values (shared by solvers of one kind on one operator;
+        every entry is keyed by all it depends on)."""
+        self._store = store
+        return self
+
+    @staticmethod
+    def new_store() -> dict:
+        return {}
+
     def _memo(self, name: str, key, compute):
         """``compute()`` once per ``key`` (e.g. the operator's state and the options it depends on)."""
         return memo(self._store, name, key, compute)

@@ -112,8 +112,8 @@ class CGSolver(InverseHVPSolver):
                  on_failure: str = "raise", precision: str = "full", inner_tol: float = 1e-4):
         super().__init__(damping)
         self._precision = check_choice("precision", precision, ("full", "mixed"))  # same answer: not in the key
-        self._inner_tol = check_number("inner_tol", inner_tol, low=0.0, low_open=True, high=1.0)
-        self.tol = check_number("tol", tol, low=0.0, low_open=True, allow_none=True)
+        self._inner_tol = check_number("inner_tol", inner_tol, low=0.0, low_open=True, high=1.0, high_open=True)
+        self.tol = check_number("tol", tol, low=0.0, low_open=True, high=1.0, high_open=True, allow_none=True)
         self.on_failure = check_choice("on_failure", on_failure, ("raise", "warn"))
         self.maxiter = check_number("maxiter", maxiter, low=1, integer=True, allow_none=True)
         self._preconditioner = make_preconditioner(preconditioner, preconditioner_rank)
@@ -147,7 +147,7 @@ class CGSolver(InverseHVPSolver):
             return self._mixed_solve(op, v, tol, maxiter, block, matvec)
         pc, pc_info = None, {}
         if self._preconditioner is not None:
-            pc = self._preconditioner.build(op, self.damping)
+            pc = self._preconditioner.fit(op, self.damping).apply
             pc_info = dict(self._preconditioner.setup)
         shown = bar(total=maxiter, desc=("block CG" if block else "CG") + (f" ({pc_info['preconditioner']})"
                                                                            if pc_info else ""),
@@ -166,13 +166,13 @@ class CGSolver(InverseHVPSolver):
 
     def _mixed_solve(self, op, v, tol, maxiter, block, matvec):
         """Iterative refinement: the correction ``(C32 + d I) e = r`` by (block) CG on the float32
-        twin to ``inner_tol`` (its products ~3x cheaper), the residual ``r = v - (C + d I) x`` in
+        twin to ``inner_tol`` (its products cheaper: docs/solvers.md), the residual ``r = v - (C + d I) x`` in
         float64, until ``||r|| <= tol ||v||``; the preconditioner is built on the twin."""
         low = op.low_precision()
         low_mv = lambda u: low.hvp(u).astype(np.float64) + self.damping * u  # noqa: E731
         pc, pc_info = None, {}
         if self._preconditioner is not None:
-            pc = self._preconditioner.build(low, self.damping)
+            pc = self._preconditioner.fit(low, self.damping).apply
             pc_info = dict(self._preconditioner.setup)
         shown = bar(total=None, desc=("block CG" if block else "CG") + " (mixed precision)",
                     enabled=progress_on(op.model.progress))

@@ -88,6 +88,21 @@ class AutoDamping:
         return "auto" if self == AutoDamping() else {"auto": asdict(self)}
 
 
+def raise_until_definite(solve, damping: float, auto: AutoDamping | None = None):
+    """The rule's retry from a known starting damping (no eigenvalue estimate): ``solve(damping)``
+    (a SolveResult), the damping raised by ``auto.raised`` while the solve met negative curvature,
+    at most ``auto.retries`` times. Returns ``(result, damping)`` of the last solve."""
+    auto = AutoDamping() if auto is None else auto
+    damping = check_number("damping", damping, low=0.0)
+    res = solve(damping)
+    for _ in range(auto.retries):
+        if not res.info.get("negative_curvature"):
+            break
+        damping = auto.raised(damping, 0.0)
+        res = solve(damping)
+    return res, damping
+
+
 def check_damping(damping) -> float | AutoDamping:
     """A damping setting: a number >= 0, ``"auto"`` or an :class:`AutoDamping`."""
     if isinstance(damping, AutoDamping):

@@ -64,14 +64,14 @@ class BlockFactors:
     corrected: np.ndarray | None = None
 
 
-def _as_positions(t, d):
+def as_positions(t, d):
     """(batch, ..., d) -> (batch, T, d)."""
     import tensorflow as tf
 
     return tf.reshape(t, [tf.shape(t)[0], -1, d])
 
 
-def _tap_inputs(tap, kernel_shape, with_bias: bool):
+def tap_inputs(tap, kernel_shape, with_bias: bool):
     """The tap's input as (batch, T, d_in) rows of W (im2col patches for Conv2D), 1 appended for a bias."""
     import tensorflow as tf
 
@@ -82,13 +82,13 @@ def _tap_inputs(tap, kernel_shape, with_bias: bool):
     else:
         a = tap.a
     d_in = int(np.prod(kernel_shape[:-1])) if len(kernel_shape) > 1 else int(kernel_shape[0])
-    a = _as_positions(a, d_in)
+    a = as_positions(a, d_in)
     if with_bias:
         a = tf.concat([a, tf.ones_like(a[..., :1])], axis=-1)
     return a
 
 
-def _kernel_matrix_shape(shape) -> tuple[int, int]:
+def kernel_matrix_shape(shape) -> tuple[int, int]:
     return (int(np.prod(shape[:-1])), int(shape[-1])) if len(shape) > 1 else (int(shape[0]), 1)
 
 
@@ -119,7 +119,7 @@ def correct_eigenvalues(model, blocks, fisher, mc_samples, seed, kernels=None) -
     logger.info("EK-FAC eigenvalues in %.2fs", time.perf_counter() - t0)
 
 
-def _check_coverage(model, taps):
+def check_coverage(model, taps):
     covered = [t.kernel_block for t in taps] + [t.bias_block for t in taps if t.bias_block is not None]
     missing = [b.name for i, b in enumerate(model.blocks_) if i not in covered]
     if missing:
@@ -127,21 +127,21 @@ def _check_coverage(model, taps):
                          f"belong to no factorable layer")
 
 
-def _targets_losses(model, out, y, fisher, mc_samples, seed):
+def targets_losses(model, out, y, fisher, mc_samples, seed):
     """Inside the tape: the summed losses whose gradients are the backward signals (empirical,
     Monte Carlo); none for the expectation form, which backpropagates ``R`` directly."""
     import tensorflow as tf
 
     if fisher == "empirical":
-        return [tf.reduce_sum(model._loss(out, y))]
+        return [tf.reduce_sum(model.pointwise_loss(out, y))]
     if fisher == "mc":
-        return [tf.reduce_sum(model._loss(out, model._sample_targets(
+        return [tf.reduce_sum(model.pointwise_loss(out, model.sample_targets(
             tf.stop_gradient(out), tf.random.experimental.stateless_fold_in(seed, m), y.dtype)))
             for m in range(mc_samples)]
     return []
 
 
-def _backward_signals(model, tape, out, s_list, y, losses):
+def backward_signals(model, tape, out, s_list, y, losses):
     """The list (one entry per backward pass) of gradients w.r.t. every tap's pre-activation."""
     import tensorflow as tf
 
@@ -162,10 +162,10 @@ def _make_kernels(model, fisher, mc_samples):
     def taps_and_signals(theta, x, y, seed):
         with tf.GradientTape(persistent=True) as tape:
             tape.watch(theta)  # records the forward pass, so gradients reach every pre-activation
-            out, taps = model._kfac_taps(model.unflatten(theta), x)
+            out, taps = model.kfac_taps(model.unflatten(theta), x)
             s_list = [t.s for t in taps]
-            losses = _targets_losses(model, out, y, fisher, mc_samples, seed)
-        signals = _backward_signals(model, tape, out, s_list, y, losses)
+            losses = targets_losses(model, out, y, fisher, mc_samples, seed)
+        signals = backward_signals(model, tape, out, s_list, y, losses)
         del tape
         return taps, signals
 
@@ -173,9 +173,9 @@ def _make_kernels(model, fisher, mc_samples):
         outs = []
         for i, tap in enumerate(taps):
             shape = model_blocks[tap.kernel_block].shape
-            d_out = _kernel_matrix_shape(shape)[1]
-            a = _tap_inputs(tap, shape, tap.bias_block is not None)
-            gs = [_as_positions(sig[i], d_out) for sig in signals]
+            d_out = kernel_matrix_shape(shape)[1]
+            a = tap_inputs(tap, shape, tap.bias_block is not None)
+            gs = [as_positions(sig[i], d_out) for sig in signals]
             outs.append((a, gs))
         return outs
 
@@ -211,7 +211,7 @@ def _make_kernels(model, fisher, mc_samples):
 
 def _batches(model, per_example_size: int):
     bs = max(1, min(model.batch_size, int(2e7 // max(per_example_size, 1))))
-    return model._slices(model.n_train_, bs)
+    return model.slices(model.n_train_, bs)
 
 
 def _batch_seed(seed, j):
@@ -223,11 +223,11 @@ def _batch_seed(seed, j):
 def _factor_pass(model, kernels, fisher, mc_samples, seed) -> list[BlockFactors]:
     from ..utils import progress, progress_on
 
-    model._require_fit()
-    th = model._theta_tf()
+    model.require_fit()
+    th = model.theta_tensor()
     x0 = model.X_train_[:1]
-    _, taps = model._kfac_taps(model.unflatten(th), x0)
-    _check_coverage(model, taps)
+    _, taps = model.kfac_taps(model.unflatten(th), x0)
+    check_coverage(model, taps)
     size = sum(int(np.prod(t.s.shape[1:])) * 4 + int(np.prod(t.a.shape[1:])) * 4 for t in taps)
     totals = None
     slices = _batches(model, size)
@@ -246,7 +246,7 @@ def _eigenvalue_pass(model, kernels, blocks, fisher, mc_samples, seed) -> list[n
 
     from ..utils import progress, progress_on
 
-    th = model._theta_tf()
+    th = model.theta_tensor()
     qas = [tf.constant(f.qa) for f in blocks]
     qss = [tf.constant(f.qs) for f in blocks]
     size = sum(f.A.shape[0] * f.S.shape[0] for f in blocks) * 2
@@ -291,7 +291,7 @@ class KFACSolver(InverseHVPSolver):
         """The Kronecker factors at the operator's state (computed once, held by the solver;
         shared by :meth:`with_damping` copies)."""
         op = self.operator_ if operator is None else operator
-        model = op._handle
+        model = op.model
         kernels = self._memo("kernels", (id(op), self.fisher, self.mc_samples),
                              lambda: _make_kernels(model, self.fisher, self.mc_samples))
         key = (op.state_key(), self.fisher, self.mc_samples, self.seed)
@@ -308,7 +308,7 @@ class KFACSolver(InverseHVPSolver):
     def _block_slices(self, model, f):
         offsets = np.cumsum([0] + [b.size for b in model.blocks_])
         kb = model.blocks_[f.kernel_block]
-        d_in, d_out = _kernel_matrix_shape(kb.shape)
+        d_in, d_out = kernel_matrix_shape(kb.shape)
         rows = [(slice(offsets[f.kernel_block], offsets[f.kernel_block + 1]), d_in, kb.decay)]
         if f.bias_block is not None:
             rows.append((slice(offsets[f.bias_block], offsets[f.bias_block + 1]), 1,

@@ -6,7 +6,6 @@ replaced by a minibatch Hessian; the original code's solver for large models.
 from __future__ import annotations
 
 import logging
-import weakref
 
 import numpy as np
 
@@ -19,8 +18,6 @@ logger = logging.getLogger(__name__)
 AUTO_SCALE_RESTARTS = 3  # scale="auto": how often the scale is raised (x4) after a divergence
 AUTO_SCALE_GROWTH = 4.0
 
-_LOOPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # operator -> its compiled series
-
 
 def series_loop(operator):
     """The compiled LiSSA loop over ``operator``'s minibatch products (one per operator)::
@@ -28,11 +25,13 @@ def series_loop(operator):
         repeat: est <- V + est - (C_B est + damping est) / scale   (C_B: the batch's curvature)
 
     for the k columns of V (p, k) at once, on the same minibatches ``idx`` (depth, b);
-    stops early when any column's norm leaves its limit (the caller then raises).
+    stops early when any column's norm leaves its limit (the caller then raises). Built once
+    and held by the operator (:meth:`CurvatureOperator.owned`).
     """
-    loop = _LOOPS.get(operator)
-    if loop is not None:
-        return loop
+    return operator.owned("lissa_series_loop", lambda: _build_series_loop(operator))
+
+
+def _build_series_loop(operator):
     import tensorflow as tf
 
     model = operator.model
@@ -56,8 +55,7 @@ def series_loop(operator):
 
         return tf.while_loop(cond, body, (tf.constant(0), V, tf.reduce_max(tf.norm(V, axis=0) / limits)))
 
-    loop = _LOOPS[operator] = tf.function(lissa_loop_many, reduce_retracing=True)
-    return loop
+    return tf.function(lissa_loop_many, reduce_retracing=True)
 
 
 class LissaSolver(InverseHVPSolver):
@@ -173,7 +171,7 @@ class LissaSolver(InverseHVPSolver):
         cols = v if v.ndim == 2 else v[:, None]
         n, b = model.n_train_, self._batch(model)
         estimates = np.empty((self.num_samples, *cols.shape))
-        th = model._theta_tf()
+        th = model.theta_tensor()
         op = self.operator_
         step = op.columns_per_pass()
         loop = series_loop(op) if b < n else None

@@ -58,12 +58,33 @@ DEFAULT_RANK = 30
 
 
 class Preconditioner:
-    """Interface: ``build(operator, damping) -> callable`` applying ``M^-1`` to (p,) or (p, k)
-    arrays; ``config()`` what determines it; ``setup`` (after a build) its cost."""
+    """A fitted ``M^-1 ~ (C + d I)^-1``: ``fit(operator, damping)`` computes what it needs and
+    holds it (refitted only when the operator's state or the damping changes), ``apply(R)``
+    (or calling it) gives ``M^-1 R`` for (p,) or (p, k) arrays; ``config()`` says what
+    determines it, ``setup`` what the last fit cost. Nothing is stored on the operator."""
 
     name = "base"
 
-    def build(self, operator, damping: float) -> Callable[[np.ndarray], np.ndarray]:  # pragma: no cover
+    def fit(self, operator, damping: float) -> "Preconditioner":
+        key = (id(operator), operator.state_key(), float(damping))
+        if getattr(self, "_fitted_for", None) != key:
+            self._fitted_for = None
+            self._apply = self._fit(operator, float(damping))
+            self._fitted_for = key
+        return self
+
+    def apply(self, R: np.ndarray) -> np.ndarray:
+        if getattr(self, "_fitted_for", None) is None:
+            raise RuntimeError(f"{type(self).__name__} is not fitted: call fit(operator, damping) first")
+        return self._apply(R)
+
+    __call__ = apply
+
+    def build(self, operator, damping: float) -> Callable[[np.ndarray], np.ndarray]:
+        """``fit(operator, damping).apply`` (the earlier interface)."""
+        return self.fit(operator, damping).apply
+
+    def _fit(self, operator, damping: float) -> Callable[[np.ndarray], np.ndarray]:  # pragma: no cover
         raise NotImplementedError
 
     def config(self) -> dict:
@@ -93,12 +114,12 @@ class NystromPreconditioner(Preconditioner):
     def eigenpairs(self, operator):
         return operator.top_eigenpairs(self.rank, tol=self.tol, seed=self.seed, maxiter=self.maxiter)
 
-    def build(self, operator, damping: float):
+    def _fit(self, operator, damping: float):
         t0 = time.perf_counter()
-        before = operator._caches.get("eigenpairs")
+        before = operator.eigenpairs_cost()
         lam, V = self.eigenpairs(operator)
         fresh = operator.eigenpairs_cost()
-        reused = before is not None and operator._caches.get("eigenpairs") is before
+        reused = bool(before) and fresh == before
         apply = nystrom_inverse(lam, V, damping)
         self.setup = {"preconditioner": self.name, "rank": int(len(lam)),
                       "setup_hvps": 0 if reused else fresh.get("hvps", 0),
@@ -131,10 +152,10 @@ class GaussNewtonPreconditioner(Preconditioner):
 
     ``dtype``: the precision the matrix is formed and factored in. ``"float64"`` (default):
     on ``G`` the exact inverse, CG stops after one iteration. ``"float32"``: cheaper to form
-    and factor (the Fig 2 logistic model: 8.6 s against 14.3 s), equal to the float64 matrix
-    to ~1e-7 relative, so CG needs one more iteration (2 there); worth it where the matrix
-    costs more than a product (the linear models), not where a product is dear (the Fig 2
-    CNN's 100-column product, ~120 s, costs more than forming its G, ~20 s). Parameters that no training point's loss reaches
+    and factor, equal to the float64 matrix to ~1e-7 relative, so CG needs one more iteration;
+    worth it where forming the matrix costs more than a product (the linear models), not
+    where a product is dear (the CNN's many-column products); timings in docs/solvers.md.
+    Parameters that no training point's loss reaches
     (all-zero inputs of a linear model) are left out of the factorisation: their rows are
     the regulariser's diagonal alone."""
 
@@ -147,7 +168,7 @@ class GaussNewtonPreconditioner(Preconditioner):
     def config(self) -> dict:
         return {"preconditioner": self.name, "dtype": self.dtype}
 
-    def build(self, operator, damping: float):
+    def _fit(self, operator, damping: float):
         import scipy.linalg
 
         t0 = time.perf_counter()
@@ -174,8 +195,8 @@ class GaussNewtonPreconditioner(Preconditioner):
                 raise NotPositiveDefiniteError(singular)
             return index, np.setdiff1d(np.arange(gn.n_params), index), fac, rest
 
-        index, other, fac, rest = gn._cached("gauss_newton_cholesky", (gn.state_key(), float(damping), self.dtype),
-                                             factor)
+        self._factor = None  # the previous fit's factor goes before the new one is made (~p^2 numbers)
+        index, other, fac, rest = self._factor = factor()
         dt = fac[0].dtype
         in_order = not len(other) and np.array_equal(index, np.arange(len(index)))  # the factor is all of M
         self.setup = {"preconditioner": self.name, "rank": int(len(index)), "dtype": self.dtype, "setup_hvps": 0,
@@ -197,17 +218,21 @@ class KroneckerPreconditioner(Preconditioner):
     (``fisher``, ``mc_samples``, ``seed`` as :class:`~influence.solvers.kfac.KFACSolver`)."""
 
     def __init__(self, kind: str = "ekfac", fisher: str = "expectation", mc_samples: int = 1, seed: int = 0):
+        from .kfac import FISHERS
+
         if kind not in ("kfac", "ekfac"):
             raise ValueError(f"kind must be 'kfac' or 'ekfac', got {kind!r}")
         self.name = kind
-        self.fisher, self.mc_samples, self.seed = fisher, mc_samples, seed
+        self.fisher = check_choice("fisher", fisher, FISHERS)
+        self.mc_samples = check_number("mc_samples", mc_samples, low=1, integer=True)
+        self.seed = check_number("seed", seed, low=0, integer=True)
         self._solver = None
         self.setup: dict = {}
 
     def config(self) -> dict:
         return {"preconditioner": self.name, "fisher": self.fisher, "mc_samples": self.mc_samples, "seed": self.seed}
 
-    def build(self, operator, damping: float):
+    def _fit(self, operator, damping: float):
         from .kfac import EKFACSolver, KFACSolver
 
         t0 = time.perf_counter()
@@ -227,7 +252,9 @@ class KroneckerPreconditioner(Preconditioner):
 
 
 class CallablePreconditioner(Preconditioner):
-    """A user's ``R -> M^-1 R`` (SPD, close to ``(C + d I)^-1``)."""
+    """A user's ``R -> M^-1 R`` (SPD, close to ``(C + d I)^-1``). It gets a copy of each residual
+    (changing it in place cannot corrupt the solve), and what it returns is checked: same
+    shape, real, finite; else an error that names the callable."""
 
     name = "callable"
 
@@ -240,8 +267,27 @@ class CallablePreconditioner(Preconditioner):
     def config(self) -> dict:
         return {"preconditioner": "callable", "fn": id(self.fn)}
 
-    def build(self, operator, damping: float):
-        return self.fn
+    def _fit(self, operator, damping: float):
+        return self._checked
+
+    def _checked(self, R):
+        label = f"preconditioner={getattr(self.fn, '__qualname__', type(self.fn).__name__)!r} (your callable R -> M^-1 R)"
+        try:
+            out = self.fn(np.array(R, dtype=np.float64, copy=True))
+        except Exception as exc:
+            raise ValueError(f"{label} raised {type(exc).__name__} on a residual of shape {np.shape(R)}: "
+                             f"{exc}") from exc
+        try:
+            out = np.asarray(out, dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{label} returned {type(out).__name__}, not an array of numbers") from exc
+        if out.shape != np.shape(R):
+            raise ValueError(f"{label} returned shape {out.shape} for a residual of shape {np.shape(R)}: it must "
+                             f"return M^-1 R, of the residual's shape")
+        if not np.all(np.isfinite(out)):
+            raise ValueError(f"{label} returned NaN or infinite values (it must be a symmetric positive definite "
+                             f"M^-1)")
+        return out
 
 
 def make_preconditioner(spec, rank: int | None = None) -> Preconditioner | None:

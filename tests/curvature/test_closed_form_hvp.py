@@ -12,7 +12,7 @@ def _autodiff(model, V, idx=None):
     x = model.X_train_ if idx is None else tf.gather(model.X_train_, idx)
     y = model.y_train_ if idx is None else tf.gather(model.y_train_, idx)
     n = model.n_train_ if idx is None else len(idx)
-    return many(model._theta_tf(), x, y, tf.constant(V)).numpy() / n + model.weight_decay * V
+    return many(model.theta_tensor(), x, y, tf.constant(V)).numpy() / n + model.weight_decay * V
 
 
 def test_closed_form_products_equal_autodiff(multiclass_model, binary_model):
@@ -24,7 +24,7 @@ def test_closed_form_products_equal_autodiff(multiclass_model, binary_model):
             np.testing.assert_allclose(op.hvp(V), _autodiff(m, V), rtol=1e-12, atol=1e-14)
             np.testing.assert_allclose(op.hvp(V[:, 0]), _autodiff(m, V[:, :1])[:, 0], rtol=1e-12, atol=1e-14)
             np.testing.assert_allclose(op.hvp(V, indices=idx), _autodiff(m, V, idx), rtol=1e-12, atol=1e-14)
-        tf_form = K.closed_form_kernels(m._curvature_sum)[1](m._theta_tf(), m.X_train_, m.y_train_, tf.constant(V))
+        tf_form = K.closed_form_kernels(m._curvature_sum)[1](m.theta_tensor(), m.X_train_, m.y_train_, tf.constant(V))
         np.testing.assert_allclose(tf_form.numpy() / m.n_train_ + m.weight_decay * V, _autodiff(m, V), rtol=1e-12,
                                    atol=1e-14)
         np.testing.assert_allclose(HessianOperator(m).hvp(np.eye(m.n_params)), m.hessian(), rtol=1e-10, atol=1e-13)

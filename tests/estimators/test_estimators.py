@@ -153,8 +153,5 @@ def test_all_cnn_records_checkpoints_for_tracin():
     np.testing.assert_allclose(scores, TracIn(m.checkpoints_).influence_matrix(m, X, y), rtol=1e-12)
     theta, lr = m.checkpoints_[-1]
     last = TracIn([(theta, lr)]).influence_matrix(m, X, y)
-    m.weight_decay, wd = 0.0, m.weight_decay  # the gradient dot without the regulariser's part
-    try:
-        np.testing.assert_allclose(last, lr * GradientDot().influence_matrix(m, X, y), rtol=1e-10, atol=1e-14)
-    finally:
-        m.weight_decay = wd
+    m0 = m.with_config(weight_decay=0.0)  # the gradient dot without the regulariser's part
+    np.testing.assert_allclose(last, lr * GradientDot().influence_matrix(m0, X, y), rtol=1e-10, atol=1e-14)

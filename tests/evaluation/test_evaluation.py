@@ -16,7 +16,7 @@ class AdamLike:
         self.seed = seed
         self.fits = 0
 
-    def _cache_identity(self):
+    def cache_identity(self):
         return {"class": "AdamLike", "seed": self.seed}
 
     def fit(self, X, y):

@@ -46,7 +46,7 @@ def test_batched_hvp_equals_whole_set_hvp(tiny_cnn):
     whole = AllCNN(**{**m.get_config(), "batch_size": 1000})
     whole.set_training_data(m.X_train_np_, m.y_train_np_).set_theta(m.theta_)
     v = np.random.default_rng(2).standard_normal(m.n_params)
-    assert len(m._slices(m.n_train_)) == 4 and len(whole._slices(whole.n_train_)) == 1
+    assert len(m.slices(m.n_train_)) == 4 and len(whole.slices(whole.n_train_)) == 1
     np.testing.assert_allclose(m.hvp(v), whole.hvp(v), rtol=1e-10, atol=1e-13)
     # and the HVP is the derivative of the gradient
     h = 1e-6

@@ -234,8 +234,8 @@ def test_wide_hvp_is_split_into_blocks_of_columns(digits):
     V = np.random.default_rng(0).standard_normal((m.n_params, 7))
     one_by_one = np.stack([m.hvp(V[:, j]) for j in range(7)], axis=1)
     passes = []
-    original = m._map_train
-    m._map_train = lambda kernel, *a, **k: passes.append(1) or original(kernel, *a, **k)
+    original = m.map_train
+    m.map_train = lambda kernel, *a, **k: passes.append(1) or original(kernel, *a, **k)
     m.hvp_max_columns = 3
     np.testing.assert_allclose(m.hvp(V), one_by_one, rtol=1e-11, atol=1e-13)
     assert len(passes) == 3  # columns 0-2, 3-5, 6

@@ -168,7 +168,7 @@ def test_mixed_precision_refinement_reaches_the_float64_answer(multiclass_model)
 def test_s_test_docstring_lists_every_solver_option():
     import inspect
 
-    from influence.shortcuts import InfluenceShortcuts
+    from influence.facade import InfluenceMethods as InfluenceShortcuts
     from influence.solvers import SOLVERS
 
     doc = InfluenceShortcuts.s_test.__doc__

@@ -1,0 +1,254 @@
+"""Projections of per-example gradients that never form a p-sized object per example.
+
+A projection is a fixed (p, k) matrix ``P`` (never held as one) that maps a parameter-space
+vector ``g`` to ``phi = P^T g``. The index stores ``phi_i = P^T grad L(z_i)`` for every training
+point and the projected curvature ``P^T C P``; influence in the projected space is
+``-phi_t^T (P^T C P + d I)^-1 phi_i``.
+
+- :class:`ExactProjection`: ``P = I`` (k = p): the per-example gradients themselves, so the
+  index reproduces an exact solve. Used where ``proj_dim`` is None or at least p.
+- :class:`KroneckerProjection` (LoGra, Choe et al. 2024): for each Dense / Conv2D layer the
+  per-example gradient of its kernel (bias as an extra input row) is ``G = sum_t a_t g_t^T``
+  (``a_t``: the layer's input at position t, im2col patches for a convolution; ``g_t``: the
+  backward signal at its pre-activation). With seeded Gaussian ``P_in`` (d_in, k_in) and
+  ``P_out`` (d_out, k_out), entries N(0, 1/k), the projection of the layer is
+  ``(P_in (x) P_out)^T vec(G) = sum_t (P_in^T a_t) (P_out^T g_t)^T`` (row-major vec): the input
+  and the signal are projected before the outer product, so no (d_in, d_out) gradient is
+  formed per example. A side whose size is at most its budget is not projected (identity).
+  Memory O(batch x positions x (d_in + d_out) + k_in k_out) per layer.
+- :class:`SparseSignProjection`: for models without Dense/Conv2D taps, a sparse random
+  sign matrix (``s`` non-zeros of ``+-1/sqrt(s)`` per parameter row, seeded), applied to
+  chunks of per-example gradients: O(p s) memory, never (p, k) dense.
+
+Each projection also gives ``P^T v`` for a parameter vector (the regulariser's gradient
+``wd D theta``) and ``P^T D P`` for a diagonal ``D`` (the regulariser's curvature ``wd D``),
+so that the projected curvature is exactly ``P^T (G + wd D) P``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..validation import check_number
+
+#: largest p for which ``proj_dim=None`` (no projection) is accepted without ``exact=True``
+EXACT_MAX_PARAMS = 20000
+
+
+def gaussian(rows: int, cols: int, seed, dtype) -> np.ndarray:
+    """A seeded (rows, cols) matrix with N(0, 1/cols) entries (``E[P P^T] = I``)."""
+    return (np.random.default_rng(seed).standard_normal((rows, cols)) / np.sqrt(cols)).astype(dtype)
+
+
+class Projection:
+    """Interface (module docstring). ``k``: the projected dimension; ``describe()``: what
+    determines it (the index's manifest)."""
+
+    kind = "base"
+    k: int
+
+    def describe(self) -> dict:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def project_vector(self, v: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
+        """``P^T v`` for a parameter-space vector (p,)."""
+        raise NotImplementedError
+
+    def gram_diagonal(self, d: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
+        """``P^T diag(d) P`` (k, k)."""
+        raise NotImplementedError
+
+    def matrix(self) -> np.ndarray:
+        """``P`` itself, (p, k): for tests on tiny models only."""
+        p = self.n_params
+        return np.stack([self.project_vector(e) for e in np.eye(p)])
+
+
+class ExactProjection(Projection):
+    """``P = I``: the index holds the per-example gradients themselves (k = p)."""
+
+    kind = "exact"
+
+    def __init__(self, model):
+        self.n_params = self.k = int(model.n_params)
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "k": self.k}
+
+    def project_vector(self, v):
+        return np.asarray(v, dtype=np.float64)
+
+    def gram_diagonal(self, d):
+        return np.diag(np.asarray(d, dtype=np.float64))
+
+
+class SparseSignProjection(Projection):
+    """A seeded sparse sign projection (module docstring): parameter ``j`` goes to ``nnz``
+    distinct columns with signs ``+-1/sqrt(nnz)``, so ``E[P P^T] = I``."""
+
+    kind = "sparse-sign"
+
+    def __init__(self, model, k: int, seed: int = 0, nnz: int = 8):
+        import scipy.sparse
+
+        self.n_params = p = int(model.n_params)
+        self.k = check_number("proj_dim", k, low=1, integer=True)
+        self.seed = check_number("seed", seed, low=0, integer=True)
+        self.nnz = min(check_number("nnz", nnz, low=1, integer=True), self.k)
+        rng = np.random.default_rng([self.seed, 7])
+        cols = np.stack([rng.choice(self.k, self.nnz, replace=False) for _ in range(p)]) if p * self.nnz < 2e7 \
+            else (rng.integers(0, self.k, (p, self.nnz)))
+        signs = rng.choice([-1.0, 1.0], size=(p, self.nnz)) / np.sqrt(self.nnz)
+        self.P = scipy.sparse.csr_matrix((signs.ravel(), cols.ravel(), np.arange(0, p * self.nnz + 1, self.nnz)),
+                                         shape=(p, self.k))
+        self.P.sum_duplicates()
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "k": self.k, "seed": self.seed, "nnz": self.nnz}
+
+    def project_rows(self, G: np.ndarray) -> np.ndarray:
+        return np.asarray(self.P.T @ np.asarray(G, dtype=np.float64).T).T
+
+    def project_vector(self, v):
+        return np.asarray(self.P.T @ np.asarray(v, dtype=np.float64)).ravel()
+
+    def gram_diagonal(self, d):
+        P = self.P
+        return np.asarray((P.T @ P.multiply(np.asarray(d, dtype=np.float64)[:, None])).todense())
+
+
+class LayerPlan:
+    """One Dense/Conv2D layer of a :class:`KroneckerProjection`: its blocks in theta, the
+    kernel's matrix shape (d_in without the bias row, d_out), and its two projections."""
+
+    def __init__(self, name, kernel_block, bias_block, d_in, d_out, k_in, k_out, seed, dtype):
+        self.name, self.kernel_block, self.bias_block = name, kernel_block, bias_block
+        self.d_in, self.d_out = int(d_in), int(d_out)
+        self.rows = self.d_in + (bias_block is not None)  # the bias as one more input row
+        self.k_in, self.k_out = int(min(k_in, self.rows)), int(min(k_out, self.d_out))
+        self.P_in = None if self.k_in >= self.rows else gaussian(self.rows, self.k_in, [seed, 0], dtype)
+        self.P_out = None if self.k_out >= self.d_out else gaussian(self.d_out, self.k_out, [seed, 1], dtype)
+        if self.P_in is None:
+            self.k_in = self.rows
+        if self.P_out is None:
+            self.k_out = self.d_out
+
+    @property
+    def k(self) -> int:
+        return self.k_in * self.k_out
+
+    def describe(self) -> dict:
+        return {"layer": self.name, "d_in": self.rows, "d_out": self.d_out, "k_in": self.k_in, "k_out": self.k_out,
+                "projected_in": self.P_in is not None, "projected_out": self.P_out is not None}
+
+
+class KroneckerProjection(Projection):
+    """LoGra's Kronecker-structured projection of every Dense/Conv2D layer (module docstring).
+
+    ``k`` is split over the layers in proportion to the square root of their sizes; each
+    layer's budget ``k_l`` becomes ``k_out = min(d_out, 2^round(log2 sqrt(k_l)))`` and
+    ``k_in = min(d_in + 1, k_l // k_out)`` (a side no larger than its budget is kept whole).
+    ``describe()`` lists each layer's (k_in, k_out); their products sum to the total k."""
+
+    kind = "kronecker"
+
+    def __init__(self, model, k: int, seed: int = 0):
+        import tensorflow as tf
+
+        from ..solvers.kfac import check_coverage, kernel_matrix_shape
+
+        self.n_params = int(model.n_params)
+        self.seed = check_number("seed", seed, low=0, integer=True)
+        budget = check_number("proj_dim", k, low=1, integer=True)
+        x = tf.constant(model.X_train_np_[:1])
+        try:
+            _, taps = model.kfac_taps(model.unflatten(tf.constant(model.theta_)), x)
+        except NotImplementedError as exc:
+            raise ValueError(f"projection='kronecker' needs Dense/Conv2D layers: {exc}; use projection='sparse-sign'") \
+                from None
+        check_coverage(model, taps)
+        shapes = []
+        for tap in taps:
+            d_in, d_out = kernel_matrix_shape(model.blocks_[tap.kernel_block].shape)
+            shapes.append((tap, d_in, d_out))
+        sizes = np.array([np.sqrt((d_in + (t.bias_block is not None)) * d_out) for t, d_in, d_out in shapes])
+        shares = np.maximum(1, np.floor(budget * sizes / sizes.sum())).astype(int)
+        dtype = np.dtype(model.dtype)
+        self.layers = []
+        for j, ((tap, d_in, d_out), k_l) in enumerate(zip(shapes, shares)):
+            k_out = int(min(d_out, 2 ** int(round(np.log2(max(np.sqrt(k_l), 1))))))
+            k_in = int(max(1, k_l // k_out))
+            self.layers.append(LayerPlan(tap.name, tap.kernel_block, tap.bias_block, d_in, d_out, k_in, k_out,
+                                         [self.seed, j], dtype))
+        self.k = int(sum(layer.k for layer in self.layers))
+        bounds = np.cumsum([0] + [b.size for b in model.blocks_])
+        self._block_ranges = [(int(bounds[i]), int(bounds[i + 1])) for i in range(len(model.blocks_))]
+        self._decay = [bool(b.decay) for b in model.blocks_]
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "k": self.k, "seed": self.seed, "layers": [la.describe() for la in self.layers]}
+
+    def _layer_matrix(self, layer, v, mask: bool = False):
+        lo, hi = self._block_ranges[layer.kernel_block]
+        W = np.asarray(v[lo:hi], dtype=np.float64).reshape(layer.d_in, layer.d_out)
+        if mask and not self._decay[layer.kernel_block]:
+            W = np.zeros_like(W)
+        if layer.bias_block is not None:
+            lo, hi = self._block_ranges[layer.bias_block]
+            b = np.asarray(v[lo:hi], dtype=np.float64)[None, :]
+            W = np.concatenate([W, b])
+        return W
+
+    def project_vector(self, v):
+        v = np.asarray(v, dtype=np.float64)
+        out = []
+        for layer in self.layers:
+            W = self._layer_matrix(layer, v)
+            if layer.P_in is not None:
+                W = layer.P_in.astype(np.float64).T @ W
+            if layer.P_out is not None:
+                W = W @ layer.P_out.astype(np.float64)
+            out.append(W.ravel())
+        return np.concatenate(out)
+
+    def gram_diagonal(self, d):
+        """``P^T diag(d) P``: block diagonal over the layers; a layer's block is the Kronecker
+        product of its input side and output side when ``d`` is constant over each input row
+        (the regulariser's mask: decayed kernel, undecayed bias), as here."""
+        import scipy.linalg
+
+        d = np.asarray(d, dtype=np.float64)
+        blocks = []
+        for layer in self.layers:
+            D = self._layer_matrix(layer, d)  # (rows, d_out): the diagonal laid out as the layer's matrix
+            row = D[:, 0]
+            if not np.allclose(D, row[:, None]):
+                raise ValueError("gram_diagonal: the diagonal must be constant over each input row of a layer")
+            Pin = np.eye(layer.rows) if layer.P_in is None else layer.P_in.astype(np.float64)
+            Pout = np.eye(layer.d_out) if layer.P_out is None else layer.P_out.astype(np.float64)
+            blocks.append(np.kron(Pin.T @ (row[:, None] * Pin), Pout.T @ Pout))
+        return scipy.linalg.block_diag(*blocks)
+
+    def tensors(self):
+        """The layers' projections as TF constants (None: identity), for the compiled pass."""
+        import tensorflow as tf
+
+        return [(None if la.P_in is None else tf.constant(la.P_in), None if la.P_out is None else tf.constant(la.P_out))
+                for la in self.layers]
+
+
+def make_projection(model, proj_dim: int | None, kind: str = "auto", seed: int = 0) -> Projection:
+    """The projection for ``model``: exact where ``proj_dim`` is None or >= p; else ``kind``
+    ("auto": Kronecker where every parameter belongs to a Dense/Conv2D layer, else sparse sign)."""
+    p = model.n_params
+    if proj_dim is None or int(proj_dim) >= p:
+        return ExactProjection(model)
+    if kind == "kronecker":
+        return KroneckerProjection(model, proj_dim, seed)
+    if kind == "sparse-sign":
+        return SparseSignProjection(model, proj_dim, seed)
+    if kind != "auto":
+        raise ValueError(f"projection must be one of ('auto', 'kronecker', 'sparse-sign'), got {kind!r}")
+    try:
+        return KroneckerProjection(model, proj_dim, seed)
+    except (ValueError, NotImplementedError):
+        return SparseSignProjection(model, proj_dim, seed)

@@ -1,0 +1,221 @@
+"""The training-gradient index (issue #44): exact where unprojected, the Kronecker projection
+equal to its explicit matrix, the projected inverse equal to a dense solve, resumable and
+checksummed on disk, never served for another model, data or seed, and the same bytes when
+its shards are built on a Dask cluster."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from influence import ExactSolver, InfluenceFunction, LogisticRegression
+from influence.index import GradientIndex, IndexMismatchError, KroneckerProjection
+from influence.index.gradient_index import _row_kernel
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def rel(a, b):
+    return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="module")
+def lr(digits):
+    X, y = digits
+    return LogisticRegression(weight_decay=0.01).fit(X[:300], y[:300]), X[400:405], y[400:405]
+
+
+def stored_rows(index):
+    return np.concatenate([np.asarray(r) for s in index.shards_ for _, r in s.read("rows")])
+
+
+def test_unprojected_index_equals_the_exact_solve_on_a_softmax_model(lr, tmp_path):
+    m, xt, yt = lr
+    exact = InfluenceFunction(ExactSolver(damping=0.0), curvature="gauss-newton").fit(m).influence_matrix(xt, yt)
+    index = GradientIndex(tmp_path / "idx", proj_dim=None, damping=0.0, storage="float64", chunk_rows=128).fit(m)
+    assert index.projection_.kind == "exact" and index.projection_.k == m.n_params
+    assert rel(index.influence_matrix(xt, yt), exact) < 1e-8
+    # self-influence and the ranking agree with the dense answers too
+    self_exact = InfluenceFunction(ExactSolver(damping=0.0), curvature="gauss-newton").fit(m).self_scores()
+    assert rel(index.self_influence(), self_exact) < 1e-8
+    ranking = index.most_influential(xt[0], yt[0], k=5)
+    change = -exact[0] / m.n_train_
+    assert np.array_equal(ranking.helpful, np.argsort(-change)[:5])
+    assert np.array_equal(ranking.harmful, np.argsort(change)[:5])
+    # the registry's name
+    from influence.estimators import get_estimator
+
+    again = get_estimator("index", path=tmp_path / "idx", proj_dim=None, damping=0.0, storage="float64",
+                          chunk_rows=128).fit(m)
+    assert again.build_info_["rows_computed"] == 0  # reopened, not rebuilt
+
+
+def test_unprojected_index_equals_the_exact_solve_on_g_of_a_keras_mlp(digits, tmp_path):
+    import keras
+
+    from influence import KerasModel
+
+    X, y = digits
+    keras.utils.set_random_seed(1)
+    net = keras.Sequential([keras.Input((64,), dtype="float64"), keras.layers.Dense(6, activation="tanh",
+                                                                                    dtype="float64"),
+                            keras.layers.Dense(10, dtype="float64")])
+    net.compile(keras.optimizers.Adam(1e-2), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    net.fit(X[:120], y[:120], epochs=5, verbose=0)
+    m = KerasModel(net, loss="softmax", weight_decay=1e-3).set_training_data(X[:120], y[:120])
+    xt, yt = X[300:303], y[300:303]
+    damping = 1e-3
+    exact = InfluenceFunction(ExactSolver(damping=damping), curvature="gauss-newton").fit(m).influence_matrix(xt, yt)
+    index = GradientIndex(tmp_path / "mlp", proj_dim=None, damping=damping, storage="float64").fit(m)
+    assert rel(index.influence_matrix(xt, yt), exact) < 1e-8
+
+
+def tiny_convnet():
+    import keras
+
+    from influence import KerasModel
+
+    keras.utils.set_random_seed(3)
+    net = keras.Sequential([keras.Input((6, 6, 1), dtype="float64"),
+                            keras.layers.Conv2D(8, 3, activation="relu", dtype="float64"),
+                            keras.layers.Flatten(dtype="float64"), keras.layers.Dense(6, dtype="float64")])
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((20, 6, 6, 1)), rng.integers(0, 6, 20)
+    return KerasModel(net, loss="softmax", weight_decay=1e-3).set_training_data(X, y)
+
+
+def test_kronecker_projection_of_dense_and_conv_layers_equals_its_explicit_matrix():
+    m = tiny_convnet()
+    proj = KroneckerProjection(m, 24, seed=5)
+    kinds = [layer.describe() for layer in proj.layers]
+    assert all(d["projected_in"] and d["projected_out"] for d in kinds), kinds  # both sides of both layers
+    P = proj.matrix()  # (p, k): P_in (x) P_out per layer, placed by the kernel and bias blocks
+    assert P.shape == (m.n_params, proj.k)
+    G = m.per_example_gradients(include_regularizer=False)
+    rows, _ = _row_kernel(m, proj, "empirical", 0)(m.X_train_np_, m.y_train_.numpy(), 0)
+    np.testing.assert_allclose(rows, G @ P, rtol=1e-10, atol=1e-12)
+    # and per layer, against np.kron formed by hand on the layer's (d_in + 1, d_out) gradient
+    layer = proj.layers[0]
+    lo = sum(b.size for b in m.blocks_[:layer.kernel_block])
+    W = G[0, lo:lo + (layer.rows - 1) * layer.d_out].reshape(layer.rows - 1, layer.d_out)
+    blo = sum(b.size for b in m.blocks_[:layer.bias_block])
+    full = np.vstack([W, G[0, blo:blo + layer.d_out]])
+    np.testing.assert_allclose(rows[0, :layer.k], np.kron(layer.P_in, layer.P_out).T @ full.ravel(), rtol=1e-10)
+    # the regulariser's projected curvature is P^T D P
+    np.testing.assert_allclose(proj.gram_diagonal(m.decay_mask_), P.T @ (m.decay_mask_[:, None] * P),
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_projected_inverse_equals_a_dense_solve(lr, tmp_path):
+    m, xt, yt = lr
+    index = GradientIndex(tmp_path / "p", proj_dim=64, projection="kronecker", fisher="mc", damping="auto").fit(m)
+    C = index.curvature()
+    d = index.damping_value()
+    assert d == pytest.approx(0.1 * np.mean(np.linalg.eigvalsh(C)))
+    Phi = index.project_test(xt, yt)
+    np.testing.assert_allclose(index.solve(Phi), np.linalg.solve(C + d * np.eye(len(C)), Phi.T), rtol=1e-9,
+                               atol=1e-12)
+    with pytest.raises(ValueError, match="damping"):
+        GradientIndex(tmp_path / "q", damping=-1.0)
+    with pytest.raises(ValueError, match="fisher must be one of"):
+        GradientIndex(tmp_path / "q", fisher="hessian")
+
+
+@pytest.mark.parametrize("change", ["weights", "data", "seed"])
+def test_an_index_is_never_served_for_another_model_data_or_seed(lr, tmp_path, change):
+    m, xt, yt = lr
+    path = tmp_path / "idx"
+    GradientIndex(path, proj_dim=32, seed=0).fit(m)
+    other, seed = m, 0
+    if change == "weights":
+        other = m.at_theta(m.theta_ * 1.01)
+    elif change == "data":
+        other = m.on_training_subset(np.arange(1, m.n_train_ + 0) [::-1])  # same size, other order
+    else:
+        seed = 1
+    with pytest.raises(IndexMismatchError, match="built for another"):
+        GradientIndex(path, proj_dim=32, seed=seed, on_mismatch="raise").fit(other)
+    rebuilt = GradientIndex(path, proj_dim=32, seed=seed).fit(other)
+    assert rebuilt.build_info_["rows_computed"] == other.n_train_
+    fresh = GradientIndex(tmp_path / "fresh", proj_dim=32, seed=seed).fit(other)
+    np.testing.assert_array_equal(stored_rows(rebuilt), stored_rows(fresh))
+    np.testing.assert_allclose(rebuilt.influence_matrix(xt, yt), fresh.influence_matrix(xt, yt), rtol=1e-12)
+
+
+KILLED_BUILD = textwrap.dedent('''
+    import os, signal, sys
+    import numpy as np
+    from sklearn.datasets import load_digits
+    from influence import LogisticRegression
+    from influence.index import GradientIndex, store
+
+    X, y = load_digits(return_X_y=True)
+    m = LogisticRegression(weight_decay=0.01).fit(X[:300] / 16.0, y[:300])
+    written = [0]
+    real = store._write_h5
+
+    def dying(path, arrays, attrs):
+        written[0] += 1
+        if written[0] == 6:  # mid-way (shard 0 done, shard 1 two chunks in): a file half written, SIGKILL
+            with open(str(path) + ".%d.x.tmp" % os.getpid(), "wb") as f:
+                f.write(b"\\x89HDF partial")
+            os.kill(os.getpid(), signal.SIGKILL)
+        real(path, arrays, attrs)
+
+    store._write_h5 = dying
+    GradientIndex(sys.argv[1], proj_dim=48, fisher="mc", chunk_rows=40, shard_rows=120).fit(m)
+''')
+
+
+def test_a_build_killed_mid_way_resumes_to_the_fresh_build(digits, tmp_path):
+    X, y = digits
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_BUILD)
+    path = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "3", "INFLUENCE_PROGRESS": "0"}
+    proc = subprocess.run([sys.executable, str(script), str(path)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == -9, proc.stderr[-2000:]  # killed, by SIGKILL
+    parts = sorted(path.glob("shard-*.parts/chunk-*.h5"))
+    assert [p.parent.name for p in parts] == ["shard-00001.parts"] * 2  # two chunks of shard 1 done
+    assert [p.name for p in path.glob("shard-*.h5")] == ["shard-00000.h5"]  # shard 0 finished, 1 and 2 not
+    assert list(path.glob("shard-00001.parts/*.tmp"))  # the half-written file the kill left behind
+    with open(parts[1], "r+b") as f:  # and one finished chunk truncated on disk
+        f.truncate(100)
+    m = LogisticRegression(weight_decay=0.01).fit(X[:300], y[:300])
+    resumed = GradientIndex(path, proj_dim=48, fisher="mc", chunk_rows=40, shard_rows=120).fit(m)
+    assert resumed.build_info_["rows_computed"] == 300 - 120 - 40  # shard 0 and the intact chunk were kept
+    fresh = GradientIndex(tmp_path / "fresh", proj_dim=48, fisher="mc", chunk_rows=40, shard_rows=120).fit(m)
+    np.testing.assert_array_equal(stored_rows(resumed), stored_rows(fresh))
+    for a, b in zip(resumed.shards_, fresh.shards_):
+        np.testing.assert_array_equal(np.concatenate([s for _, s in a.read("signals")]),
+                                      np.concatenate([s for _, s in b.read("signals")]))
+    # a finished shard altered on disk is found by its checksums and rebuilt, never read
+    with h5py.File(resumed.shards_[0].path, "r+") as f:
+        f["rows"][3, 0] += 1.0
+    again = GradientIndex(path, proj_dim=48, fisher="mc", chunk_rows=40, shard_rows=120).fit(m)
+    assert again.build_info_["rows_computed"] == 120
+    np.testing.assert_array_equal(stored_rows(again), stored_rows(fresh))
+    assert json.loads((path / "manifest.json").read_text())["n_train"] == 300
+
+
+def test_a_dask_cluster_build_equals_the_local_one_byte_for_byte(lr, tmp_path):
+    from dask.distributed import Client, LocalCluster
+
+    m, xt, yt = lr
+    opts = dict(proj_dim=48, fisher="mc", chunk_rows=50, shard_rows=100)
+    local = GradientIndex(tmp_path / "local", **opts).fit(m)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        remote = GradientIndex(tmp_path / "dask", **opts).fit(m, executor=client.get_executor())
+    assert len(remote.shards_) == 3
+    for a, b in zip(local.shards_, remote.shards_):
+        for name in ("rows", "signals"):
+            with h5py.File(a.path, "r") as fa, h5py.File(b.path, "r") as fb:
+                assert fa[name][()].tobytes() == fb[name][()].tobytes()
+    np.testing.assert_array_equal(local.influence_matrix(xt, yt), remote.influence_matrix(xt, yt))
