@@ -196,6 +196,9 @@ def run(name: str, description: str, main: Callable[[Experiment], None],
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import matplotlib
     matplotlib.use("Agg")
+    from .style import apply_style
+
+    apply_style()  # one seaborn theme for every figure
     try:
         main(Experiment(name, args))
     except DataMissingError as exc:

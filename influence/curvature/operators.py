@@ -249,7 +249,6 @@ class CurvatureOperator:
         """The explicit (p, p) matrix (cached; refused above the model's ``max_hessian_params``):
         the model's closed form if it has one; the Gauss-Newton matrix from per-example output
         Jacobians (k reverse passes per example, :meth:`_dense_from_factors`); else p products."""
-        m = self.model
         self._refuse_explicit()
 
         def compute():

@@ -10,13 +10,16 @@ with ``psi_ic = P^T J_i^T r_ic`` (``fisher="expectation"``: ``r_ic`` the columns
 ``R_i R_i^T`` the output Hessian, so ``C = P^T G P`` exactly; ``"mc"``: one label drawn from
 the model's predictive distribution per point, an unbiased estimate of the same at one
 backward pass; ``"empirical"``: ``psi_i = phi_i``, the empirical Fisher, no extra pass). It
-is inverted once, by an eigendecomposition ``C = U diag(lam) U^T``. A query is then
-``I_up,loss(z_i, z_t) = -phi_t^T (C + d I)^-1 (phi_i + P^T wd D theta)``: one product per block
-of stored rows, streamed from disk.
+is inverted once, by the generalised eigendecomposition of ``(C, B)`` with ``B = P^T P``
+(``U^T C U = diag(lam)``, ``U^T B U = I``). A query is then ``I_up,loss(z_i, z_t) = -phi_t^T
+(C + d B)^-1 (phi_i + P^T wd D theta)``: one product per block of stored rows, streamed from disk.
 
-Damping ``d``: a number >= 0, or ``"auto"`` = ``damping_factor`` (default 0.1) times the
-mean eigenvalue of ``C`` (Kronfluence's rule). With ``proj_dim=None`` (P = I) and
-``fisher="expectation"`` the index equals the exact solve on ``G`` at the same damping.
+Damping ``d`` is the full space's: ``C + d B = P^T (G + wd D + d I) P``, the projection of
+the damped matrix a solver would invert (a Gaussian P has ``B ~ (p / k) I``, so adding
+``d I`` in the projected space would be a damping ~k/p times smaller). A number >= 0, or
+``"auto"`` = ``damping_factor`` (default 0.1) times the mean eigenvalue ``tr(C) / tr(B)``
+(Kronfluence's rule). With ``proj_dim=None`` (P = I, B = I) and ``fisher="expectation"`` the
+index equals the exact solve on ``G`` at the same damping.
 
 Scale-out: the shards are independent; ``fit(model, executor=...)`` builds them on any
 ``concurrent.futures.Executor`` (a local process pool, a Dask cluster's
@@ -54,8 +57,9 @@ class GradientIndex(Estimator):
 
     Parameters
     ----------
-    path : str or Path
-        The index directory (created; reopened when its manifest matches).
+    path : str or Path or None
+        The index directory (created; reopened when its manifest matches). None: a new
+        temporary directory.
     proj_dim : int or None
         The projected dimension k (default 4096); None: no projection (exact; refused above
         ``EXACT_MAX_PARAMS`` parameters unless ``exact=True``).
@@ -87,8 +91,10 @@ class GradientIndex(Estimator):
                  batch_size: int = 128, include_regularizer: bool = True, on_mismatch: str = "rebuild",
                  exact: bool = False):
         super().__init__()
-        if path is None:
-            raise ValueError("path: give the directory the index is written to (it is reopened when it matches)")
+        if path is None:  # a fresh temporary directory (never reopened by a later index)
+            import tempfile
+
+            path = tempfile.mkdtemp(prefix="influence-index-")
         self.path = Path(path)
         self.proj_dim = check_number("proj_dim", proj_dim, low=1, integer=True, allow_none=True)
         self.projection = check_choice("projection", projection, ("auto", "kronecker", "sparse-sign"))
@@ -181,14 +187,16 @@ class GradientIndex(Estimator):
         return self._curvature[0]
 
     def eigen(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(lam, U)`` of :meth:`curvature` (ascending)."""
+        """``(lam, U)``: the generalised eigenpairs of ``(C, B)``, ``B = P^T P`` (ascending;
+        ``U^T B U = I``)."""
         self.curvature()
         return self._curvature[1], self._curvature[2]
 
     def damping_value(self) -> float:
-        lam, _ = self.eigen()
+        """The damping used: ``damping``, or ``"auto"``: ``damping_factor * tr(C) / tr(B)``."""
         if self.damping == "auto":
-            return float(self.damping_factor * max(float(np.mean(lam)), 0.0))
+            C, B = self.curvature(), self._curvature[3]
+            return float(self.damping_factor * max(float(np.trace(C) / np.trace(B)), 0.0))
         return float(self.damping)
 
     def _load_or_compute_curvature(self):
@@ -200,9 +208,9 @@ class GradientIndex(Estimator):
             try:
                 with h5py.File(path, "r") as f:
                     if f.attrs.get("key") == key:
-                        C, lam, U = f["C"][()], f["lam"][()], f["U"][()]
-                        if f.attrs.get("checksum") == S.checksum(C, lam, U):
-                            return C, lam, U
+                        C, lam, U, B = f["C"][()], f["lam"][()], f["U"][()], f["B"][()]
+                        if f.attrs.get("checksum") == S.checksum(C, lam, U, B):
+                            return C, lam, U, B
             except (OSError, KeyError):
                 pass
             logger.warning("index curvature %s does not match the shards: recomputed", path)
@@ -217,12 +225,16 @@ class GradientIndex(Estimator):
         C /= max(n, 1)
         C += model.weight_decay * self.projection_.gram_diagonal(model.decay_mask_)
         C = 0.5 * (C + C.T)
-        lam, U = np.linalg.eigh(C)
-        S._write_h5(path, {"C": C, "lam": lam, "U": U}, {"key": key, "checksum": S.checksum(C, lam, U)})
-        return C, lam, U
+        B = self.projection_.gram_diagonal(np.ones(model.n_params))  # P^T P
+        B = 0.5 * (B + B.T)
+        import scipy.linalg
+
+        lam, U = scipy.linalg.eigh(C, B)  # U^T C U = diag(lam), U^T B U = I
+        S._write_h5(path, {"C": C, "lam": lam, "U": U, "B": B}, {"key": key, "checksum": S.checksum(C, lam, U, B)})
+        return C, lam, U, B
 
     def solve(self, Phi: np.ndarray) -> np.ndarray:
-        """``(C + d I)^-1 Phi^T`` for rows ``Phi`` (m, k): (k, m)."""
+        """``(C + d B)^-1 Phi^T`` for rows ``Phi`` (m, k): (k, m)."""
         lam, U = self.eigen()
         d = self.damping_value()
         denom = lam + d
@@ -237,7 +249,9 @@ class GradientIndex(Estimator):
         model = self.model_
         X_test, y_test = model.as_batch(X_test, y_test)
         X_test, y_enc = model.check_xy(X_test, y_test, "X_test")
-        kernel = _row_kernel(model, self.projection_, "empirical", self.seed)
+        if getattr(self, "_test_kernel", None) is None or self._test_kernel[0] is not self.projection_:
+            self._test_kernel = (self.projection_, _row_kernel(model, self.projection_, "empirical", self.seed))
+        kernel = self._test_kernel[1]
         out = []
         for s in range(0, len(X_test), self.batch_size):
             rows, _ = kernel(X_test[s:s + self.batch_size], y_enc[s:s + self.batch_size], 0)

@@ -116,6 +116,25 @@ class SparseSignProjection(Projection):
         return np.asarray((P.T @ P.multiply(np.asarray(d, dtype=np.float64)[:, None])).todense())
 
 
+def equal_shares(budget: int, sizes: list[int]) -> list[int]:
+    """``budget`` split equally over layers of the given sizes, none given more than its size
+    (water-filling: a small layer is kept whole and its unused share goes to the others)."""
+    shares = [0] * len(sizes)
+    left, open_ = int(budget), list(range(len(sizes)))
+    while open_:
+        share = left // len(open_)
+        small = [i for i in open_ if sizes[i] <= share]
+        if not small:
+            for i in open_:
+                shares[i] = max(1, share)
+            break
+        for i in small:
+            shares[i] = sizes[i]
+            left -= sizes[i]
+        open_ = [i for i in open_ if i not in small]
+    return shares
+
+
 class LayerPlan:
     """One Dense/Conv2D layer of a :class:`KroneckerProjection`: its blocks in theta, the
     kernel's matrix shape (d_in without the bias row, d_out), and its two projections."""
@@ -144,9 +163,11 @@ class LayerPlan:
 class KroneckerProjection(Projection):
     """LoGra's Kronecker-structured projection of every Dense/Conv2D layer (module docstring).
 
-    ``k`` is split over the layers in proportion to the square root of their sizes; each
-    layer's budget ``k_l`` becomes ``k_out = min(d_out, 2^round(log2 sqrt(k_l)))`` and
-    ``k_in = min(d_in + 1, k_l // k_out)`` (a side no larger than its budget is kept whole).
+    ``k`` is split equally over the layers (as LoGra gives every layer the same k_in x k_out),
+    a layer smaller than its share kept whole and the rest shared among the others
+    (:func:`equal_shares`); each layer's budget ``k_l`` becomes ``k_out = min(d_out,
+    2^round(log2 sqrt(k_l)))`` and ``k_in = min(d_in + 1, k_l // k_out)`` (a side no larger than
+    its budget is kept whole).
     ``describe()`` lists each layer's (k_in, k_out); their products sum to the total k."""
 
     kind = "kronecker"
@@ -170,13 +191,16 @@ class KroneckerProjection(Projection):
         for tap in taps:
             d_in, d_out = kernel_matrix_shape(model.blocks_[tap.kernel_block].shape)
             shapes.append((tap, d_in, d_out))
-        sizes = np.array([np.sqrt((d_in + (t.bias_block is not None)) * d_out) for t, d_in, d_out in shapes])
-        shares = np.maximum(1, np.floor(budget * sizes / sizes.sum())).astype(int)
+        shares = equal_shares(budget, [(d_in + (t.bias_block is not None)) * d_out for t, d_in, d_out in shapes])
         dtype = np.dtype(model.dtype)
         self.layers = []
         for j, ((tap, d_in, d_out), k_l) in enumerate(zip(shapes, shares)):
-            k_out = int(min(d_out, 2 ** int(round(np.log2(max(np.sqrt(k_l), 1))))))
-            k_in = int(max(1, k_l // k_out))
+            rows = d_in + (tap.bias_block is not None)
+            if k_l >= rows * d_out:  # small enough to keep whole
+                k_in, k_out = rows, d_out
+            else:
+                k_out = int(min(d_out, 2 ** int(round(np.log2(max(np.sqrt(k_l), 1))))))
+                k_in = int(max(1, k_l // k_out))
             self.layers.append(LayerPlan(tap.name, tap.kernel_block, tap.bias_block, d_in, d_out, k_in, k_out,
                                          [self.seed, j], dtype))
         self.k = int(sum(layer.k for layer in self.layers))

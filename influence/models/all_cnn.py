@@ -42,7 +42,7 @@ import tensorflow as tf  # noqa: E402
 from ..validation import check_number
 from ..generic_neural_net import ParamBlock  # noqa: E402
 from .base import Model  # noqa: E402
-from ..utils import BatchSequence, bar, progress, progress_on  # noqa: E402
+from ..utils import BatchSequence, bar, progress_on  # noqa: E402
 
 logger = logging.getLogger(__name__)
 

@@ -71,6 +71,8 @@ class Preconditioner:
             self._fitted_for = None
             self._apply = self._fit(operator, float(damping))
             self._fitted_for = key
+        elif isinstance(getattr(self, "setup", None), dict) and self.setup:
+            self.setup = {**self.setup, "setup_hvps": 0, "setup_s": 0.0}  # this fit cost nothing: already fitted
         return self
 
     def apply(self, R: np.ndarray) -> np.ndarray:
@@ -81,8 +83,9 @@ class Preconditioner:
     __call__ = apply
 
     def build(self, operator, damping: float) -> Callable[[np.ndarray], np.ndarray]:
-        """``fit(operator, damping).apply`` (the earlier interface)."""
-        return self.fit(operator, damping).apply
+        """The map ``R -> M^-1 R`` of ``fit(operator, damping)``, fixed (a later fit at another
+        damping does not change it; the earlier interface)."""
+        return self.fit(operator, damping)._apply
 
     def _fit(self, operator, damping: float) -> Callable[[np.ndarray], np.ndarray]:  # pragma: no cover
         raise NotImplementedError
