@@ -244,9 +244,18 @@ class GradientIndex(Estimator):
         return U @ ((U.T @ np.asarray(Phi, dtype=np.float64).T) / denom[:, None])
 
     # ------------------------------------------------------------------ projected gradients
+    def _current_model(self):
+        """The fitted model, checked to be the one the index was built from (its theta and data
+        can change by ``set_theta`` / ``set_training_data``: the stored rows would then be stale)."""
+        model = self.model_
+        if hash_arrays(model.theta_) != self.manifest_["weights"] or model.data_fingerprint_ != self.manifest_["data"]:
+            raise RuntimeError(f"the model's theta or training data changed since the index at {self.path} was built: "
+                               f"call fit(model) again (the rows are rebuilt for the new state)")
+        return model
+
     def project_test(self, X_test, y_test) -> np.ndarray:
         """``phi_t = P^T grad L(z_t)`` for each test point, (m, k) (no regulariser)."""
-        model = self.model_
+        model = self._current_model()
         X_test, y_test = model.as_batch(X_test, y_test)
         X_test, y_enc = model.check_xy(X_test, y_test, "X_test")
         if getattr(self, "_test_kernel", None) is None or self._test_kernel[0] is not self.projection_:
@@ -266,6 +275,7 @@ class GradientIndex(Estimator):
 
     def _rows(self, block: int | None = None, regularizer: bool = True):
         """Yield ``(global slice, phi_i + regulariser)`` over every training row, in order."""
+        self._current_model()
         reg = self._regularizer_row() if regularizer else 0.0
         for shard in self.shards_:
             for sl, rows in shard.read("rows", block):

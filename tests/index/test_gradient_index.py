@@ -148,6 +148,20 @@ def test_an_index_is_never_served_for_another_model_data_or_seed(lr, tmp_path, c
     np.testing.assert_allclose(rebuilt.influence_matrix(xt, yt), fresh.influence_matrix(xt, yt), rtol=1e-12)
 
 
+def test_an_index_refuses_queries_once_its_model_has_moved(lr, tmp_path):
+    m, xt, yt = lr
+    moved = m.with_config()  # a copy at the same theta and data
+    index = GradientIndex(tmp_path / "stale", proj_dim=32).fit(moved)
+    before = index.influence_matrix(xt, yt)
+    moved.set_theta(m.theta_ * 1.01)
+    with pytest.raises(RuntimeError, match="changed since the index"):
+        index.influence_matrix(xt, yt)
+    with pytest.raises(RuntimeError, match="changed since the index"):
+        index.self_influence()
+    moved.set_theta(m.theta_)
+    np.testing.assert_array_equal(index.influence_matrix(xt, yt), before)
+
+
 KILLED_BUILD = textwrap.dedent('''
     import os, signal, sys
     import numpy as np
