@@ -22,6 +22,28 @@ class _DropPforWhileLoopWarnings(logging.Filter):
         return "uses a while_loop" not in record.getMessage()
 
 
+class _DropRetracingWarnings(logging.Filter):
+    """TensorFlow warns "N out of the last M calls to <function> triggered tf.function retracing"
+    when many *different* compiled functions are traced in a row. An ensemble (TRAK's members,
+    TracIn's checkpoints, one index per model) compiles one kernel per member, each traced once
+    per batch shape: expected, not a retracing loop."""
+
+    def filter(self, record):
+        return "triggered tf.function retracing" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def quiet_member_traces():
+    """Drop TensorFlow's retracing warning while an ensemble traces one kernel per member
+    (:class:`_DropRetracingWarnings`); nothing stays installed afterwards."""
+    filt = _DropRetracingWarnings()
+    tf.get_logger().addFilter(filt)
+    try:
+        yield
+    finally:
+        tf.get_logger().removeFilter(filt)
+
+
 @contextlib.contextmanager
 def quiet_pfor_fallback():
     """Drop vectorized_map's while-loop fallback warning while a kernel is traced (the body of a

@@ -25,6 +25,7 @@ The same object is the ``"influence"`` estimator of the leaderboard
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -155,6 +156,14 @@ class InfluenceFunction(Estimator):
         """Solve ``(C + damping I) x = v``."""
         return self.solver_.solve(np.asarray(v, dtype=self.model_.dtype))
 
+    @property
+    def converged_(self) -> bool:
+        """Whether every solve of the last ``influence_matrix`` call converged (``solve_results_``)."""
+        results = getattr(self, "solve_results_", None)
+        if results is None:
+            raise AttributeError("converged_: call influence_matrix first")
+        return all(r.converged and not r.info.get("negative_curvature") for r in results)
+
     def _cache_path(self, key):
         cache_dir = self.cache_dir if self.cache_dir is not None else self.model_.cache_dir
         return None if cache_dir is None else Path(cache_dir) / f"s_test-{key}.npz"
@@ -281,6 +290,11 @@ class InfluenceFunction(Estimator):
         chunk, and a later call with the same model, data, test points, indices, solver
         settings and ``test_chunk`` computes only the chunks still missing. Both files
         are kept if the run fails, and replaced by ``out`` when it completes.
+
+        Afterwards ``solve_results_`` lists this call's solves (one :class:`SolveResult` per test
+        chunk, ``x`` dropped; ``info["tests"]`` = its test rows): whether each converged, its
+        relative residual and iterations. With ``on_failure='warn'`` a failed solve is kept, and
+        ``converged_`` (all of them converged) is the flag to check.
         """
         model = self.model_
         X_test, y_test = model.as_batch(X_test, y_test)
@@ -301,6 +315,8 @@ class InfluenceFunction(Estimator):
                               include_regularizer, self.solver_.config(), self.operator_.kind, tc)
         chunk = max(1, min(len(idx), model.rows_per_chunk()))
 
+        self.solve_results_ = []  # this call's solves (x dropped): converged, residual, iterations per test chunk
+
         def fill(result, done, chunk_done):
             for t in range(0, k, tc):
                 if t in done:
@@ -309,6 +325,7 @@ class InfluenceFunction(Estimator):
                 res = self.inverse_hvp(V.T)
                 logger.info("influence_matrix: %s solve for %d test points, %d iterations, relative residual %.2g",
                             res.solver, len(V), res.iterations, res.residual)
+                self.solve_results_.append(dataclasses.replace(res, x=None, info={**res.info, "tests": [t, t + len(V)]}))
                 for j in progress(range(0, len(idx), chunk), total=-(-len(idx) // chunk), desc="influence_matrix",
                                   enabled=progress_on(model.progress) and isinstance(result, np.memmap)):
                     G = model.per_example_gradients(idx[j:j + chunk], include_regularizer)

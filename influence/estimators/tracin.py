@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..model_kernels import quiet_member_traces
 from ..validation import check_number
 from .base import Estimator, squared_gradient_norms, test_and_train_gradients
 
@@ -36,14 +37,38 @@ def check_checkpoints(checkpoints) -> list:
 
 
 class TracIn(Estimator):
-    """TracInCP over ``checkpoints`` (list of ``(theta, learning_rate)``; default: the model's)."""
+    """TracInCP over ``checkpoints`` (list of ``(theta, learning_rate)``; default: the model's).
+
+    ``models``: instead of checkpoints, fitted models of the same architecture holding the same
+    training set (e.g. networks trained separately, with other seeds), each counted as a
+    checkpoint at its ``theta_`` with step size ``learning_rate``.
+    """
 
     name = "tracin"
 
-    def __init__(self, checkpoints: list | None = None):
+    def __init__(self, checkpoints: list | None = None, models: list | None = None, learning_rate: float = 1.0):
         super().__init__()
+        if checkpoints is not None and models is not None:
+            raise ValueError("TracIn: give checkpoints= or models=, not both")
+        lr = check_number("learning_rate", learning_rate, low=0.0, low_open=True)
+        self._members = None if models is None else list(models)
+        if self._members is not None:
+            if not self._members:
+                raise ValueError("TracIn(models=[]): give at least one fitted model")
+            for k, m in enumerate(self._members):
+                m.require_fit()
+            checkpoints = [(m.theta_, lr) for m in self._members]
         self._checkpoints = None if checkpoints is None else check_checkpoints(checkpoints)
         self.used_ = None
+
+    def fit(self, model) -> "TracIn":
+        super().fit(model)
+        for k, m in enumerate(self._members or []):
+            if m.n_params != model.n_params or m.data_fingerprint_ != model.data_fingerprint_:
+                raise ValueError(f"TracIn(models=...): member {k} ({type(m).__name__}, p = {m.n_params}) does not hold "
+                                 f"the fitted model's parameters layout (p = {model.n_params}) and training set "
+                                 f"(data fingerprint {m.data_fingerprint_[:12]} vs {model.data_fingerprint_[:12]})")
+        return self
 
     def checkpoints_of(self, model) -> list:
         cps = self._checkpoints if self._checkpoints is not None else getattr(model, "checkpoints_", None)
@@ -60,8 +85,9 @@ class TracIn(Estimator):
         cps = self.checkpoints_of(model)
         self.used_ = "tracin" if cps else "grad_dot_at_fit"
         total = np.zeros(model.n_train_)
-        for theta, lr in cps or [(model.theta_, 1.0)]:  # a copy of the model at each checkpoint
-            total += float(lr) * squared_gradient_norms(model.at_theta(theta), include_regularizer=False)
+        with quiet_member_traces():
+            for theta, lr in cps or [(model.theta_, 1.0)]:  # a copy of the model at each checkpoint
+                total += float(lr) * squared_gradient_norms(model.at_theta(theta), include_regularizer=False)
         return -total
 
     def _influence_matrix(self, X_test, y_test, indices=None) -> np.ndarray:
@@ -71,13 +97,14 @@ class TracIn(Estimator):
         if not cps:
             cps = [(model.theta_, 1.0)]
         total = None
-        for theta, lr in cps:  # a copy of the model at each checkpoint (the model is not touched)
-            G_test, idx, chunks = test_and_train_gradients(model.at_theta(theta), X_test, y_test, indices,
-                                                           include_regularizer=False)
-            part = np.empty((len(G_test), len(idx)))
-            for sl, G in chunks:
-                part[:, sl] = G_test @ G.T
-            total = float(lr) * part if total is None else total + float(lr) * part
+        with quiet_member_traces():  # one compiled kernel per checkpoint's copy, each traced once
+            for theta, lr in cps:  # a copy of the model at each checkpoint (the model is not touched)
+                G_test, idx, chunks = test_and_train_gradients(model.at_theta(theta), X_test, y_test, indices,
+                                                               include_regularizer=False)
+                part = np.empty((len(G_test), len(idx)))
+                for sl, G in chunks:
+                    part[:, sl] = G_test @ G.T
+                total = float(lr) * part if total is None else total + float(lr) * part
         return -total
 
 

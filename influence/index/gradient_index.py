@@ -36,6 +36,7 @@ import numpy as np
 
 from ..estimators.base import Estimator
 from ..estimators.influence_function import InfluenceRanking
+from ..model_kernels import quiet_member_traces
 from ..utils import bar, hash_arrays, progress_on
 from ..validation import check_choice, check_number
 from . import store as S
@@ -145,7 +146,8 @@ class GradientIndex(Estimator):
         computed = 0
         if todo:
             if executor is None:
-                computed = _build_local(model, self._spec(), todo)
+                with quiet_member_traces():  # a new kernel per index (one per model of an ensemble)
+                    computed = _build_local(model, self._spec(), todo)
             else:
                 futures = [executor.submit(build_shard, model.on_training_subset(np.arange(s.start, s.stop)),
                                            self._spec(), s.number, s.start, s.stop, str(self.path), key)
@@ -262,9 +264,10 @@ class GradientIndex(Estimator):
             self._test_kernel = (self.projection_, _row_kernel(model, self.projection_, "empirical", self.seed))
         kernel = self._test_kernel[1]
         out = []
-        for s in range(0, len(X_test), self.batch_size):
-            rows, _ = kernel(X_test[s:s + self.batch_size], y_enc[s:s + self.batch_size], 0)
-            out.append(rows)
+        with quiet_member_traces():
+            for s in range(0, len(X_test), self.batch_size):
+                rows, _ = kernel(X_test[s:s + self.batch_size], y_enc[s:s + self.batch_size], 0)
+                out.append(rows)
         return np.concatenate(out) if out else np.zeros((0, self.projection_.k))
 
     def _regularizer_row(self) -> np.ndarray:
@@ -389,6 +392,19 @@ def build_shard(model, spec: dict, number: int, start: int, stop: int, path: str
     projection = _projection_for(model, spec)
     shard = S.Shard(Path(path), number, start, stop, spec["chunk_rows"], key)
     return shard.build(_chunk_computer(model, projection, spec, start))
+
+
+def project_gradients(model, projection, X, y_encoded, batch_size: int = 128, kernel=None) -> np.ndarray:
+    """``P^T grad L(z_i)`` (no regulariser) for each example ``(X, y_encoded)``, (m, k), batch by
+    batch (``kernel``: a :func:`row_kernel` of the same model and projection, to reuse its trace)."""
+    kernel = row_kernel(model, projection) if kernel is None else kernel
+    out = [kernel(X[s:s + batch_size], y_encoded[s:s + batch_size], 0)[0] for s in range(0, len(X), batch_size)]
+    return np.concatenate(out) if out else np.zeros((0, projection.k))
+
+
+def row_kernel(model, projection):
+    """The compiled projected-gradient pass of ``model`` (loss gradients only), for :func:`project_gradients`."""
+    return _row_kernel(model, projection, "empirical", 0)
 
 
 def _row_kernel(model, projection, fisher: str, seed: int):

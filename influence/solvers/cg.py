@@ -131,11 +131,11 @@ class CGSolver(InverseHVPSolver):
                if res.info.get("negative_curvature") else
                f"stopped after {res.iterations} iterations above its residual threshold")
         msg = (f"CG {why}: relative residual {res.residual:.3g} at damping {res.damping:.3g}; its answer is not "
-               f"s_test. Add damping (damping='auto'), use curvature='gauss-newton', raise maxiter, or pass "
-               f"on_failure='warn' to keep the failed solve")
+               f"s_test. Add damping (damping='auto'), use curvature='gauss-newton' or raise maxiter")
         if self.on_failure == "raise":
-            raise SolveFailedError(msg, res)
-        logger.warning(msg)
+            raise SolveFailedError(msg + ", or pass on_failure='warn' to keep the failed solve", res)
+        logger.warning(msg + " (on_failure='warn': the failed solve is kept and used; InfluenceFunction's "
+                             "solve_results_ / converged_ record it)")
 
     def _solve(self, v):
         op = self.operator_

@@ -57,6 +57,44 @@ def test_trak_multiclass_margin_is_the_log_odds(multiclass_model, digits):
     assert Q[0] == pytest.approx(1 - sigmoid(log_odds(th)), rel=1e-10)
 
 
+def _explicit_trak(m, proj_matrix, Xt, yt, damping):
+    """TRAK's kernel term and Q of one model from its explicit (n, p) margin gradients and (p, k) P."""
+    from influence.estimators.trak import projected_margin_gradients
+
+    G, Q = projected_margin_gradients(m, m.X_train_np_, m.y_train_.numpy(), None)
+    _, yt_enc = m.check_xy(Xt, yt, "X_test")
+    g_t, _ = projected_margin_gradients(m, Xt, yt_enc, None)
+    Phi, phi_t = G @ proj_matrix, g_t @ proj_matrix
+    return phi_t @ np.linalg.solve(Phi.T @ Phi + damping * np.eye(Phi.shape[1]), Phi.T), Q
+
+
+def test_trak_kronecker_route_equals_explicit_projection_and_averages_like_trak(multiclass_model, digits):
+    """TRAK through the index's LoGra projection (loss gradients divided by -Q) equals TRAK on the
+    margin gradients times the explicit (P_in (x) P_out); an ensemble averages the kernel term
+    and Q separately (TRAK's rule), each member with its own projection seed."""
+    from influence.index.projection import KroneckerProjection, make_projection
+
+    m = multiclass_model
+    X, y = digits
+    Xt, yt = X[-3:], y[-3:]
+    k, lam = 48, 0.05
+    proj = make_projection(m, k, "kronecker", 0)
+    assert isinstance(proj, KroneckerProjection)
+    kern, Q = _explicit_trak(m, proj.matrix(), Xt, yt, lam)
+    got = TRAK(proj_dim=k, damping=lam, projection="kronecker").influence_matrix(m, Xt, yt)
+    np.testing.assert_allclose(got, -kern * Q, rtol=1e-6, atol=1e-9 * np.abs(kern * Q).max())
+    assert TRAK(proj_dim=k, damping=lam).fit(m)._route(m) == "kronecker"  # "auto" takes it here
+    # a second member at other weights
+    rng = np.random.default_rng(3)
+    m2 = m.at_theta(m.theta_ + 0.05 * rng.standard_normal(m.n_params))
+    kern2, Q2 = _explicit_trak(m2, make_projection(m2, k, "kronecker", 1).matrix(), Xt, yt, lam)
+    both = TRAK(proj_dim=k, damping=lam, models=[m, m2]).fit(m).influence_matrix(Xt, yt)
+    np.testing.assert_allclose(both, -(kern + kern2) / 2 * (Q + Q2) / 2, rtol=1e-6,
+                               atol=1e-9 * np.abs(kern * Q).max())
+    per_member = -(kern * Q + kern2 * Q2) / 2  # the old rule differs: the test can tell them apart
+    assert np.abs(both - per_member).max() > 1e-6 * np.abs(per_member).max()
+
+
 def test_gaussian_projection_preserves_inner_products():
     """Johnson-Lindenstrauss: with P (p, d) of N(0, 1/d) entries, <P^T u, P^T v> - <u, v> has
     standard deviation at most sqrt(2/d) |u| |v|; over 100 random pairs (fixed seed) every

@@ -1,0 +1,468 @@
+"""dattri's MNIST attribution benchmark (TRAIS-Lab/dattri 0.3.0), run with Keras and this library.
+
+Protocol (dattri's ``benchmark/``): MNIST-10, train = the first 5,000 training images, test =
+the first 500 test images, pixels ``(x / 255 - 0.1307) / 0.3081``. Two models, trained by
+plain minibatch SGD on the mean cross-entropy (no weight decay):
+
+- ``lr``: Dense(784 -> 10); SGD lr 0.01, 20 epochs, batch 32;
+- ``mlp``: 784-128-64-10, ReLU, dropout 0.1 after each hidden layer; SGD lr 0.01, momentum 0.9,
+  50 epochs, batch 64.
+
+Ground truth: ``S`` random halves (2,500 points) of the training set, one model trained on each
+with its own seed; target ``y[s, t]`` = test point t's loss under subset model s. For an
+attribution matrix ``A`` (n_test, n_train) in ``I_up,loss``'s sign (positive = harmful), the
+linear datamodeling score of test point t is the Spearman correlation over the subsets of
+``sum_{i in S_s} A[t, i]`` with ``y[s, t]``; the LDS is its mean over test points (reported
+with a 95% normal interval, ``1.96 sd / sqrt(n_test)``).
+
+Keras vs PyTorch (dattri's models): the layers here are initialised as PyTorch's ``nn.Linear``
+(kernel and bias ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``), SGD with momentum is PyTorch's up to
+the sign convention of the velocity (identical steps at a constant learning rate), the loss
+is the batch-mean cross-entropy; the dropout masks and the batch order come from TensorFlow's
+seeded generators, so no single model equals dattri's bit for bit.
+
+Honest hyperparameters: besides the reported points and subsets, ``n_val`` further test points
+(``test[n_test : n_test + n_val]``) and ``n_val_subsets`` further subset models form a
+validation split; each method's damping (or other grid value) is picked on it and the LDS on
+the reported split is reported at that value. dattri's own protocol picks on the reported LDS;
+that number is reported beside it ("LDS-picked").
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+MEAN, STD = 0.1307, 0.3081
+PROTOCOL = {
+    "lr": dict(hidden=(), dropout=0.0, lr=0.01, momentum=0.0, epochs=20, batch=32),
+    "mlp": dict(hidden=(128, 64), dropout=0.1, lr=0.01, momentum=0.9, epochs=50, batch=64),
+}
+#: dattri's published LDS (README benchmark charts, read off to +-0.01; LR IF-CG 0.767 in its
+#: experiments/README), keyed by method family
+PUBLISHED = {
+    "lr": {"IF explicit": 0.80, "IF CG": 0.80, "IF LiSSA": 0.79, "IF Arnoldi": 0.31, "TracIn": 0.33,
+           "grad-dot": 0.33, "grad-cos": 0.19, "TRAK-1": 0.42, "TRAK-10": 0.64, "TRAK-50": 0.68},
+    "mlp": {"IF CG": 0.26, "IF LiSSA": 0.14, "IF Arnoldi": 0.09, "TracIn": 0.15, "grad-dot": 0.10,
+            "TRAK-1": 0.11, "TRAK-10": 0.33, "TRAK-50": 0.45},
+}
+PUBLISHED_SOURCE = ("dattri 0.3.0 README benchmark charts (values read off, +-0.01); LR IF-CG 0.767 in "
+                    "dattri's experiments/README")
+
+
+# ---------------------------------------------------------------------- data and models
+def dattri_mnist(data_dir=None, n_train: int = 5000, n_test: int = 500, n_val: int = 100):
+    """``(X_train, y_train, X_eval, y_eval)``: the first ``n_train`` training images and the first
+    ``n_test + n_val`` test images (reported, then validation), normalised, flattened, float32."""
+    from ..datasets.mnist import load_mnist
+
+    if not 1 <= n_train <= 5000:
+        raise ValueError(f"n_train must be in [1, 5000] (dattri's training set), got {n_train}")
+    d = load_mnist(data_dir, flatten=True)  # its validation split is the first 5,000 training images
+
+    def norm(x):
+        return ((x - MEAN) / STD).astype(np.float32)
+
+    m = n_test + n_val
+    return norm(d.validation.x[:n_train]), d.validation.y[:n_train], norm(d.test.x[:m]), d.test.y[:m]
+
+
+def build_network(kind: str, seed: int):
+    """dattri's LR or MLP as a Keras Sequential of logits, PyTorch-style initialisation (seeded)."""
+    import keras
+
+    cfg = PROTOCOL[kind]
+    keras.utils.set_random_seed(int(seed))
+    layers = [keras.Input((784,))]
+    sizes = (784,) + tuple(cfg["hidden"]) + (10,)
+    for j, units in enumerate(sizes[1:]):
+        lim = 1.0 / np.sqrt(sizes[j])
+        last = j == len(sizes) - 2
+        layers.append(keras.layers.Dense(units, activation=None if last else "relu",
+                                         kernel_initializer=keras.initializers.RandomUniform(-lim, lim),
+                                         bias_initializer=keras.initializers.RandomUniform(-lim, lim)))
+        if not last and cfg["dropout"]:
+            layers.append(keras.layers.Dropout(cfg["dropout"]))
+    net = keras.Sequential(layers)
+    net.compile(keras.optimizers.SGD(cfg["lr"], momentum=cfg["momentum"]),
+                keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return net
+
+
+def train_network(kind: str, X, y, seed: int, epochs: int | None = None, checkpoints: int = 0):
+    """Train dattri's model on ``(X, y)``; returns ``(net, [(weights, lr) at evenly spaced epochs])``."""
+    import keras
+
+    cfg = PROTOCOL[kind]
+    epochs = cfg["epochs"] if epochs is None else int(epochs)
+    net = build_network(kind, seed)
+    marks = set(np.unique(np.linspace(0, epochs, checkpoints + 1)[1:].round().astype(int))) if checkpoints else set()
+    saved = []
+
+    class Save(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch + 1 in marks:
+                saved.append(([v.numpy().copy() for v in self.model.trainable_variables], cfg["lr"]))
+
+    net.fit(X, y, epochs=epochs, batch_size=cfg["batch"], shuffle=True, verbose=0, callbacks=[Save()])
+    return net, saved
+
+
+def test_losses(net, X, y) -> np.ndarray:
+    """Per-example cross-entropy of ``net`` (inference mode) on ``(X, y)``, float64."""
+    logits = np.concatenate([np.asarray(net(X[a:a + 1024], training=False), dtype=np.float64)
+                             for a in range(0, len(X), 1024)])
+    logits -= logits.max(axis=1, keepdims=True)
+    return np.log(np.exp(logits).sum(axis=1)) - logits[np.arange(len(y)), y]
+
+
+def draw_subsets(n_train: int, n_subsets: int, seed: int, fraction: float = 0.5) -> np.ndarray:
+    """(n_subsets, n_train) boolean masks, each a seeded random ``fraction`` of the training set."""
+    rng = np.random.default_rng([int(seed), 4501])
+    size = int(round(fraction * n_train))
+    masks = np.zeros((n_subsets, n_train), dtype=bool)
+    for s in range(n_subsets):
+        masks[s, rng.choice(n_train, size, replace=False)] = True
+    return masks
+
+
+def _train_task(kind, X, y, seed, X_eval, y_eval, epochs, checkpoints, keep):
+    """Worker: train one model; return its eval losses (and its weights / checkpoints if ``keep``)."""
+    from ..parallel import limit_threads
+
+    limit_threads(1)
+    net, saved = train_network(kind, X, y, seed, epochs, checkpoints)
+    out = {"losses": test_losses(net, X_eval, y_eval)}
+    if keep:
+        out["weights"] = [w.numpy().copy() for w in net.trainable_variables]
+        out["checkpoints"] = saved
+    return out
+
+
+def _pack(result) -> dict:
+    arrays = {"losses": result["losses"]}
+    for j, w in enumerate(result.get("weights", [])):
+        arrays[f"w{j}"] = w
+    for c, (ws, _) in enumerate(result.get("checkpoints", [])):
+        for j, w in enumerate(ws):
+            arrays[f"c{c}_w{j}"] = w
+    return arrays
+
+
+def _unpack(arrays, record) -> dict:
+    out = {"losses": arrays["losses"]}
+    nw = record.get("n_weights", 0)
+    if nw:
+        out["weights"] = [arrays[f"w{j}"] for j in range(nw)]
+        out["checkpoints"] = [([arrays[f"c{c}_w{j}"] for j in range(nw)], lr)
+                              for c, lr in enumerate(record.get("checkpoint_lrs", []))]
+    return out
+
+
+def train_models(kind, X, y, X_eval, y_eval, tasks, journal, n_jobs: int = 1, executor=None,
+                 epochs=None, checkpoints: int = 0, desc: str = "models") -> dict:
+    """Train each ``(name, row indices, seed, keep)`` task once (journaled: a killed run resumes);
+    tasks run on ``executor``, else a local pool of ``n_jobs`` processes (1: here)."""
+    from ..parallel import local_pool
+    from ..utils import bar
+
+    results, todo = {}, []
+    for name, idx, seed, keep in tasks:
+        arrays = journal.arrays(name) if name in journal else None
+        if arrays is not None:
+            results[name] = _unpack(arrays, journal.get(name))
+        else:
+            todo.append((name, idx, seed, keep))
+    if not todo:
+        return results
+    shown = bar(total=len(todo), desc=f"training {desc}", unit="model")
+
+    def record(name, res):
+        journal.add(name, {"n_weights": len(res.get("weights", [])),
+                           "checkpoint_lrs": [lr for _, lr in res.get("checkpoints", [])]}, arrays=_pack(res))
+        results[name] = res
+        shown.update(1)
+
+    args = lambda idx, seed, keep: (kind, X[idx], y[idx], seed, X_eval, y_eval, epochs, checkpoints if keep else 0,
+                                    keep)
+    pool = executor if executor is not None else (local_pool(n_jobs) if n_jobs > 1 else None)
+    try:
+        if pool is None:
+            for name, idx, seed, keep in todo:
+                record(name, _train_task(*args(idx, seed, keep)))
+        else:
+            futures = {pool.submit(_train_task, *args(idx, seed, keep)): name for name, idx, seed, keep in todo}
+            from concurrent.futures import as_completed
+
+            for f in as_completed(futures):
+                record(futures[f], f.result())
+    finally:
+        shown.close()
+        if executor is None and pool is not None:
+            pool.shutdown()
+    return results
+
+
+# ---------------------------------------------------------------------- the score
+def lds_per_test(scores: np.ndarray, masks: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Per test point t: Spearman over subsets s of ``sum_{i in S_s} scores[t, i]`` vs ``targets[s, t]``.
+
+    ``scores`` (n_test, n_train) in ``I_up,loss``'s sign, ``masks`` (S, n_train), ``targets``
+    (S, n_test). Ties get average ranks; a constant column gives NaN (as scipy's spearmanr)."""
+    from scipy.stats import rankdata
+
+    pred = masks.astype(np.float64) @ np.asarray(scores, dtype=np.float64).T  # (S, n_test)
+    a = rankdata(pred, axis=0)
+    b = rankdata(np.asarray(targets, dtype=np.float64), axis=0)
+    a -= a.mean(axis=0)
+    b -= b.mean(axis=0)
+    den = np.sqrt((a * a).sum(axis=0) * (b * b).sum(axis=0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, (a * b).sum(axis=0) / np.where(den > 0, den, 1), np.nan)
+
+
+def summarize(per_test: np.ndarray) -> tuple[float, float]:
+    """``(mean, 95% half-width)`` over the test points (NaNs, from constant columns, dropped)."""
+    v = np.asarray(per_test, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if len(v) == 0:
+        return float("nan"), float("nan")
+    return float(v.mean()), float(1.96 * v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
+
+
+# ---------------------------------------------------------------------- methods
+@dataclass
+class Method:
+    """One row of the table: ``score(models, X, y, value) -> (n_test, n_train)`` over a grid of
+    ``value`` (the hyperparameter named ``param``), using the first ``members`` trained models."""
+
+    name: str
+    family: str | None
+    score: Callable
+    grid: list = field(default_factory=lambda: [None])
+    param: str = ""
+    members: int = 1
+    picked_from: str | None = None  # an ensemble row takes its value from this single-model row
+
+
+def _influence(solver, curvature=None, **opts):
+    from ..estimators import get_estimator
+
+    def score(models, X, y, value):
+        total = 0.0
+        for m in models:
+            options = dict(opts, damping=value) if value is not None else dict(opts)
+            est = get_estimator("influence", solver=solver, curvature=curvature, **options).fit(m)
+            total = total + est.influence_matrix(X, y)
+        return total / len(models)
+
+    return score
+
+
+def _named(name, **opts):
+    from ..estimators import get_estimator
+
+    def score(models, X, y, value):
+        if name == "trak":
+            return get_estimator("trak", models=models, **opts).fit(models[0]).influence_matrix(X, y)
+        if name == "tracin":  # the checkpoints of the first model's training run, as (theta, lr)
+            return get_estimator("tracin", checkpoints=opts["checkpoints"]).fit(models[0]).influence_matrix(X, y)
+        return get_estimator(name, **opts).fit(models[0]).influence_matrix(X, y)
+
+    return score
+
+
+def _index(proj_dim):
+    from ..index import GradientIndex
+
+    def score(models, X, y, value):
+        total = 0.0
+        for m in models:
+            total = total + GradientIndex(proj_dim=proj_dim, damping=value, seed=0).fit(m).influence_matrix(X, y)
+        return total / len(models)
+
+    return score
+
+
+def methods(kind: str, quick: bool, ensemble: int, checkpoints: list) -> list[Method]:
+    """The rows scored for ``kind`` (each method family of dattri's chart, and the library's own)."""
+    grid = [1e-1, 1e-2, 1e-3] if not quick else [1e-1, 1e-2]
+    kfac_grid = grid + [1e-4] if not quick else grid
+    rows = []
+    if kind == "lr":
+        rows.append(Method("IF exact (H)", "IF explicit", _influence("exact"), [1.0] + grid, "damping"))
+        rows.append(Method("IF CG (H)", "IF CG", _influence("cg", on_failure="warn", maxiter=100), grid, "damping"))
+    else:
+        rows.append(Method("IF CG (H), 10 iterations", "IF CG",
+                           _influence("cg", on_failure="warn", maxiter=10), grid, "damping"))
+        rows.append(Method("IF CG (G), 10 iterations", "IF CG",
+                           _influence("cg", "gauss-newton", on_failure="warn", maxiter=10), grid, "damping"))
+    rows += [
+        Method("IF LiSSA (depth 100)", "IF LiSSA", _influence("lissa", scale="auto", depth=100, batch_size=500,
+                                                              curvature="gauss-newton" if kind == "mlp" else None),
+               grid[:2], "damping"),
+        Method("IF Arnoldi (rank 50, fill 0)", "IF Arnoldi",
+               _influence("arnoldi", rank=50, fill=0.0, curvature="gauss-newton" if kind == "mlp" else None),
+               grid, "damping"),
+        Method("IF EK-FAC", None, _influence("ekfac", curvature="gauss-newton"), kfac_grid, "damping"),
+        Method("TracIn (5 checkpoints)", "TracIn", _named("tracin", checkpoints=checkpoints)),
+        Method("grad-dot", "grad-dot", _named("grad_dot")),
+        Method("grad-cos", "grad-cos", _named("grad_cos")),
+        Method("TRAK-1", "TRAK-1", _named("trak", proj_dim=2048)),
+        Method("index (k = 4096)", None, _index(4096), kfac_grid, "damping"),
+        Method("random", None, _named("random")),
+    ]
+    if ensemble > 1:
+        rows += [
+            Method(f"TRAK-{ensemble}", f"TRAK-{ensemble}" if ensemble in (10, 50) else None,
+                   _named("trak", proj_dim=2048), members=ensemble),
+            Method(f"IF EK-FAC x{ensemble}", None, _influence("ekfac", curvature="gauss-newton"),
+                   members=ensemble, picked_from="IF EK-FAC"),
+            Method(f"index (k = 4096) x{ensemble}", None, _index(4096), members=ensemble,
+                   picked_from="index (k = 4096)"),
+        ]
+        if kind == "mlp":
+            rows.append(Method(f"IF CG (G) x{ensemble}", None,
+                               _influence("cg", "gauss-newton", on_failure="warn", maxiter=10),
+                               members=ensemble, picked_from="IF CG (G), 10 iterations"))
+    return rows
+
+
+def wrap(kind, weights, X, y):
+    """A :class:`~influence.KerasModel` of dattri's network at ``weights`` holding ``(X, y)``."""
+    from .. import KerasModel
+
+    net = build_network(kind, 0)
+    net.set_weights(weights)
+    return KerasModel(net, loss="softmax", weight_decay=0.0, dtype="float32", progress=False).set_training_data(X, y)
+
+
+@dataclass
+class Scored:
+    """A method's LDS per grid value on both splits, its pick, and its seconds."""
+
+    name: str
+    family: str | None
+    members: int
+    param: str
+    values: list
+    val_lds: list
+    rep_lds: list
+    rep_per_test: list
+    seconds: list
+
+    def picked(self) -> int:
+        v = [x if np.isfinite(x) else -np.inf for x in self.val_lds]
+        return int(np.argmax(v))
+
+    def best(self) -> int:
+        v = [x if np.isfinite(x) else -np.inf for x in self.rep_lds]
+        return int(np.argmax(v))
+
+
+def score_method(method: Method, models, X_eval, y_eval, n_test, masks_rep, y_rep, masks_val, y_val,
+                 values=None) -> Scored:
+    """Score ``method`` at every grid value (or ``values``) on all eval points, timed; its LDS on both splits."""
+    vals, val_lds, rep_lds, rep_pt, secs = [], [], [], [], []
+    for value in (values if values is not None else method.grid):
+        t0 = time.perf_counter()
+        A = np.asarray(method.score(models[:method.members], X_eval, y_eval, value), dtype=np.float64)
+        secs.append(time.perf_counter() - t0)
+        if not np.all(np.isfinite(A)):
+            logger.warning("%s at %s=%s: non-finite scores (%d entries); LDS counts them as NaN", method.name,
+                           method.param, value, int((~np.isfinite(A)).sum()))
+        pt_rep = lds_per_test(A[:n_test], masks_rep, y_rep)
+        pt_val = lds_per_test(A[n_test:], masks_val, y_val) if len(A) > n_test else np.array([np.nan])
+        vals.append(value)
+        rep_lds.append(summarize(pt_rep)[0])
+        val_lds.append(summarize(pt_val)[0])
+        rep_pt.append(pt_rep)
+        logger.info("%-32s %s=%-8s LDS validation %.3f reported %.3f (%.1f s)", method.name, method.param or "-",
+                    value, val_lds[-1], rep_lds[-1], secs[-1])
+    return Scored(method.name, method.family, method.members, method.param, vals, val_lds, rep_lds, rep_pt, secs)
+
+
+# ---------------------------------------------------------------------- one model kind, end to end
+def run_kind(kind: str, *, data_dir, out_dir, seed: int = 0, n_train: int = 5000, n_test: int = 500,
+             n_val: int = 100, n_subsets: int = 50, n_val_subsets: int = 20, ensemble: int = 10,
+             epochs: int | None = None, quick: bool = False, only=None, n_jobs: int = 1, executor=None,
+             score_tests: int | None = None, score_val: int | None = None) -> dict:
+    """Train (journaled) and score every method on ``kind``; returns the table's rows and facts.
+
+    Every model's loss is recorded on all ``n_test + n_val`` points; the methods score the first
+    ``score_tests`` reported and ``score_val`` validation points (default: all)."""
+    from pathlib import Path
+
+    from ..result_store import Journal
+    from ..utils import hash_arrays
+
+    X, y, X_eval, y_eval = dattri_mnist(data_dir, n_train, n_test, n_val)
+    masks = draw_subsets(n_train, n_subsets + n_val_subsets, seed)
+    settings = {"kind": kind, "protocol": PROTOCOL[kind], "epochs": epochs, "data": hash_arrays(X, y, X_eval, y_eval),
+                "seed": seed, "version": 1}
+    journal = Journal(Path(out_dir) / f"models-{kind}.jsonl", settings)
+    tasks = [(f"subset-{s}", np.flatnonzero(masks[s]), 1000 * seed + s, False) for s in range(len(masks))]
+    tasks += [(f"member-{m}", np.arange(n_train), 1000 * seed + 500 + m, True) for m in range(max(1, ensemble))]
+    t0 = time.perf_counter()
+    trained = train_models(kind, X, y, X_eval, y_eval, tasks, journal, n_jobs=n_jobs, executor=executor,
+                           epochs=epochs, checkpoints=5, desc=kind)
+    train_seconds = time.perf_counter() - t0
+    losses = np.stack([trained[f"subset-{s}"]["losses"] for s in range(len(masks))])  # (S, n_eval)
+    y_rep, y_val = losses[:n_subsets, :n_test], losses[n_subsets:, n_test:]
+    m_rep, m_val = masks[:n_subsets], masks[n_subsets:]
+    members = [wrap(kind, trained[f"member-{m}"]["weights"], X, y) for m in range(max(1, ensemble))]
+    cps = [(np.concatenate([w.ravel() for w in ws]), lr) for ws, lr in trained["member-0"]["checkpoints"]]
+    st, sv = min(score_tests or n_test, n_test), min(score_val or n_val, n_val)
+    pick = np.r_[np.arange(st), n_test + np.arange(sv)]
+    y_rep, y_val = y_rep[:, :st], y_val[:, :sv]
+    pred = np.asarray(members[0].predict(X_eval[:n_test]))
+    acc = float(np.mean((pred.argmax(axis=1) if pred.ndim == 2 else pred) == y_eval[:n_test]))
+    scored = {}
+    for method in methods(kind, quick, ensemble, cps):
+        if only and method.name not in only:
+            continue
+        values = None
+        if method.picked_from:
+            base = scored.get(method.picked_from)
+            if base is None:
+                continue
+            values = [base.values[base.picked()]]
+        scored[method.name] = score_method(method, members, X_eval[pick], y_eval[pick], st, m_rep, y_rep, m_val,
+                                           y_val, values)
+    return {"kind": kind, "scored": scored, "train_seconds": train_seconds, "test_accuracy": acc,
+            "n_params": int(members[0].n_params), "n_train": n_train, "n_test": st, "n_val": sv,
+            "n_subsets": n_subsets, "n_val_subsets": n_val_subsets, "ensemble": ensemble,
+            "subset_loss_mean": float(y_rep.mean())}
+
+
+def table_rows(result: dict) -> list[dict]:
+    """One dict per method: LDS (validation-picked, with its 95% interval; LDS-picked), value, models,
+    seconds (at the picked value), dattri's published number for the family."""
+    kind, rows = result["kind"], []
+    for s in result["scored"].values():
+        i, j = s.picked(), s.best()
+        mean, half = summarize(s.rep_per_test[i])
+        rows.append({"model": kind, "method": s.name, "models": s.members, "param": s.param,
+                     "picked": s.values[i], "lds": mean, "ci95": half, "lds_val": s.val_lds[i],
+                     "lds_best": s.rep_lds[j], "best_value": s.values[j], "seconds": s.seconds[i],
+                     "published": PUBLISHED[kind].get(s.family) if s.family else None})
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> list[str]:
+    def f(v, d=3):
+        return "–" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.{d}f}"
+
+    out = ["| model | method | models | damping / value (validation-picked) | LDS (95% CI) | LDS, picked on the "
+           "reported LDS (value) | seconds | dattri published |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        val = "–" if r["picked"] is None else f"{r['picked']:g}"
+        best = f(r["lds_best"]) + ("" if r["best_value"] is None else f" ({r['best_value']:g})")
+        out.append(f"| {r['model'].upper()} | {r['method']} | {r['models']} | {val} | {f(r['lds'])} ± {f(r['ci95'])} "
+                   f"| {best} | {r['seconds']:.1f} | {f(r['published'], 2)} |")
+    return out
