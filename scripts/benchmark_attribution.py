@@ -32,8 +32,10 @@ def add_arguments(parser):
     parser.add_argument("--n-test", type=int, default=None,
                         help="reported test points (default 500; --quick 50)")
     parser.add_argument("--mlp-score-tests", type=int, default=None,
-                        help="score only the first N reported (and N / 5 validation) test points on the MLP "
-                             "(every model's loss is still recorded on all; default: all)")
+                        help="score only the first N reported test points on the MLP (every model's loss is "
+                             "still recorded on all; default: all)")
+    parser.add_argument("--mlp-score-val", type=int, default=None,
+                        help="score only the first N validation test points on the MLP (default: all)")
     parser.add_argument("--n-val", type=int, default=None, help="validation test points (default 100; --quick 30)")
     parser.add_argument("--n-subsets", type=int, default=None, help="reported subset models (default 50; --quick 10)")
     parser.add_argument("--n-val-subsets", type=int, default=None,
@@ -61,7 +63,7 @@ def main(exp):
         res = run_kind(kind, data_dir=args.data_dir, out_dir=exp.out, seed=args.seed, quick=quick,
                        n_test=n_test, only=args.methods, n_jobs=args.n_jobs,
                        score_tests=args.mlp_score_tests if kind == "mlp" else None,
-                       score_val=(args.mlp_score_tests // 5 if args.mlp_score_tests else None) if kind == "mlp" else None,
+                       score_val=args.mlp_score_val if kind == "mlp" else None,
                        **sizes)
         rows += table_rows(res)
         facts[kind] = {k: v for k, v in res.items() if k != "scored"}
@@ -73,7 +75,8 @@ def main(exp):
     with open(exp.output("TABLE.md"), "w") as f:
         f.write("\n".join(table) + f"\n\nPublished column: {PUBLISHED_SOURCE}.\n")
     exp.save_arrays(**arrays)
-    figure(exp, rows)
+    if rows:
+        figure(exp, rows)
     metrics = {f"{r['model']}/{r['method']}": {k: r[k] for k in ("lds", "ci95", "lds_val", "lds_best", "picked",
                                                                    "models", "seconds")} for r in rows}
     paper = {f"{r['model']}/{r['method']}": r["published"] for r in rows if r["published"] is not None}

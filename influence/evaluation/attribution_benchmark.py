@@ -72,22 +72,22 @@ def dattri_mnist(data_dir=None, n_train: int = 5000, n_test: int = 500, n_val: i
     return norm(d.validation.x[:n_train]), d.validation.y[:n_train], norm(d.test.x[:m]), d.test.y[:m]
 
 
-def build_network(kind: str, seed: int):
+def build_network(kind: str, seed: int, dtype: str = "float32"):
     """dattri's LR or MLP as a Keras Sequential of logits, PyTorch-style initialisation (seeded)."""
     import keras
 
     cfg = PROTOCOL[kind]
     keras.utils.set_random_seed(int(seed))
-    layers = [keras.Input((784,))]
+    layers = [keras.Input((784,), dtype=dtype)]
     sizes = (784,) + tuple(cfg["hidden"]) + (10,)
     for j, units in enumerate(sizes[1:]):
         lim = 1.0 / np.sqrt(sizes[j])
         last = j == len(sizes) - 2
-        layers.append(keras.layers.Dense(units, activation=None if last else "relu",
+        layers.append(keras.layers.Dense(units, activation=None if last else "relu", dtype=dtype,
                                          kernel_initializer=keras.initializers.RandomUniform(-lim, lim),
                                          bias_initializer=keras.initializers.RandomUniform(-lim, lim)))
         if not last and cfg["dropout"]:
-            layers.append(keras.layers.Dropout(cfg["dropout"]))
+            layers.append(keras.layers.Dropout(cfg["dropout"], dtype=dtype))
     net = keras.Sequential(layers)
     net.compile(keras.optimizers.SGD(cfg["lr"], momentum=cfg["momentum"]),
                 keras.losses.SparseCategoricalCrossentropy(from_logits=True))
@@ -261,6 +261,7 @@ def _influence(solver, curvature=None, **opts):
             total = total + est.influence_matrix(X, y)
         return total / len(models)
 
+    score.spec = repr(("influence", solver, curvature, sorted(opts.items())))
     return score
 
 
@@ -274,23 +275,31 @@ def _named(name, **opts):
             return get_estimator("tracin", checkpoints=opts["checkpoints"]).fit(models[0]).influence_matrix(X, y)
         return get_estimator(name, **opts).fit(models[0]).influence_matrix(X, y)
 
+    score.spec = repr((name, sorted((k, v if k != "checkpoints" else len(v)) for k, v in opts.items())))
     return score
 
 
-def _index(proj_dim):
+def _index(proj_dim, workdir=None):
+    """The gradient index of each member, kept under ``workdir/index-<member>`` (built once, then
+    reopened for every damping: its manifest matches; the damping only enters the solve)."""
+    from pathlib import Path
+
     from ..index import GradientIndex
 
     def score(models, X, y, value):
         total = 0.0
-        for m in models:
-            total = total + GradientIndex(proj_dim=proj_dim, damping=value, seed=0).fit(m).influence_matrix(X, y)
+        for k, m in enumerate(models):
+            path = None if workdir is None else Path(workdir) / f"index-{proj_dim}-{k}"
+            total = total + GradientIndex(path, proj_dim=proj_dim, damping=value, seed=0).fit(m).influence_matrix(X, y)
         return total / len(models)
 
+    score.spec = repr(("index", proj_dim))
     return score
 
 
-def methods(kind: str, quick: bool, ensemble: int, checkpoints: list) -> list[Method]:
-    """The rows scored for ``kind`` (each method family of dattri's chart, and the library's own)."""
+def methods(kind: str, quick: bool, ensemble: int, checkpoints: list, workdir=None) -> list[Method]:
+    """The rows scored for ``kind`` (each method family of dattri's chart, and the library's own);
+    ``workdir`` keeps the members' gradient indexes."""
     grid = [1e-1, 1e-2, 1e-3] if not quick else [1e-1, 1e-2]
     kfac_grid = grid + [1e-4] if not quick else grid
     rows = []
@@ -314,17 +323,16 @@ def methods(kind: str, quick: bool, ensemble: int, checkpoints: list) -> list[Me
         Method("grad-dot", "grad-dot", _named("grad_dot")),
         Method("grad-cos", "grad-cos", _named("grad_cos")),
         Method("TRAK-1", "TRAK-1", _named("trak", proj_dim=2048)),
-        Method("index (k = 4096)", None, _index(4096), kfac_grid, "damping"),
+        Method("index (k = 4096)", None, _index(4096, workdir), kfac_grid, "damping"),
         Method("random", None, _named("random")),
     ]
     if ensemble > 1:
         rows += [
             Method(f"TRAK-{ensemble}", f"TRAK-{ensemble}" if ensemble in (10, 50) else None,
                    _named("trak", proj_dim=2048), members=ensemble),
-            Method(f"IF EK-FAC x{ensemble}", None, _influence("ekfac", curvature="gauss-newton"),
-                   members=ensemble, picked_from="IF EK-FAC"),
-            Method(f"index (k = 4096) x{ensemble}", None, _index(4096), members=ensemble,
-                   picked_from="index (k = 4096)"),
+            Method(f"IF EK-FAC x{ensemble}", None, _influence("ekfac", curvature="gauss-newton"), kfac_grid,
+                   "damping", members=ensemble),
+            Method(f"index (k = 4096) x{ensemble}", None, _index(4096, workdir), kfac_grid, "damping", members=ensemble),
         ]
         if kind == "mlp":
             rows.append(Method(f"IF CG (G) x{ensemble}", None,
@@ -334,12 +342,15 @@ def methods(kind: str, quick: bool, ensemble: int, checkpoints: list) -> list[Me
 
 
 def wrap(kind, weights, X, y):
-    """A :class:`~influence.KerasModel` of dattri's network at ``weights`` holding ``(X, y)``."""
+    """A :class:`~influence.KerasModel` of dattri's network at ``weights`` holding ``(X, y)``: in
+    float64 for the (convex) LR, float32 for the MLP (as trained)."""
     from .. import KerasModel
 
-    net = build_network(kind, 0)
-    net.set_weights(weights)
-    return KerasModel(net, loss="softmax", weight_decay=0.0, dtype="float32", progress=False).set_training_data(X, y)
+    dtype = "float64" if kind == "lr" else "float32"
+    net = build_network(kind, 0, dtype)
+    net.set_weights([np.asarray(w, dtype=dtype) for w in weights])
+    X = np.asarray(X, dtype=dtype)
+    return KerasModel(net, loss="softmax", weight_decay=0.0, progress=False).set_training_data(X, y)
 
 
 @dataclass
@@ -365,19 +376,44 @@ class Scored:
         return int(np.argmax(v))
 
 
+def library_source_hash() -> str:
+    """SHA-256 of the library's source (this benchmark module excepted): scores journaled under
+    one hash are never reused after the code that computed them changed."""
+    import hashlib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        if path.resolve() != Path(__file__).resolve():
+            h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
+
+
 def score_method(method: Method, models, X_eval, y_eval, n_test, masks_rep, y_rep, masks_val, y_val,
-                 values=None) -> Scored:
-    """Score ``method`` at every grid value (or ``values``) on all eval points, timed; its LDS on both splits."""
+                 values=None, journal=None) -> Scored:
+    """Score ``method`` at every grid value (or ``values``) on all eval points, timed; its LDS on both
+    splits. ``journal``: finished (method, value) units are recorded there and reused."""
+    from ..utils import hash_arrays
+
     vals, val_lds, rep_lds, rep_pt, secs = [], [], [], [], []
     for value in (values if values is not None else method.grid):
-        t0 = time.perf_counter()
-        A = np.asarray(method.score(models[:method.members], X_eval, y_eval, value), dtype=np.float64)
-        secs.append(time.perf_counter() - t0)
-        if not np.all(np.isfinite(A)):
-            logger.warning("%s at %s=%s: non-finite scores (%d entries); LDS counts them as NaN", method.name,
-                           method.param, value, int((~np.isfinite(A)).sum()))
-        pt_rep = lds_per_test(A[:n_test], masks_rep, y_rep)
-        pt_val = lds_per_test(A[n_test:], masks_val, y_val) if len(A) > n_test else np.array([np.nan])
+        unit = hash_arrays(method.name, getattr(method.score, "spec", ""), repr(value), method.members)
+        done = journal.arrays(unit) if journal is not None and unit in journal else None
+        if done is not None:
+            pt_rep, pt_val, seconds = done["rep"], done["val"], float(journal.get(unit)["seconds"])
+        else:
+            t0 = time.perf_counter()
+            A = np.asarray(method.score(models[:method.members], X_eval, y_eval, value), dtype=np.float64)
+            seconds = time.perf_counter() - t0
+            if not np.all(np.isfinite(A)):
+                logger.warning("%s at %s=%s: non-finite scores (%d entries); LDS counts them as NaN", method.name,
+                               method.param, value, int((~np.isfinite(A)).sum()))
+            pt_rep = lds_per_test(A[:n_test], masks_rep, y_rep)
+            pt_val = lds_per_test(A[n_test:], masks_val, y_val) if len(A) > n_test else np.array([np.nan])
+            if journal is not None:
+                journal.add(unit, {"seconds": seconds}, arrays={"rep": pt_rep, "val": pt_val})
+        secs.append(seconds)
         vals.append(value)
         rep_lds.append(summarize(pt_rep)[0])
         val_lds.append(summarize(pt_val)[0])
@@ -422,8 +458,10 @@ def run_kind(kind: str, *, data_dir, out_dir, seed: int = 0, n_train: int = 5000
     y_rep, y_val = y_rep[:, :st], y_val[:, :sv]
     pred = np.asarray(members[0].predict(X_eval[:n_test]))
     acc = float(np.mean((pred.argmax(axis=1) if pred.ndim == 2 else pred) == y_eval[:n_test]))
+    scores_journal = Journal(Path(out_dir) / f"scores-{kind}.jsonl",
+                             {"models": journal.key, "tests": st, "val": sv, "library": library_source_hash()})
     scored = {}
-    for method in methods(kind, quick, ensemble, cps):
+    for method in methods(kind, quick, ensemble, cps, Path(out_dir) / f"index-{kind}"):
         if only and method.name not in only:
             continue
         values = None
@@ -432,8 +470,9 @@ def run_kind(kind: str, *, data_dir, out_dir, seed: int = 0, n_train: int = 5000
             if base is None:
                 continue
             values = [base.values[base.picked()]]
-        scored[method.name] = score_method(method, members, X_eval[pick], y_eval[pick], st, m_rep, y_rep, m_val,
-                                           y_val, values)
+        X_score = np.asarray(X_eval[pick], dtype=members[0].dtype)
+        scored[method.name] = score_method(method, members, X_score, y_eval[pick], st, m_rep, y_rep, m_val,
+                                           y_val, values, scores_journal)
     return {"kind": kind, "scored": scored, "train_seconds": train_seconds, "test_accuracy": acc,
             "n_params": int(members[0].n_params), "n_train": n_train, "n_test": st, "n_val": sv,
             "n_subsets": n_subsets, "n_val_subsets": n_val_subsets, "ensemble": ensemble,
