@@ -14,23 +14,26 @@ for itself. Estimators:
 - ``"grad_dot"``, ``"grad_cos"``: ``-g_test . g_i`` and its cosine (influence with ``H = I``);
 - ``"random"``: seeded Gaussian scores (the floor any estimator must beat);
 - ``"index"``: :class:`~influence.index.GradientIndex`, projected gradients written once to HDF5
-  shards, every query a matrix product (``path=`` names its directory).
+  shards, every query a matrix product (``path=`` names its directory);
+- ``"ensemble"``: :class:`Ensemble`, any of the above averaged over independently trained models
+  or checkpoints (``Ensemble("influence", models=[...], solver="cg", curvature="gauss-newton")``).
 """
 from __future__ import annotations
 
 from ..registry import Registry
 from .base import Estimator
 from .baselines import GradientCosine, GradientDot, RandomScores
+from .ensemble import Ensemble
 from .influence_function import InfluenceFunction, InfluenceRanking
 from .tracin import TracIn, TracInCheckpoints
 from .trak import TRAK, gaussian_projection
 
 ESTIMATORS = Registry("estimator", Estimator)
-for _cls in (InfluenceFunction, TracIn, TRAK, GradientDot, GradientCosine, RandomScores):
+for _cls in (InfluenceFunction, TracIn, TRAK, GradientDot, GradientCosine, RandomScores, Ensemble):
     ESTIMATORS.register(_cls)
 ESTIMATORS.register_lazy("index", "influence.index.gradient_index:GradientIndex")  # imports this package
 
-__all__ = ["ESTIMATORS", "Estimator", "GradientCosine", "GradientDot", "InfluenceFunction", "InfluenceRanking",
+__all__ = ["ESTIMATORS", "Ensemble", "Estimator", "GradientCosine", "GradientDot", "InfluenceFunction", "InfluenceRanking",
            "RandomScores", "TRAK", "TracIn", "TracInCheckpoints", "gaussian_projection", "get_estimator"]
 
 

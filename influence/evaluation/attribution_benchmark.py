@@ -250,18 +250,37 @@ class Method:
     picked_from: str | None = None  # an ensemble row takes its value from this single-model row
 
 
-def _influence(solver, curvature=None, **opts):
+def _influence(solver, curvature=None, checkpoints=None, **opts):
+    """Influence by ``solver`` averaged over the members (:class:`~influence.estimators.Ensemble`),
+    or over the first member's ``checkpoints`` (``(theta, lr)`` of its training run) if given."""
+    from ..estimators import Ensemble
+
+    def score(models, X, y, value):
+        options = dict(opts, solver=solver, curvature=curvature, **({} if value is None else {"damping": value}))
+        ens = (Ensemble.from_checkpoints(models[0], checkpoints, "influence", **options) if checkpoints is not None
+               else Ensemble("influence", models, **options))
+        return ens.fit(models[0]).influence_matrix(X, y)
+
+    score.spec = repr(("influence", solver, curvature, None if checkpoints is None else len(checkpoints),
+                       sorted(opts.items())))
+    return score
+
+
+def _refit_influence():
+    """Exact influence at the optimum of the L2-regularised objective: each member re-fitted by
+    L-BFGS from its SGD weights with weight decay ``value``, then ``ExactSolver`` (no damping: the
+    decay makes H positive definite). For the convex LR only."""
     from ..estimators import get_estimator
 
     def score(models, X, y, value):
         total = 0.0
         for m in models:
-            options = dict(opts, damping=value) if value is not None else dict(opts)
-            est = get_estimator("influence", solver=solver, curvature=curvature, **options).fit(m)
-            total = total + est.influence_matrix(X, y)
+            r = m.with_config(weight_decay=value)
+            r.fit(m.X_train_np_, m.y_train_np_, theta0=m.theta_)
+            total = total + get_estimator("influence", solver="exact").fit(r).influence_matrix(X, y)
         return total / len(models)
 
-    score.spec = repr(("influence", solver, curvature, sorted(opts.items())))
+    score.spec = repr(("refit-exact",))
     return score
 
 
@@ -304,7 +323,10 @@ def methods(kind: str, quick: bool, ensemble: int, checkpoints: list, workdir=No
     kfac_grid = grid + [1e-4] if not quick else grid
     rows = []
     if kind == "lr":
-        rows.append(Method("IF exact (H)", "IF explicit", _influence("exact"), [1.0] + grid, "damping"))
+        exact_grid = [1.0, 0.3, 0.1, 0.05, 0.03, 0.01, 1e-3] if not quick else [1.0] + grid
+        rows.append(Method("IF exact (H)", "IF explicit", _influence("exact"), exact_grid, "damping"))
+        rows.append(Method("IF exact, L2 re-fit (H)", "IF explicit", _refit_influence(),
+                           [0.3, 0.1, 0.03, 0.01] if not quick else [0.1], "weight decay"))
         rows.append(Method("IF CG (H)", "IF CG", _influence("cg", on_failure="warn", maxiter=100), grid, "damping"))
     else:
         rows.append(Method("IF CG (H), 10 iterations", "IF CG",
@@ -318,7 +340,10 @@ def methods(kind: str, quick: bool, ensemble: int, checkpoints: list, workdir=No
         Method("IF Arnoldi (rank 50, fill 0)", "IF Arnoldi",
                _influence("arnoldi", rank=50, fill=0.0, curvature="gauss-newton" if kind == "mlp" else None),
                grid, "damping"),
+        Method("IF K-FAC", None, _influence("kfac", curvature="gauss-newton"), kfac_grid, "damping"),
         Method("IF EK-FAC", None, _influence("ekfac", curvature="gauss-newton"), kfac_grid, "damping"),
+        Method("IF EK-FAC, 5 checkpoints of one run", None,
+               _influence("ekfac", curvature="gauss-newton", checkpoints=checkpoints), kfac_grid, "damping"),
         Method("TracIn (5 checkpoints)", "TracIn", _named("tracin", checkpoints=checkpoints)),
         Method("grad-dot", "grad-dot", _named("grad_dot")),
         Method("grad-cos", "grad-cos", _named("grad_cos")),
