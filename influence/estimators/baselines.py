@@ -8,13 +8,45 @@ from ..validation import check_number
 from .base import Estimator, squared_gradient_norms, test_and_train_gradients
 
 
-class GradientDot(Estimator):
+class _IndexServed(Estimator):
+    """``index``: a :class:`~influence.index.GradientIndex` (built on ``fit`` unless it already
+    holds this model) that serves the scores from its projected gradients: one pass over the
+    training set, then a matrix product per query, instead of every training gradient per call."""
+
+    cosine = False
+
+    def __init__(self, index=None):
+        super().__init__()
+        if index is not None and not hasattr(index, "gradient_similarity"):
+            raise ValueError(f"index must be a GradientIndex (influence.index), got {type(index).__name__}")
+        self.index = index
+
+    def fit(self, model) -> "Estimator":
+        super().fit(model)
+        if self.index is not None and not self._index_holds(model):
+            self.index.fit(model)
+        return self
+
+    def _index_holds(self, model) -> bool:
+        try:
+            return self.index.model_ is model
+        except RuntimeError:  # not fitted yet
+            return False
+
+    def _influence_matrix(self, X_test, y_test, indices=None) -> np.ndarray:
+        if self.index is not None:
+            return self.index.gradient_similarity(X_test, y_test, cosine=self.cosine, indices=indices)
+        return self._exact_matrix(X_test, y_test, indices)
+
+
+class GradientDot(_IndexServed):
     """``-grad L(z_test) . g(z_i)``: influence with the identity for ``H`` (``g`` includes the
-    regulariser's gradient, as ``I_up,loss`` does)."""
+    regulariser's gradient, as ``I_up,loss`` does). ``index=GradientIndex(...)``: from projected
+    gradients (:class:`_IndexServed`)."""
 
     name = "grad_dot"
 
-    def _influence_matrix(self, X_test, y_test, indices=None) -> np.ndarray:
+    def _exact_matrix(self, X_test, y_test, indices=None) -> np.ndarray:
         G_test, idx, chunks = test_and_train_gradients(self.model_, X_test, y_test, indices)
         out = np.empty((len(G_test), len(idx)))
         for sl, G in chunks:
@@ -25,12 +57,14 @@ class GradientDot(Estimator):
         return -squared_gradient_norms(self.model_, include_regularizer=True)
 
 
-class GradientCosine(Estimator):
-    """``-cos(grad L(z_test), g(z_i))``: the dot product with both gradients normalised."""
+class GradientCosine(_IndexServed):
+    """``-cos(grad L(z_test), g(z_i))``: the dot product with both gradients normalised
+    (``index=``: from projected gradients)."""
 
     name = "grad_cos"
+    cosine = True
 
-    def _influence_matrix(self, X_test, y_test, indices=None) -> np.ndarray:
+    def _exact_matrix(self, X_test, y_test, indices=None) -> np.ndarray:
         G_test, idx, chunks = test_and_train_gradients(self.model_, X_test, y_test, indices)
         G_test = G_test / np.maximum(np.linalg.norm(G_test, axis=1, keepdims=True), 1e-300)
         out = np.empty((len(G_test), len(idx)))

@@ -41,13 +41,18 @@ class TracIn(Estimator):
 
     ``models``: instead of checkpoints, fitted models of the same architecture holding the same
     training set (e.g. networks trained separately, with other seeds), each counted as a
-    checkpoint at its ``theta_`` with step size ``learning_rate``.
+    checkpoint at its ``theta_`` with step size ``learning_rate``. ``proj_dim``: each
+    checkpoint's gradients go once into a :class:`~influence.index.GradientIndex` of that
+    dimension (kept by the estimator), and every query is a matrix product per checkpoint.
     """
 
     name = "tracin"
 
-    def __init__(self, checkpoints: list | None = None, models: list | None = None, learning_rate: float = 1.0):
+    def __init__(self, checkpoints: list | None = None, models: list | None = None, learning_rate: float = 1.0,
+                 proj_dim: int | None = None):
         super().__init__()
+        self.proj_dim = check_number("proj_dim", proj_dim, low=1, integer=True, allow_none=True)
+        self._indexes = {}  # checkpoint number -> (theta, its GradientIndex), with proj_dim
         if checkpoints is not None and models is not None:
             raise ValueError("TracIn: give checkpoints= or models=, not both")
         lr = check_number("learning_rate", learning_rate, low=0.0, low_open=True)
@@ -97,6 +102,12 @@ class TracIn(Estimator):
         if not cps:
             cps = [(model.theta_, 1.0)]
         total = None
+        if self.proj_dim is not None:
+            with quiet_member_traces():
+                for k, (theta, lr) in enumerate(cps):
+                    part = self._index(k, model, theta).gradient_similarity(X_test, y_test, indices=indices)
+                    total = float(lr) * part if total is None else total + float(lr) * part
+            return total
         with quiet_member_traces():  # one compiled kernel per checkpoint's copy, each traced once
             for theta, lr in cps:  # a copy of the model at each checkpoint (the model is not touched)
                 G_test, idx, chunks = test_and_train_gradients(model.at_theta(theta), X_test, y_test, indices,
@@ -106,6 +117,17 @@ class TracIn(Estimator):
                     part[:, sl] = G_test @ G.T
                 total = float(lr) * part if total is None else total + float(lr) * part
         return -total
+
+
+    def _index(self, k, model, theta):
+        """Checkpoint ``k``'s gradient index (loss gradients without the regulariser), built once."""
+        from ..index import GradientIndex  # the index sits on this floor; imported when asked for
+
+        hit = self._indexes.get(k)
+        if hit is None or hit[0] is not model or not np.array_equal(hit[1], theta):
+            idx = GradientIndex(proj_dim=self.proj_dim, include_regularizer=False, seed=k).fit(model.at_theta(theta))
+            hit = self._indexes[k] = (model, np.array(theta), idx)
+        return hit[2]
 
 
 def _keras_callback_base():

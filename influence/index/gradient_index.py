@@ -295,6 +295,22 @@ class GradientIndex(Estimator):
             full[:, sl] = -(rows @ W).T
         return full[:, idx]
 
+    def gradient_similarity(self, X_test, y_test, cosine: bool = False, indices=None) -> np.ndarray:
+        """``-phi_t . phi_i`` (n_test, m): the gradient dot product of ``grad_dot`` in the projected space
+        (``E[P P^T] = I``, so unbiased; exact for the exact projection), with the regulariser in the
+        training rows as ``grad_dot``; ``cosine``: ``-cos(phi_t, phi_i)``. No curvature, no solve."""
+        model = self.model_
+        idx = model.check_indices(indices)
+        T = self.project_test(X_test, y_test).astype(np.float64)
+        if cosine:
+            T = T / np.maximum(np.linalg.norm(T, axis=1, keepdims=True), 1e-300)
+        full = np.empty((len(T), model.n_train_))
+        for sl, rows in self._rows():
+            if cosine:
+                rows = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-300)
+            full[:, sl] = -T @ rows.T
+        return full[:, idx]
+
     def _self_scores(self) -> np.ndarray:
         """``I_up,loss(z_i, z_i) = -phi_i^T (C + d I)^-1 phi_i`` for every training point, with the
         loss gradient alone (no regulariser: as :meth:`InfluenceFunction.self_scores`)."""

@@ -106,3 +106,17 @@ def test_an_ensemble_traces_one_kernel_per_member_without_retracing_warnings(mul
     assert not _retracing_messages(lambda: TRAK(proj_dim=64, models=members, projection="gaussian")
                                    .fit(m).influence_matrix(X[-3:], y[-3:]))
     assert not _retracing_messages(lambda: TracIn(models=members).fit(m).influence_matrix(X[-3:], y[-3:]))
+
+
+def test_tracin_through_per_checkpoint_indexes(multiclass_model, digits):
+    m = multiclass_model
+    X, y = digits
+    rng = np.random.default_rng(5)
+    cps = [(m.theta_ + 0.01 * rng.standard_normal(m.n_params), 0.3), (m.theta_, 0.1)]
+    want = TracIn(cps).fit(m).influence_matrix(X[-3:], y[-3:])
+    est = TracIn(cps, proj_dim=10 ** 6).fit(m)  # >= p: the exact projection, so equal to solve precision
+    got = est.influence_matrix(X[-3:], y[-3:])
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9 * np.abs(want).max())
+    first = est._indexes[0][2]
+    est.influence_matrix(X[-2:], y[-2:])
+    assert est._indexes[0][2] is first  # built once, queried again

@@ -234,3 +234,29 @@ def test_a_dask_cluster_build_equals_the_local_one_byte_for_byte(lr, tmp_path):
             with h5py.File(a.path, "r") as fa, h5py.File(b.path, "r") as fb:
                 assert fa[name][()].tobytes() == fb[name][()].tobytes()
     np.testing.assert_array_equal(local.influence_matrix(xt, yt), remote.influence_matrix(xt, yt))
+
+
+def test_gradient_baselines_served_by_the_index_equal_the_direct_ones(multiclass_model, digits, tmp_path):
+    """grad_dot / grad_cos through an unprojected index equal the per-example-gradient ones; a
+    projected index keeps their ranking (Johnson-Lindenstrauss, E[P P^T] = I)."""
+    import scipy.stats
+
+    from influence import GradientIndex
+    from influence.estimators import get_estimator
+
+    m = multiclass_model
+    X, y = digits
+    xt, yt = X[-4:], y[-4:]
+    for name in ("grad_dot", "grad_cos"):
+        want = get_estimator(name).fit(m).influence_matrix(xt, yt)
+        exact = GradientIndex(tmp_path / f"exact-{name}", proj_dim=None, storage="float64")
+        got = get_estimator(name, index=exact).fit(m).influence_matrix(xt, yt)
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12 * np.abs(want).max())
+        sub = get_estimator(name, index=exact).fit(m).influence_matrix(xt, yt, indices=[7, 2])
+        np.testing.assert_allclose(sub, want[:, [7, 2]], rtol=1e-9, atol=1e-12 * np.abs(want).max())
+        proj = GradientIndex(tmp_path / f"proj-{name}", proj_dim=256, seed=1)
+        approx = get_estimator(name, index=proj).fit(m).influence_matrix(xt, yt)
+        rho = np.mean([scipy.stats.spearmanr(a, b)[0] for a, b in zip(approx, want)])
+        assert rho > 0.9, rho
+    with pytest.raises(ValueError, match="GradientIndex"):
+        get_estimator("grad_dot", index="yes")
