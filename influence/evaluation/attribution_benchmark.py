@@ -443,8 +443,8 @@ def score_method(method: Method, models, X_eval, y_eval, n_test, masks_rep, y_re
         rep_lds.append(summarize(pt_rep)[0])
         val_lds.append(summarize(pt_val)[0])
         rep_pt.append(pt_rep)
-        logger.info("%-32s %s=%-8s LDS validation %.3f reported %.3f (%.1f s)", method.name, method.param or "-",
-                    value, val_lds[-1], rep_lds[-1], secs[-1])
+        logger.info("%-32s %s=%-8s LDS validation %.3f reported %.3f (%.1f s%s)", method.name, method.param or "-",
+                    value, val_lds[-1], rep_lds[-1], secs[-1], ", from the journal" if done is not None else "")
     return Scored(method.name, method.family, method.members, method.param, vals, val_lds, rep_lds, rep_pt, secs)
 
 
