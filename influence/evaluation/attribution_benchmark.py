@@ -214,11 +214,16 @@ def lds_per_test(scores: np.ndarray, masks: np.ndarray, targets: np.ndarray) -> 
 
     ``scores`` (n_test, n_train) in ``I_up,loss``'s sign, ``masks`` (S, n_train), ``targets``
     (S, n_test). Ties get average ranks; a constant column gives NaN (as scipy's spearmanr)."""
+    pred = masks.astype(np.float64) @ np.asarray(scores, dtype=np.float64).T  # (S, n_test)
+    return spearman_columns(pred, targets)
+
+
+def spearman_columns(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Spearman correlation of each column of ``x`` with the same column of ``y`` (over rows)."""
     from scipy.stats import rankdata
 
-    pred = masks.astype(np.float64) @ np.asarray(scores, dtype=np.float64).T  # (S, n_test)
-    a = rankdata(pred, axis=0)
-    b = rankdata(np.asarray(targets, dtype=np.float64), axis=0)
+    a = rankdata(np.asarray(x, dtype=np.float64), axis=0)
+    b = rankdata(np.asarray(y, dtype=np.float64), axis=0)
     a -= a.mean(axis=0)
     b -= b.mean(axis=0)
     den = np.sqrt((a * a).sum(axis=0) * (b * b).sum(axis=0))
@@ -268,8 +273,10 @@ def _influence(solver, curvature=None, checkpoints=None, **opts):
 
 def _refit_influence():
     """Exact influence at the optimum of the L2-regularised objective: each member re-fitted by
-    L-BFGS from its SGD weights with weight decay ``value``, then ``ExactSolver`` (no damping: the
-    decay makes H positive definite). For the convex LR only."""
+    L-BFGS from its SGD weights with weight decay ``value`` (on the kernel, as Keras decays), then
+    ``ExactSolver`` with damping 1e-6: the biases are not decayed, and a shift of all ten softmax
+    biases changes no prediction (H's null direction, orthogonal to every loss gradient). For
+    the convex LR only."""
     from ..estimators import get_estimator
 
     def score(models, X, y, value):
@@ -277,10 +284,10 @@ def _refit_influence():
         for m in models:
             r = m.with_config(weight_decay=value)
             r.fit(m.X_train_np_, m.y_train_np_, theta0=m.theta_)
-            total = total + get_estimator("influence", solver="exact").fit(r).influence_matrix(X, y)
+            total = total + get_estimator("influence", solver="exact", damping=1e-6).fit(r).influence_matrix(X, y)
         return total / len(models)
 
-    score.spec = repr(("refit-exact",))
+    score.spec = repr(("refit-exact", 1e-6))
     return score
 
 
@@ -429,14 +436,22 @@ def score_method(method: Method, models, X_eval, y_eval, n_test, masks_rep, y_re
             pt_rep, pt_val, seconds = done["rep"], done["val"], float(journal.get(unit)["seconds"])
         else:
             t0 = time.perf_counter()
-            A = np.asarray(method.score(models[:method.members], X_eval, y_eval, value), dtype=np.float64)
+            try:
+                A = np.asarray(method.score(models[:method.members], X_eval, y_eval, value), dtype=np.float64)
+            except Exception as exc:  # noqa: BLE001 -- one failed row must not end the benchmark; it shows as failed
+                logger.error("%s at %s=%s failed (%s: %s); its row shows no LDS", method.name, method.param, value,
+                             type(exc).__name__, str(exc).splitlines()[0][:300])
+                A = np.full((len(X_eval), len(masks_rep[0])), np.nan)
+                failed = True
+            else:
+                failed = False
             seconds = time.perf_counter() - t0
             if not np.all(np.isfinite(A)):
                 logger.warning("%s at %s=%s: non-finite scores (%d entries); LDS counts them as NaN", method.name,
                                method.param, value, int((~np.isfinite(A)).sum()))
             pt_rep = lds_per_test(A[:n_test], masks_rep, y_rep)
             pt_val = lds_per_test(A[n_test:], masks_val, y_val) if len(A) > n_test else np.array([np.nan])
-            if journal is not None:
+            if journal is not None and not failed:
                 journal.add(unit, {"seconds": seconds}, arrays={"rep": pt_rep, "val": pt_val})
         secs.append(seconds)
         vals.append(value)
@@ -452,11 +467,14 @@ def score_method(method: Method, models, X_eval, y_eval, n_test, masks_rep, y_re
 def run_kind(kind: str, *, data_dir, out_dir, seed: int = 0, n_train: int = 5000, n_test: int = 500,
              n_val: int = 100, n_subsets: int = 50, n_val_subsets: int = 20, ensemble: int = 10,
              epochs: int | None = None, quick: bool = False, only=None, n_jobs: int = 1, executor=None,
-             score_tests: int | None = None, score_val: int | None = None) -> dict:
+             score_tests: int | None = None, score_val: int | None = None, seed_noise: int = 0) -> dict:
     """Train (journaled) and score every method on ``kind``; returns the table's rows and facts.
 
     Every model's loss is recorded on all ``n_test + n_val`` points; the methods score the first
-    ``score_tests`` reported and ``score_val`` validation points (default: all)."""
+    ``score_tests`` reported and ``score_val`` validation points (default: all). ``seed_noise``:
+    train a second model (another seed) on the first ``seed_noise`` reported subsets; the Spearman
+    correlation of the two runs' losses across those subsets (per test point, averaged) is the
+    targets' reliability ``r``, and ``sqrt(r)`` roughly bounds the LDS of any attribution."""
     from pathlib import Path
 
     from ..result_store import Journal
@@ -469,6 +487,8 @@ def run_kind(kind: str, *, data_dir, out_dir, seed: int = 0, n_train: int = 5000
     journal = Journal(Path(out_dir) / f"models-{kind}.jsonl", settings)
     tasks = [(f"subset-{s}", np.flatnonzero(masks[s]), 1000 * seed + s, False) for s in range(len(masks))]
     tasks += [(f"member-{m}", np.arange(n_train), 1000 * seed + 500 + m, True) for m in range(max(1, ensemble))]
+    tasks += [(f"repeat-{s}", np.flatnonzero(masks[s]), 1000 * seed + 700 + s, False)
+              for s in range(min(seed_noise, n_subsets))]
     t0 = time.perf_counter()
     trained = train_models(kind, X, y, X_eval, y_eval, tasks, journal, n_jobs=n_jobs, executor=executor,
                            epochs=epochs, checkpoints=5, desc=kind)
@@ -479,6 +499,14 @@ def run_kind(kind: str, *, data_dir, out_dir, seed: int = 0, n_train: int = 5000
     members = [wrap(kind, trained[f"member-{m}"]["weights"], X, y) for m in range(max(1, ensemble))]
     cps = [(np.concatenate([w.ravel() for w in ws]), lr) for ws, lr in trained["member-0"]["checkpoints"]]
     st, sv = min(score_tests or n_test, n_test), min(score_val or n_val, n_val)
+    noise = None
+    if seed_noise:
+        k = min(seed_noise, n_subsets)
+        again = np.stack([trained[f"repeat-{s}"]["losses"][:n_test] for s in range(k)])
+        r = summarize(spearman_columns(losses[:k, :n_test], again))
+        noise = {"subsets": k, "reliability": r[0], "ci95": r[1], "ceiling": float(np.sqrt(max(r[0], 0.0)))}
+        logger.info("%s: seed noise over %d subsets: the two runs' losses correlate %.3f (Spearman); LDS ceiling "
+                    "~ %.3f", kind, k, r[0], noise["ceiling"])
     pick = np.r_[np.arange(st), n_test + np.arange(sv)]
     y_rep, y_val = y_rep[:, :st], y_val[:, :sv]
     pred = np.asarray(members[0].predict(X_eval[:n_test]))
@@ -501,7 +529,7 @@ def run_kind(kind: str, *, data_dir, out_dir, seed: int = 0, n_train: int = 5000
     return {"kind": kind, "scored": scored, "train_seconds": train_seconds, "test_accuracy": acc,
             "n_params": int(members[0].n_params), "n_train": n_train, "n_test": st, "n_val": sv,
             "n_subsets": n_subsets, "n_val_subsets": n_val_subsets, "ensemble": ensemble,
-            "subset_loss_mean": float(y_rep.mean())}
+            "subset_loss_mean": float(y_rep.mean()), "seed_noise": noise}
 
 
 def table_rows(result: dict) -> list[dict]:
