@@ -271,6 +271,21 @@ def _influence(solver, curvature=None, checkpoints=None, **opts):
     return score
 
 
+def _checkpoint_ensemble(all_checkpoints, solver, curvature=None, **opts):
+    """Influence averaged over every checkpoint of every member's training run (member j's
+    ``all_checkpoints[j]``): ``members x checkpoints`` models from ``members`` training runs."""
+    from ..estimators import Ensemble
+
+    def score(models, X, y, value):
+        options = dict(opts, solver=solver, curvature=curvature, **({} if value is None else {"damping": value}))
+        nets = [m.at_theta(theta) for m, cps in zip(models, all_checkpoints) for theta, _ in cps]
+        return Ensemble("influence", nets, **options).fit(models[0]).influence_matrix(X, y)
+
+    score.spec = repr(("checkpoint-ensemble", solver, curvature, [len(c) for c in all_checkpoints],
+                       sorted(opts.items())))
+    return score
+
+
 def _refit_influence():
     """Exact influence at the optimum of the L2-regularised objective: each member re-fitted by
     L-BFGS from its SGD weights with weight decay ``value`` (on the kernel, as Keras decays), then
@@ -323,7 +338,8 @@ def _index(proj_dim, workdir=None):
     return score
 
 
-def methods(kind: str, quick: bool, ensemble: int, checkpoints: list, workdir=None) -> list[Method]:
+def methods(kind: str, quick: bool, ensemble: int, checkpoints: list, workdir=None,
+            all_checkpoints: list | None = None) -> list[Method]:
     """The rows scored for ``kind`` (each method family of dattri's chart, and the library's own);
     ``workdir`` keeps the members' gradient indexes."""
     grid = [1e-1, 1e-2, 1e-3] if not quick else [1e-1, 1e-2]
@@ -366,6 +382,10 @@ def methods(kind: str, quick: bool, ensemble: int, checkpoints: list, workdir=No
                    "damping", members=ensemble),
             Method(f"index (k = 4096) x{ensemble}", None, _index(4096, workdir), kfac_grid, "damping", members=ensemble),
         ]
+        if all_checkpoints:
+            rows.append(Method(f"IF EK-FAC, {ensemble} models x 5 checkpoints", None,
+                               _checkpoint_ensemble(all_checkpoints, "ekfac", curvature="gauss-newton"), kfac_grid,
+                               "damping", members=ensemble))
         if kind == "mlp":
             rows.append(Method(f"IF CG (G) x{ensemble}", None,
                                _influence("cg", "gauss-newton", on_failure="warn", maxiter=10),
@@ -497,7 +517,9 @@ def run_kind(kind: str, *, data_dir, out_dir, seed: int = 0, n_train: int = 5000
     y_rep, y_val = losses[:n_subsets, :n_test], losses[n_subsets:, n_test:]
     m_rep, m_val = masks[:n_subsets], masks[n_subsets:]
     members = [wrap(kind, trained[f"member-{m}"]["weights"], X, y) for m in range(max(1, ensemble))]
-    cps = [(np.concatenate([w.ravel() for w in ws]), lr) for ws, lr in trained["member-0"]["checkpoints"]]
+    all_cps = [[(np.concatenate([w.ravel() for w in ws]), lr) for ws, lr in trained[f"member-{m}"]["checkpoints"]]
+               for m in range(max(1, ensemble))]
+    cps = all_cps[0]
     st, sv = min(score_tests or n_test, n_test), min(score_val or n_val, n_val)
     noise = None
     if seed_noise:
@@ -514,7 +536,7 @@ def run_kind(kind: str, *, data_dir, out_dir, seed: int = 0, n_train: int = 5000
     scores_journal = Journal(Path(out_dir) / f"scores-{kind}.jsonl",
                              {"models": journal.key, "tests": st, "val": sv, "library": library_source_hash()})
     scored = {}
-    for method in methods(kind, quick, ensemble, cps, Path(out_dir) / f"index-{kind}"):
+    for method in methods(kind, quick, ensemble, cps, Path(out_dir) / f"index-{kind}", all_cps):
         if only and method.name not in only:
             continue
         values = None
