@@ -286,7 +286,18 @@ def _checkpoint_ensemble(all_checkpoints, solver, curvature=None, **opts):
     return score
 
 
-def _refit_influence():
+def _ensemble_of(name, **opts):
+    """Estimator ``name`` averaged over the members (:class:`~influence.estimators.Ensemble`)."""
+    from ..estimators import Ensemble
+
+    def score(models, X, y, value):
+        return Ensemble(name, models, **opts).fit(models[0]).influence_matrix(X, y)
+
+    score.spec = repr(("ensemble", name, sorted(opts.items())))
+    return score
+
+
+def _refit_influence(solver: str = "exact", **opts):
     """Exact influence at the optimum of the L2-regularised objective: each member re-fitted by
     L-BFGS from its SGD weights with weight decay ``value`` (on the kernel, as Keras decays), then
     ``ExactSolver`` with damping 1e-6: the biases are not decayed, and a shift of all ten softmax
@@ -299,10 +310,11 @@ def _refit_influence():
         for m in models:
             r = m.with_config(weight_decay=value)
             r.fit(m.X_train_np_, m.y_train_np_, theta0=m.theta_)
-            total = total + get_estimator("influence", solver="exact", damping=1e-6).fit(r).influence_matrix(X, y)
+            total = total + get_estimator("influence", solver=solver, damping=1e-6, **opts).fit(r).influence_matrix(X, y)
         return total / len(models)
 
-    score.spec = repr(("refit-exact", 1e-6))
+    score.spec = repr(("refit-exact", 1e-6)) if solver == "exact" and not opts else \
+        repr(("refit", solver, 1e-6, sorted(opts.items())))
     return score
 
 
@@ -350,7 +362,12 @@ def methods(kind: str, quick: bool, ensemble: int, checkpoints: list, workdir=No
         rows.append(Method("IF exact (H)", "IF explicit", _influence("exact"), exact_grid, "damping"))
         rows.append(Method("IF exact, L2 re-fit (H)", "IF explicit", _refit_influence(),
                            [0.3, 0.1, 0.03, 0.01] if not quick else [0.1], "weight decay"))
-        rows.append(Method("IF CG (H)", "IF CG", _influence("cg", on_failure="warn", maxiter=100), grid, "damping"))
+        cg_grid = [0.3, 0.1, 0.05, 0.03, 0.01, 1e-3] if not quick else grid
+        rows.append(Method("IF CG (H)", "IF CG", _influence("cg", on_failure="warn", maxiter=100), cg_grid, "damping"))
+        rows.append(Method("IF CG, L2 re-fit (H)", "IF CG", _refit_influence("cg", tol=1e-8, maxiter=200),
+                           [0.1, 0.03] if not quick else [0.1], "weight decay"))
+        rows.append(Method("IF LiSSA (depth 100, full batch)", "IF LiSSA",
+                           _influence("lissa", scale="auto", depth=100, batch_size=None), [1e-3], "damping"))
     else:
         rows.append(Method("IF CG (H), 10 iterations", "IF CG",
                            _influence("cg", on_failure="warn", maxiter=10), grid, "damping"))
@@ -382,7 +399,11 @@ def methods(kind: str, quick: bool, ensemble: int, checkpoints: list, workdir=No
                    "damping", members=ensemble),
             Method(f"index (k = 4096) x{ensemble}", None, _index(4096, workdir), kfac_grid, "damping", members=ensemble),
         ]
+        rows.append(Method(f"grad-dot x{ensemble}", "grad-dot", _ensemble_of("grad_dot"), members=ensemble))
         if all_checkpoints:
+            flat = [c for cps in all_checkpoints[:ensemble] for c in cps]
+            rows.append(Method(f"TracIn, {ensemble} models x 5 checkpoints", "TracIn", _named("tracin", checkpoints=flat),
+                               members=ensemble))
             rows.append(Method(f"IF EK-FAC, {ensemble} models x 5 checkpoints", None,
                                _checkpoint_ensemble(all_checkpoints, "ekfac", curvature="gauss-newton"), kfac_grid,
                                "damping", members=ensemble))
