@@ -37,6 +37,31 @@ def gaussian_projection(p: int, proj_dim: int, seed: int = 0) -> np.ndarray | No
             / np.float32(np.sqrt(proj_dim)))
 
 
+class BlockGaussian:
+    """The (p, k) Gaussian projection (entries N(0, 1/k)) applied to rows ``G`` (m, p) as ``G P``,
+    its rows generated ``block`` at a time from ``(seed, first row)`` and never held whole:
+    memory O(block k), the same ``P`` on every call."""
+
+    def __init__(self, p: int, k: int, seed: int = 0, block: int = 4096):
+        self.p, self.k, self.seed, self.block = int(p), int(k), int(seed), int(block)
+
+    def __call__(self, G: np.ndarray) -> np.ndarray:
+        G = np.asarray(G)
+        out = np.zeros((len(G), self.k), dtype=np.float64)
+        scale = np.float32(1 / np.sqrt(self.k))
+        for a in range(0, self.p, self.block):
+            b = min(a + self.block, self.p)
+            P = np.random.default_rng([self.seed, a]).standard_normal((b - a, self.k), dtype=np.float32) * scale
+            out += G[:, a:b] @ P
+        return out
+
+
+#: TRAK's ``projection="auto"``: a Gaussian up to this many entries of P (p * proj_dim), else
+#: the Kronecker projection (generating a larger P for every block of examples costs more than
+#: the gradients)
+GAUSSIAN_MAX_ENTRIES = 2 ** 25
+
+
 def _margin_fns(model):
     """``(margin(outputs, y), weight(margin))`` of ``model`` (its own, or the log-odds of its predictive)."""
     import tensorflow as tf
@@ -100,18 +125,29 @@ def margin_kernel(model):
 
 
 def projected_margin_gradients(model, X, y_encoded, P, chunk: int | None = None, kernel=None):
-    """``(phi (n, d), Q (n,))`` for examples ``X`` with encoded labels, projected by ``P`` chunk by chunk."""
+    """``(phi (n, d), Q (n,))`` for examples ``X`` with encoded labels, projected by ``P`` (None: the
+    identity; an array; or a callable ``G -> G P`` such as :class:`BlockGaussian`, given blocks of
+    up to ~2^26 gradient entries) chunk by chunk."""
     import tensorflow as tf
 
     kernel = margin_kernel(model) if kernel is None else kernel
     th = model.theta_tensor()
     c = chunk or max(1, min(model.batch_size, model.rows_per_chunk()))
-    phis, qs = [], []
+    project = (lambda G: G) if P is None else (P if callable(P) else (lambda G: G @ P))
+    rows_per_block = max(c, 2 ** 26 // max(model.n_params, 1))
+    phis, qs, pending = [], [], []
+
+    def flush():
+        if pending:
+            phis.append(np.asarray(project(np.concatenate(pending)), dtype=np.float64))
+            pending.clear()
     for j in range(0, len(X), c):
         _, q, g = kernel(th, tf.constant(X[j:j + c]), tf.constant(y_encoded[j:j + c]))
-        g = g.numpy()
-        phis.append(np.asarray(g if P is None else g @ P, dtype=np.float64))
+        pending.append(g.numpy())
         qs.append(q.numpy())
+        if sum(len(x) for x in pending) >= rows_per_block:
+            flush()
+    flush()
     return np.concatenate(phis), np.concatenate(qs)
 
 
@@ -136,8 +172,10 @@ class TRAK(Estimator):
         "kronecker": the gradient index's LoGra projection of the loss gradients (no (p, k)
         matrix; softmax / sigmoid classifiers with Dense / Conv2D layers), divided by
         ``-Q_i`` to give the margin gradients (``grad L = -Q grad m`` for the log-odds margin);
-        "gaussian": a dense seeded Gaussian (p, proj_dim) matrix in float32 (TRAK's own);
-        "auto": kronecker where it applies.
+        "gaussian": TRAK's own seeded Gaussian (p, proj_dim) projection, generated in blocks of
+        rows and never held whole (:class:`BlockGaussian`; float32); "auto": gaussian while
+        ``p * proj_dim <= GAUSSIAN_MAX_ENTRIES`` (2^25) or where kronecker does not apply, else
+        kronecker.
     """
 
     name = "trak"
@@ -176,7 +214,8 @@ class TRAK(Estimator):
     def _route(self, m) -> str:
         """"kronecker" or "gaussian" for member ``m`` (option ``projection``)."""
         usable = m.margin_function() is None and m.predictive in ("softmax", "sigmoid")
-        if self.projection == "gaussian" or (self.projection == "auto" and not usable):
+        small = m.n_params * min(self.proj_dim, m.n_params) <= GAUSSIAN_MAX_ENTRIES
+        if self.projection == "gaussian" or (self.projection == "auto" and (not usable or small)):
             return "gaussian"
         if not usable:
             raise ValueError(f"TRAK(projection='kronecker') needs a softmax or sigmoid classifier whose margin is "
@@ -194,8 +233,8 @@ class TRAK(Estimator):
         import tensorflow as tf
 
         if self._route(m) == "gaussian":
-            return projected_margin_gradients(m, X, y_enc, gaussian_projection(m.n_params, self.proj_dim,
-                                                                               self.seed + k), kernel=self._kernel(m))
+            P = None if self.proj_dim >= m.n_params else BlockGaussian(m.n_params, self.proj_dim, self.seed + k)
+            return projected_margin_gradients(m, X, y_enc, P, kernel=self._kernel(m))
         from ..index.gradient_index import project_gradients, row_kernel
         from ..index.projection import make_projection
 

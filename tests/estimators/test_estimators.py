@@ -83,16 +83,44 @@ def test_trak_kronecker_route_equals_explicit_projection_and_averages_like_trak(
     kern, Q = _explicit_trak(m, proj.matrix(), Xt, yt, lam)
     got = TRAK(proj_dim=k, damping=lam, projection="kronecker").influence_matrix(m, Xt, yt)
     np.testing.assert_allclose(got, -kern * Q, rtol=1e-6, atol=1e-9 * np.abs(kern * Q).max())
-    assert TRAK(proj_dim=k, damping=lam).fit(m)._route(m) == "kronecker"  # "auto" takes it here
+    assert TRAK(proj_dim=k, damping=lam).fit(m)._route(m) == "gaussian"  # "auto": small p * k
+    import influence.estimators.trak as trak_module
+
+    old, trak_module.GAUSSIAN_MAX_ENTRIES = trak_module.GAUSSIAN_MAX_ENTRIES, 0
+    try:
+        assert TRAK(proj_dim=k, damping=lam).fit(m)._route(m) == "kronecker"  # "auto" above the size
+    finally:
+        trak_module.GAUSSIAN_MAX_ENTRIES = old
     # a second member at other weights
     rng = np.random.default_rng(3)
     m2 = m.at_theta(m.theta_ + 0.05 * rng.standard_normal(m.n_params))
     kern2, Q2 = _explicit_trak(m2, make_projection(m2, k, "kronecker", 1).matrix(), Xt, yt, lam)
-    both = TRAK(proj_dim=k, damping=lam, models=[m, m2]).fit(m).influence_matrix(Xt, yt)
+    both = TRAK(proj_dim=k, damping=lam, models=[m, m2], projection="kronecker").fit(m).influence_matrix(Xt, yt)
     np.testing.assert_allclose(both, -(kern + kern2) / 2 * (Q + Q2) / 2, rtol=1e-6,
                                atol=1e-9 * np.abs(kern * Q).max())
     per_member = -(kern * Q + kern2 * Q2) / 2  # the old rule differs: the test can tell them apart
     assert np.abs(both - per_member).max() > 1e-6 * np.abs(per_member).max()
+
+
+def test_trak_gaussian_route_uses_a_block_generated_projection_never_held_whole(multiclass_model, digits):
+    """TRAK(projection="gaussian") equals the closed form with the explicit P that BlockGaussian
+    generates block by block (the same P on every call, whatever the row chunks)."""
+    from influence.estimators.trak import BlockGaussian
+
+    m = multiclass_model
+    X, y = digits
+    Xt, yt = X[-3:], y[-3:]
+    k, lam = 40, 0.05
+    proj = BlockGaussian(m.n_params, k, seed=0, block=100)  # 650 rows: 7 blocks
+    P = proj(np.eye(m.n_params))
+    np.testing.assert_allclose(proj(np.eye(m.n_params)[:5]), P[:5], rtol=0, atol=0)
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((2, m.n_params))
+    wide = BlockGaussian(m.n_params, 4096, seed=3)
+    assert float(wide(a[None])[0] @ wide(b[None])[0]) == pytest.approx(a @ b, abs=0.1 * np.linalg.norm(a) * np.linalg.norm(b))
+    kern, Q = _explicit_trak(m, BlockGaussian(m.n_params, k, seed=0)(np.eye(m.n_params)), Xt, yt, lam)
+    got = TRAK(proj_dim=k, damping=lam, projection="gaussian").influence_matrix(m, Xt, yt)
+    np.testing.assert_allclose(got, -kern * Q, rtol=1e-5, atol=1e-8 * np.abs(kern * Q).max())
 
 
 def test_gaussian_projection_preserves_inner_products():
