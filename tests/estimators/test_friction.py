@@ -81,11 +81,17 @@ def _retracing_messages(run):
                 seen.append(record.getMessage())
 
     h = Grab()
-    tf.get_logger().addHandler(h)
+    logger = tf.get_logger()
+    level, disabled = logger.level, logger.disabled
+    logger.setLevel(logging.WARNING)  # whatever an earlier test or the environment set
+    logger.disabled = False
+    logger.addHandler(h)
     try:
         run()
     finally:
-        tf.get_logger().removeHandler(h)
+        logger.removeHandler(h)
+        logger.setLevel(level)
+        logger.disabled = disabled
     return seen
 
 
