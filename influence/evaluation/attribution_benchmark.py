@@ -365,25 +365,26 @@ def methods(kind: str, quick: bool, ensemble: int, checkpoints: list, workdir=No
         cg_grid = [0.3, 0.1, 0.05, 0.03, 0.01, 1e-3] if not quick else grid
         rows.append(Method("IF CG (H)", "IF CG", _influence("cg", on_failure="warn", maxiter=100), cg_grid, "damping"))
         rows.append(Method("IF CG, L2 re-fit (H)", "IF CG", _refit_influence("cg", tol=1e-8, maxiter=200),
-                           [0.1, 0.03] if not quick else [0.1], "weight decay"))
+                           param="weight decay", picked_from="IF exact, L2 re-fit (H)"))
         rows.append(Method("IF LiSSA (depth 100, full batch)", "IF LiSSA",
                            _influence("lissa", scale="auto", depth=100, batch_size=None), [1e-3], "damping"))
     else:
         rows.append(Method("IF CG (H), 10 iterations", "IF CG",
-                           _influence("cg", on_failure="warn", maxiter=10), grid, "damping"))
+                           _influence("cg", on_failure="warn", maxiter=10), grid[1:], "damping"))
         rows.append(Method("IF CG (G), 10 iterations", "IF CG",
-                           _influence("cg", "gauss-newton", on_failure="warn", maxiter=10), grid, "damping"))
+                           _influence("cg", "gauss-newton", on_failure="warn", maxiter=10), kfac_grid[1:], "damping"))
     rows += [
         Method("IF LiSSA (depth 100)", "IF LiSSA", _influence("lissa", scale="auto", depth=100, batch_size=500,
                                                               curvature="gauss-newton" if kind == "mlp" else None),
-               grid[:2], "damping"),
+               grid[:2] if kind == "lr" else grid[-1:], "damping"),
         Method("IF Arnoldi (rank 50, fill 0)", "IF Arnoldi",
                _influence("arnoldi", rank=50, fill=0.0, curvature="gauss-newton" if kind == "mlp" else None),
                grid, "damping"),
         Method("IF K-FAC", None, _influence("kfac", curvature="gauss-newton"), kfac_grid, "damping"),
         Method("IF EK-FAC", None, _influence("ekfac", curvature="gauss-newton"), kfac_grid, "damping"),
         Method("IF EK-FAC, 5 checkpoints of one run", None,
-               _influence("ekfac", curvature="gauss-newton", checkpoints=checkpoints), kfac_grid, "damping"),
+               _influence("ekfac", curvature="gauss-newton", checkpoints=checkpoints), param="damping",
+               picked_from="IF EK-FAC"),
         Method("TracIn (5 checkpoints)", "TracIn", _named("tracin", checkpoints=checkpoints)),
         Method("grad-dot", "grad-dot", _named("grad_dot")),
         Method("grad-cos", "grad-cos", _named("grad_cos")),
@@ -395,18 +396,20 @@ def methods(kind: str, quick: bool, ensemble: int, checkpoints: list, workdir=No
         rows += [
             Method(f"TRAK-{ensemble}", f"TRAK-{ensemble}" if ensemble in (10, 50) else None,
                    _named("trak", proj_dim=2048), members=ensemble),
-            Method(f"IF EK-FAC x{ensemble}", None, _influence("ekfac", curvature="gauss-newton"), kfac_grid,
-                   "damping", members=ensemble),
-            Method(f"index (k = 4096) x{ensemble}", None, _index(4096, workdir), kfac_grid, "damping", members=ensemble),
+            Method(f"IF EK-FAC x{ensemble}", None, _influence("ekfac", curvature="gauss-newton"),
+                   grid[1:] if not quick else grid, "damping", members=ensemble),
         ]
+        if kind == "mlp" or quick:
+            rows.append(Method(f"index (k = 4096) x{ensemble}", None, _index(4096, workdir), kfac_grid, "damping",
+                               members=ensemble))
         rows.append(Method(f"grad-dot x{ensemble}", "grad-dot", _ensemble_of("grad_dot"), members=ensemble))
         if all_checkpoints:
             flat = [c for cps in all_checkpoints[:ensemble] for c in cps]
             rows.append(Method(f"TracIn, {ensemble} models x 5 checkpoints", "TracIn", _named("tracin", checkpoints=flat),
                                members=ensemble))
             rows.append(Method(f"IF EK-FAC, {ensemble} models x 5 checkpoints", None,
-                               _checkpoint_ensemble(all_checkpoints, "ekfac", curvature="gauss-newton"), kfac_grid,
-                               "damping", members=ensemble))
+                               _checkpoint_ensemble(all_checkpoints, "ekfac", curvature="gauss-newton"),
+                               param="damping", members=ensemble, picked_from=f"IF EK-FAC x{ensemble}"))
         if kind == "mlp":
             rows.append(Method(f"IF CG (G) x{ensemble}", None,
                                _influence("cg", "gauss-newton", on_failure="warn", maxiter=10),
