@@ -286,6 +286,18 @@ def _checkpoint_ensemble(all_checkpoints, solver, curvature=None, **opts):
     return score
 
 
+def _trak(proj_dim):
+    """TRAK over the members with ``damping`` = the grid value (added to ``Phi^T Phi``)."""
+    from ..estimators import get_estimator
+
+    def score(models, X, y, value):
+        return get_estimator("trak", models=models, proj_dim=proj_dim, damping=value).fit(models[0]) \
+            .influence_matrix(X, y)
+
+    score.spec = repr(("trak", proj_dim))
+    return score
+
+
 def _ensemble_of(name, **opts):
     """Estimator ``name`` averaged over the members (:class:`~influence.estimators.Ensemble`)."""
     from ..estimators import Ensemble
@@ -389,6 +401,8 @@ def methods(kind: str, quick: bool, ensemble: int, checkpoints: list, workdir=No
         Method("grad-dot", "grad-dot", _named("grad_dot")),
         Method("grad-cos", "grad-cos", _named("grad_cos")),
         Method("TRAK-1", "TRAK-1", _named("trak", proj_dim=2048)),
+        Method("TRAK-1, damping picked", "TRAK-1", _trak(2048), [1e1, 1e2, 1e3, 1e4] if not quick else [1e2],
+               "damping"),
         Method("index (k = 4096)", None, _index(4096, workdir), kfac_grid, "damping"),
         Method("random", None, _named("random")),
     ]
@@ -396,6 +410,8 @@ def methods(kind: str, quick: bool, ensemble: int, checkpoints: list, workdir=No
         rows += [
             Method(f"TRAK-{ensemble}", f"TRAK-{ensemble}" if ensemble in (10, 50) else None,
                    _named("trak", proj_dim=2048), members=ensemble),
+            Method(f"TRAK-{ensemble}, damping picked", f"TRAK-{ensemble}" if ensemble in (10, 50) else None,
+                   _trak(2048), param="damping", members=ensemble, picked_from="TRAK-1, damping picked"),
             Method(f"IF EK-FAC x{ensemble}", None, _influence("ekfac", curvature="gauss-newton"),
                    grid[1:] if not quick else grid, "damping", members=ensemble),
         ]
