@@ -401,7 +401,7 @@ def methods(kind: str, quick: bool, ensemble: int, checkpoints: list, workdir=No
         Method("grad-dot", "grad-dot", _named("grad_dot")),
         Method("grad-cos", "grad-cos", _named("grad_cos")),
         Method("TRAK-1", "TRAK-1", _named("trak", proj_dim=2048)),
-        Method("TRAK-1, damping picked", "TRAK-1", _trak(2048), [1e1, 1e2, 1e3, 1e4] if not quick else [1e2],
+        Method("TRAK-1, damping picked", "TRAK-1", _trak(2048), [1e1, 1e2, 1e3, 1e4, 1e5] if not quick else [1e2],
                "damping"),
         Method("index (k = 4096)", None, _index(4096, workdir), kfac_grid, "damping"),
         Method("random", None, _named("random")),
