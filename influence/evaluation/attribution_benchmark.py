@@ -368,6 +368,8 @@ def methods(kind: str, quick: bool, ensemble: int, checkpoints: list, workdir=No
     ``workdir`` keeps the members' gradient indexes."""
     grid = [1e-1, 1e-2, 1e-3] if not quick else [1e-1, 1e-2]
     kfac_grid = grid + [1e-4] if not quick else grid
+    if kind == "mlp" and not quick:
+        kfac_grid = kfac_grid + [1e-5]  # the MLP's single-model EK-FAC still gains at 1e-4
     rows = []
     if kind == "lr":
         exact_grid = [1.0, 0.3, 0.1, 0.05, 0.03, 0.01, 1e-3] if not quick else [1.0] + grid
@@ -413,16 +415,10 @@ def methods(kind: str, quick: bool, ensemble: int, checkpoints: list, workdir=No
             Method(f"TRAK-{ensemble}, damping picked", f"TRAK-{ensemble}" if ensemble in (10, 50) else None,
                    _trak(2048), param="damping", members=ensemble, picked_from="TRAK-1, damping picked"),
             Method(f"IF EK-FAC x{ensemble}", None, _influence("ekfac", curvature="gauss-newton"),
-                   grid[1:] if not quick else grid, "damping", members=ensemble),
+                   (grid[1:] if kind == "lr" else [1e-3, 1e-4, 1e-5]) if not quick else grid, "damping",
+                   members=ensemble),
         ]
-        if kind == "mlp" or quick:
-            rows.append(Method(f"index (k = 4096) x{ensemble}", None, _index(4096, workdir), kfac_grid, "damping",
-                               members=ensemble))
-        rows.append(Method(f"grad-dot x{ensemble}", "grad-dot", _ensemble_of("grad_dot"), members=ensemble))
         if all_checkpoints:
-            flat = [c for cps in all_checkpoints[:ensemble] for c in cps]
-            rows.append(Method(f"TracIn, {ensemble} models x 5 checkpoints", "TracIn", _named("tracin", checkpoints=flat),
-                               members=ensemble))
             rows.append(Method(f"IF EK-FAC, {ensemble} models x 5 checkpoints", None,
                                _checkpoint_ensemble(all_checkpoints, "ekfac", curvature="gauss-newton"),
                                param="damping", members=ensemble, picked_from=f"IF EK-FAC x{ensemble}"))
@@ -430,6 +426,14 @@ def methods(kind: str, quick: bool, ensemble: int, checkpoints: list, workdir=No
             rows.append(Method(f"IF CG (G) x{ensemble}", None,
                                _influence("cg", "gauss-newton", on_failure="warn", maxiter=10),
                                members=ensemble, picked_from="IF CG (G), 10 iterations"))
+        if quick:
+            rows.append(Method(f"index (k = 4096) x{ensemble}", None, _index(4096, workdir), kfac_grid, "damping",
+                               members=ensemble))
+        rows.append(Method(f"grad-dot x{ensemble}", "grad-dot", _ensemble_of("grad_dot"), members=ensemble))
+        if all_checkpoints:
+            flat = [c for cps in all_checkpoints[:ensemble] for c in cps]
+            rows.append(Method(f"TracIn, {ensemble} models x 5 checkpoints", "TracIn", _named("tracin", checkpoints=flat),
+                               members=ensemble))
     return rows
 
 
