@@ -33,27 +33,25 @@ class _DropRetracingWarnings(logging.Filter):
 
 
 @contextlib.contextmanager
+def _filtered(filt: logging.Filter):
+    """``filt`` on TensorFlow's logger for the block only; nothing stays installed afterwards."""
+    tf.get_logger().addFilter(filt)
+    try:
+        yield
+    finally:
+        tf.get_logger().removeFilter(filt)
+
+
 def quiet_member_traces():
     """Drop TensorFlow's retracing warning while an ensemble traces one kernel per member
-    (:class:`_DropRetracingWarnings`); nothing stays installed afterwards."""
-    filt = _DropRetracingWarnings()
-    tf.get_logger().addFilter(filt)
-    try:
-        yield
-    finally:
-        tf.get_logger().removeFilter(filt)
+    (:class:`_DropRetracingWarnings`)."""
+    return _filtered(_DropRetracingWarnings())
 
 
-@contextlib.contextmanager
 def quiet_pfor_fallback():
     """Drop vectorized_map's while-loop fallback warning while a kernel is traced (the body of a
-    tf.function runs only then); nothing is left installed on TensorFlow's logger afterwards."""
-    filt = _DropPforWhileLoopWarnings()
-    tf.get_logger().addFilter(filt)
-    try:
-        yield
-    finally:
-        tf.get_logger().removeFilter(filt)
+    tf.function runs only then)."""
+    return _filtered(_DropPforWhileLoopWarnings())
 
 
 class GradientKernels:
