@@ -344,9 +344,10 @@ def _named(name, **opts):
     return score
 
 
-def _index(proj_dim, workdir=None):
+def _index(proj_dim, workdir=None, projection="auto"):
     """The gradient index of each member, kept under ``workdir/index-<member>`` (built once, then
-    reopened for every damping: its manifest matches; the damping only enters the solve)."""
+    reopened for every damping: its manifest matches; the damping only enters the solve).
+    ``projection``: the index's ("auto": PCA of the K-FAC factors; "random": Gaussian Kronecker)."""
     from pathlib import Path
 
     from ..index import GradientIndex
@@ -354,11 +355,12 @@ def _index(proj_dim, workdir=None):
     def score(models, X, y, value):
         total = 0.0
         for k, m in enumerate(models):
-            path = None if workdir is None else Path(workdir) / f"index-{proj_dim}-{k}"
-            total = total + GradientIndex(path, proj_dim=proj_dim, damping=value, seed=0).fit(m).influence_matrix(X, y)
+            path = None if workdir is None else Path(workdir) / f"index-{proj_dim}-{projection}-{k}"
+            total = total + GradientIndex(path, proj_dim=proj_dim, damping=value, seed=0,
+                                          projection=projection).fit(m).influence_matrix(X, y)
         return total / len(models)
 
-    score.spec = repr(("index", proj_dim))
+    score.spec = repr(("index", proj_dim, projection))
     return score
 
 
@@ -406,6 +408,8 @@ def methods(kind: str, quick: bool, ensemble: int, checkpoints: list, workdir=No
         Method("TRAK-1, damping picked", "TRAK-1", _trak(2048), [1e1, 1e2, 1e3, 1e4, 1e5] if not quick else [1e2],
                "damping"),
         Method("index (k = 4096)", None, _index(4096, workdir), kfac_grid, "damping"),
+        Method("index (k = 4096), random Kronecker projection", None, _index(4096, workdir, "random"), kfac_grid,
+               "damping"),
         Method("random", None, _named("random")),
     ]
     if ensemble > 1:
@@ -426,9 +430,8 @@ def methods(kind: str, quick: bool, ensemble: int, checkpoints: list, workdir=No
             rows.append(Method(f"IF CG (G) x{ensemble}", None,
                                _influence("cg", "gauss-newton", on_failure="warn", maxiter=10),
                                members=ensemble, picked_from="IF CG (G), 10 iterations"))
-        if quick:
-            rows.append(Method(f"index (k = 4096) x{ensemble}", None, _index(4096, workdir), kfac_grid, "damping",
-                               members=ensemble))
+        rows.append(Method(f"index (k = 4096) x{ensemble}", None, _index(4096, workdir), param="damping",
+                           members=ensemble, picked_from="index (k = 4096)"))
         rows.append(Method(f"grad-dot x{ensemble}", "grad-dot", _ensemble_of("grad_dot"), members=ensemble))
         if all_checkpoints:
             flat = [c for cps in all_checkpoints[:ensemble] for c in cps]

@@ -16,6 +16,15 @@ point and the projected curvature ``P^T C P``; influence in the projected space 
   and the signal are projected before the outer product, so no (d_in, d_out) gradient is
   formed per example. A side whose size is at most its budget is not projected (identity).
   Memory O(batch x positions x (d_in + d_out) + k_in k_out) per layer.
+- :class:`PCAProjection` (LoGra's PCA variant): the same Kronecker structure, with ``P_in`` and
+  ``P_out`` the top eigenvectors of the layer's K-FAC factors ``A = E[a a^T]`` and
+  ``S = E[g g^T]`` (``g``: the curvature's backward signals), estimated on a seeded sample of
+  the training set. The index then keeps each layer's most curved Kronecker directions
+  (orthonormal: ``P^T P = I``), and the budget goes mostly to the input side: ``k_out =
+  min(d_out, max(c, 8))`` output directions (``c``: the model's outputs; a per-example
+  backward signal is the image of a c-dimensional output vector) and ``k_in`` the rest.
+  Not a Johnson-Lindenstrauss map (``E[P P^T] != I``): gradient dot products (grad_dot,
+  TracIn, TRAK) take the random ones.
 - :class:`SparseSignProjection`: for models without Dense/Conv2D taps, a sparse random
   sign matrix (``s`` non-zeros of ``+-1/sqrt(s)`` per parameter row, seeded), applied to
   chunks of per-example gradients: O(p s) memory, never (p, k) dense.
@@ -139,13 +148,15 @@ class LayerPlan:
     """One Dense/Conv2D layer of a :class:`KroneckerProjection`: its blocks in theta, the
     kernel's matrix shape (d_in without the bias row, d_out), and its two projections."""
 
-    def __init__(self, name, kernel_block, bias_block, d_in, d_out, k_in, k_out, seed, dtype):
+    def __init__(self, name, kernel_block, bias_block, d_in, d_out, k_in, k_out, seed, dtype, basis=None):
         self.name, self.kernel_block, self.bias_block = name, kernel_block, bias_block
         self.d_in, self.d_out = int(d_in), int(d_out)
         self.rows = self.d_in + (bias_block is not None)  # the bias as one more input row
         self.k_in, self.k_out = int(min(k_in, self.rows)), int(min(k_out, self.d_out))
-        self.P_in = None if self.k_in >= self.rows else gaussian(self.rows, self.k_in, [seed, 0], dtype)
-        self.P_out = None if self.k_out >= self.d_out else gaussian(self.d_out, self.k_out, [seed, 1], dtype)
+        # basis(side, size, k) -> (size, k) matrix; default: seeded Gaussian
+        make = basis or (lambda side, size, k: gaussian(size, k, [seed, side], dtype))
+        self.P_in = None if self.k_in >= self.rows else np.asarray(make(0, self.rows, self.k_in), dtype=dtype)
+        self.P_out = None if self.k_out >= self.d_out else np.asarray(make(1, self.d_out, self.k_out), dtype=dtype)
         if self.P_in is None:
             self.k_in = self.rows
         if self.P_out is None:
@@ -182,31 +193,42 @@ class KroneckerProjection(Projection):
         budget = check_number("proj_dim", k, low=1, integer=True)
         x = tf.constant(model.X_train_np_[:1])
         try:
-            _, taps = model.kfac_taps(model.unflatten(tf.constant(model.theta_)), x)
+            out, taps = model.kfac_taps(model.unflatten(tf.constant(model.theta_)), x)
         except NotImplementedError as exc:
-            raise ValueError(f"projection='kronecker' needs Dense/Conv2D layers: {exc}; use projection='sparse-sign'") \
-                from None
-        check_coverage(model, taps)
+            raise ValueError(f"projection={self.kind!r} needs Dense/Conv2D layers: {exc}; use "
+                             f"projection='sparse-sign'") from None
+        check_coverage(model, taps)  # every parameter in a Dense/Conv2D layer
+        self.n_outputs = int(np.prod(out.shape[1:]))
         shapes = []
         for tap in taps:
             d_in, d_out = kernel_matrix_shape(model.blocks_[tap.kernel_block].shape)
-            shapes.append((tap, d_in, d_out))
-        shares = equal_shares(budget, [(d_in + (t.bias_block is not None)) * d_out for t, d_in, d_out in shapes])
+            shapes.append((tap, d_in + (tap.bias_block is not None), d_out))
         dtype = np.dtype(model.dtype)
+        bases = self._bases(model, taps)
         self.layers = []
-        for j, ((tap, d_in, d_out), k_l) in enumerate(zip(shapes, shares)):
-            rows = d_in + (tap.bias_block is not None)
-            if k_l >= rows * d_out:  # small enough to keep whole
-                k_in, k_out = rows, d_out
-            else:
-                k_out = int(min(d_out, 2 ** int(round(np.log2(max(np.sqrt(k_l), 1))))))
-                k_in = int(max(1, k_l // k_out))
-            self.layers.append(LayerPlan(tap.name, tap.kernel_block, tap.bias_block, d_in, d_out, k_in, k_out,
-                                         [self.seed, j], dtype))
+        for j, ((tap, rows, d_out), (k_in, k_out)) in enumerate(zip(shapes, self._split(budget, shapes))):
+            self.layers.append(LayerPlan(tap.name, tap.kernel_block, tap.bias_block, rows - (tap.bias_block is not None),
+                                         d_out, k_in, k_out, [self.seed, j], dtype, bases[j]))
         self.k = int(sum(layer.k for layer in self.layers))
         bounds = np.cumsum([0] + [b.size for b in model.blocks_])
         self._block_ranges = [(int(bounds[i]), int(bounds[i + 1])) for i in range(len(model.blocks_))]
         self._decay = [bool(b.decay) for b in model.blocks_]
+
+    def _split(self, budget, shapes):
+        """Each layer's ``(k_in, k_out)`` (class docstring)."""
+        shares = equal_shares(budget, [rows * d_out for _, rows, d_out in shapes])
+        out = []
+        for (_, rows, d_out), k_l in zip(shapes, shares):
+            if k_l >= rows * d_out:  # small enough to keep whole
+                out.append((rows, d_out))
+            else:
+                k_out = int(min(d_out, 2 ** int(round(np.log2(max(np.sqrt(k_l), 1))))))
+                out.append((int(max(1, k_l // k_out)), k_out))
+        return out
+
+    def _bases(self, model, taps):
+        """Per layer: a ``basis(side, size, k)`` for :class:`LayerPlan` (None: seeded Gaussian)."""
+        return [None] * len(taps)
 
     def describe(self) -> dict:
         return {"kind": self.kind, "k": self.k, "seed": self.seed, "layers": [la.describe() for la in self.layers]}
@@ -260,18 +282,113 @@ class KroneckerProjection(Projection):
                 for la in self.layers]
 
 
-def make_projection(model, proj_dim: int | None, kind: str = "auto", seed: int = 0) -> Projection:
-    """The projection for ``model``: exact where ``proj_dim`` is None or >= p; else ``kind``
-    ("auto": Kronecker where every parameter belongs to a Dense/Conv2D layer, else sparse sign)."""
+class PCAProjection(KroneckerProjection):
+    """LoGra's PCA projection (module docstring): per layer, ``P_in`` / ``P_out`` are the top
+    ``k_in`` / ``k_out`` eigenvectors of the K-FAC factors ``A`` / ``S`` (``fisher``: which
+    backward signals, as for the index's curvature), estimated on ``factor_rows`` training
+    rows drawn with ``seed`` (all rows when None or fewer). Eigenvectors are signed so that
+    each one's largest entry is positive. ``state``: the matrices of an earlier build
+    (:meth:`arrays`), reused instead of another pass. ``describe()`` carries a digest of the
+    matrices (they depend on the data through floating-point sums)."""
+
+    kind = "pca"
+    MIN_OUT = 8  # output directions kept per layer at least (module docstring)
+
+    def __init__(self, model, k: int, seed: int = 0, fisher: str = "expectation", factor_rows: int | None = 10000,
+                 state: dict | None = None):
+        self.fisher = fisher
+        self.factor_rows = check_number("factor_rows", factor_rows, low=1, integer=True, allow_none=True)
+        self._state = state
+        super().__init__(model, k, seed)
+        self._state = None
+        from .store import checksum
+
+        self.digest = checksum(*[m for la in self.layers for m in (la.P_in, la.P_out)])
+
+    def _split(self, budget, shapes):
+        k_out = [min(d_out, max(self.n_outputs, self.MIN_OUT)) for _, _, d_out in shapes]
+        shares = equal_shares(budget, [rows * ko for (_, rows, _), ko in zip(shapes, k_out)])
+        out = []
+        for (_, rows, d_out), ko, k_l in zip(shapes, k_out, shares):
+            out.append((rows, d_out) if k_l >= rows * d_out else (int(min(rows, max(1, k_l // ko))), ko))
+        return out
+
+    def _bases(self, model, taps):
+        if self._state is not None:
+            state = self._state
+            return [lambda side, size, k, j=j: state[f"P{side}_{j}"] for j in range(len(taps))]
+        from ..solvers.kfac import compute_factors
+
+        n = int(model.n_train_)
+        self.rows_used = n if self.factor_rows is None else min(n, self.factor_rows)
+        sample = model
+        if self.rows_used < n:
+            idx = np.sort(np.random.default_rng([self.seed, 11]).choice(n, self.rows_used, replace=False))
+            sample = model.on_training_subset(idx)
+        factors = compute_factors(sample, self.fisher, seed=self.seed, decompose=False)
+
+        def basis(j):
+            mats = (factors[j].A, factors[j].S)
+            return lambda side, size, k: top_eigenvectors(mats[side], k)
+
+        return [basis(j) for j in range(len(taps))]
+
+    def describe(self) -> dict:
+        return {**super().describe(), "fisher": self.fisher, "factor_rows": self.factor_rows, "digest": self.digest}
+
+    def arrays(self) -> dict:
+        """The matrices, by layer and side (``P0_j``: input side of layer j), to store and reuse."""
+        return {f"P{side}_{j}": m for j, la in enumerate(self.layers) for side, m in enumerate((la.P_in, la.P_out))
+                if m is not None}
+
+
+def top_eigenvectors(M: np.ndarray, k: int) -> np.ndarray:
+    """The ``k`` leading eigenvectors of the symmetric ``M`` (largest eigenvalue first), each
+    signed so that its largest-magnitude entry is positive."""
+    import scipy.linalg
+
+    M = np.asarray(M, dtype=np.float64)
+    d = M.shape[0]
+    _, V = scipy.linalg.eigh(0.5 * (M + M.T), subset_by_index=[d - k, d - 1])
+    V = V[:, ::-1]
+    top = np.abs(V).argmax(axis=0)
+    return V * np.where(V[top, np.arange(k)] < 0, -1.0, 1.0)
+
+
+def kronecker_layers(model):
+    """The model's Dense/Conv2D taps when every parameter lies in one (a Kronecker projection
+    applies), else None."""
+    import tensorflow as tf
+
+    from ..solvers.kfac import check_coverage
+
+    try:
+        _, taps = model.kfac_taps(model.unflatten(tf.constant(model.theta_)), tf.constant(model.X_train_np_[:1]))
+        check_coverage(model, taps)
+    except (ValueError, NotImplementedError):
+        return None
+    return taps
+
+
+PROJECTIONS = ("auto", "random", "pca", "kronecker", "sparse-sign")
+
+
+def make_projection(model, proj_dim: int | None, kind: str = "auto", seed: int = 0, **pca) -> Projection:
+    """The projection for ``model``: exact where ``proj_dim`` is None or >= p; else ``kind``:
+    "auto" or "random" (a Johnson-Lindenstrauss map: Kronecker where every parameter belongs
+    to a Dense/Conv2D layer, else sparse sign), "pca" (:class:`PCAProjection`; ``pca``: its
+    ``fisher``, ``factor_rows``, ``state``), "kronecker", "sparse-sign"."""
     p = model.n_params
+    if kind not in PROJECTIONS:
+        raise ValueError(f"projection must be one of {PROJECTIONS}, got {kind!r}")
     if proj_dim is None or int(proj_dim) >= p:
         return ExactProjection(model)
+    if kind == "pca":
+        return PCAProjection(model, proj_dim, seed, **pca)
     if kind == "kronecker":
         return KroneckerProjection(model, proj_dim, seed)
     if kind == "sparse-sign":
         return SparseSignProjection(model, proj_dim, seed)
-    if kind != "auto":
-        raise ValueError(f"projection must be one of ('auto', 'kronecker', 'sparse-sign'), got {kind!r}")
     try:
         return KroneckerProjection(model, proj_dim, seed)
     except (ValueError, NotImplementedError):

@@ -93,14 +93,19 @@ def kernel_matrix_shape(shape) -> tuple[int, int]:
 
 
 def compute_factors(model, fisher: str = "expectation", mc_samples: int = 1, seed: int = 0,
-                    corrected: bool = False, kernels=None) -> list[BlockFactors]:
+                    corrected: bool = False, kernels=None, decompose: bool = True) -> list[BlockFactors]:
     """The Kronecker factors of every factorable layer of ``model`` (its current theta and
-    data), with their eigendecompositions; with ``corrected``, EK-FAC's eigenvalues too."""
+    data), with their eigendecompositions (unless ``decompose`` is False); with ``corrected``,
+    EK-FAC's eigenvalues too."""
     if fisher not in FISHERS:
         raise ValueError(f"fisher must be one of {FISHERS}, got {fisher!r}")
     kernels = kernels or _make_kernels(model, fisher, int(mc_samples))
     t0 = time.perf_counter()
     blocks = _factor_pass(model, kernels, fisher, int(mc_samples), int(seed))
+    if not decompose:
+        if corrected:
+            raise ValueError("compute_factors: corrected=True needs decompose=True")
+        return blocks
     for f in blocks:
         f.ea, f.qa = np.linalg.eigh(f.A)
         f.es, f.qs = np.linalg.eigh(f.S)

@@ -145,7 +145,8 @@ def test_an_index_is_never_served_for_another_model_data_or_seed(lr, tmp_path, c
     assert rebuilt.build_info_["rows_computed"] == other.n_train_
     fresh = GradientIndex(tmp_path / "fresh", proj_dim=32, seed=seed).fit(other)
     np.testing.assert_array_equal(stored_rows(rebuilt), stored_rows(fresh))
-    np.testing.assert_allclose(rebuilt.influence_matrix(xt, yt), fresh.influence_matrix(xt, yt), rtol=1e-12)
+    want = fresh.influence_matrix(xt, yt)
+    np.testing.assert_allclose(rebuilt.influence_matrix(xt, yt), want, rtol=1e-12, atol=1e-12 * np.abs(want).max())
 
 
 def test_an_index_refuses_queries_once_its_model_has_moved(lr, tmp_path):
@@ -176,7 +177,7 @@ KILLED_BUILD = textwrap.dedent('''
 
     def dying(path, arrays, attrs):
         written[0] += 1
-        if written[0] == 6:  # mid-way (shard 0 done, shard 1 two chunks in): a file half written, SIGKILL
+        if written[0] == 7:  # mid-way (projection and shard 0 done, shard 1 two chunks in): half a file, SIGKILL
             with open(str(path) + ".%d.x.tmp" % os.getpid(), "wb") as f:
                 f.write(b"\\x89HDF partial")
             os.kill(os.getpid(), signal.SIGKILL)
@@ -254,9 +255,71 @@ def test_gradient_baselines_served_by_the_index_equal_the_direct_ones(multiclass
         np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12 * np.abs(want).max())
         sub = get_estimator(name, index=exact).fit(m).influence_matrix(xt, yt, indices=[7, 2])
         np.testing.assert_allclose(sub, want[:, [7, 2]], rtol=1e-9, atol=1e-12 * np.abs(want).max())
-        proj = GradientIndex(tmp_path / f"proj-{name}", proj_dim=256, seed=1)
+        proj = GradientIndex(tmp_path / f"proj-{name}", proj_dim=256, seed=1, projection="random")
         approx = get_estimator(name, index=proj).fit(m).influence_matrix(xt, yt)
         rho = np.mean([scipy.stats.spearmanr(a, b)[0] for a, b in zip(approx, want)])
         assert rho > 0.9, rho
+        # the PCA projection (the index's default) is no Johnson-Lindenstrauss map: refused, not served
+        with pytest.raises(ValueError, match="projection='random'"):
+            get_estimator(name, index=GradientIndex(tmp_path / "pca", proj_dim=256)).fit(m).influence_matrix(xt, yt)
     with pytest.raises(ValueError, match="GradientIndex"):
         get_estimator("grad_dot", index="yes")
+
+
+def test_pca_projection_keeps_each_layers_top_kfac_eigenvectors_and_is_stored(tmp_path, monkeypatch, caplog):
+    """The default projection of a Dense/Conv2D model: per layer, P_in and P_out span the top
+    eigenvectors of the K-FAC factors A and S (P^T M P = the top eigenvalues, P^T P = I); the
+    rows equal the explicit projection of the per-example gradients; the matrices are stored
+    and reopened without a factor pass, and recomputed when the file is altered."""
+    import keras
+
+    from influence import KerasModel
+    from influence.solvers import kfac
+
+    keras.utils.set_random_seed(4)
+    net = keras.Sequential([keras.Input((6, 6, 1), dtype="float64"),
+                            keras.layers.Conv2D(12, 3, activation="tanh", dtype="float64"),
+                            keras.layers.Flatten(dtype="float64"), keras.layers.Dense(6, dtype="float64")])
+    rng = np.random.default_rng(1)
+    m = KerasModel(net, loss="softmax", weight_decay=1e-3).set_training_data(rng.standard_normal((30, 6, 6, 1)),
+                                                                             rng.integers(0, 6, 30))
+    index = GradientIndex(tmp_path / "pca", proj_dim=60, storage="float64", factor_rows=None).fit(m)
+    proj = index.projection_
+    assert proj.kind == "pca"
+    conv, dense = proj.layers
+    assert (conv.k_out, dense.k_out) == (8, 6)  # max(c = 6 outputs, 8) output directions, the rest on the inputs
+    assert conv.P_in is not None and conv.P_out is not None and dense.P_in is not None and dense.P_out is None
+    factors = kfac.compute_factors(m, "expectation")
+    for layer, f in zip(proj.layers, factors):
+        for P, M in ((layer.P_in, f.A), (layer.P_out, f.S)):
+            if P is None:
+                continue
+            top = np.linalg.eigvalsh(M)[::-1][:P.shape[1]]
+            np.testing.assert_allclose(P.T @ P, np.eye(P.shape[1]), atol=1e-10)
+            np.testing.assert_allclose(P.T @ M @ P, np.diag(top), atol=1e-9 * top[0])
+    G = m.per_example_gradients(include_regularizer=False)
+    np.testing.assert_allclose(stored_rows(index), G @ proj.matrix(), rtol=1e-9, atol=1e-12 * np.abs(G).max())
+    scores = index.influence_matrix(m.X_train_np_[:3], m.y_train_np_[:3])
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("a factor pass on reopening")
+
+    monkeypatch.setattr(kfac, "compute_factors", no_pass)
+    again = GradientIndex(tmp_path / "pca", proj_dim=60, storage="float64", factor_rows=None).fit(m)
+    assert again.build_info_["rows_computed"] == 0
+    np.testing.assert_allclose(again.influence_matrix(m.X_train_np_[:3], m.y_train_np_[:3]), scores, rtol=1e-12,
+                               atol=1e-13 * np.abs(scores).max())
+    with h5py.File(tmp_path / "pca" / "projection.h5", "r+") as f:
+        f["P0_0"][0, 0] += 1e-3
+    with pytest.raises(AssertionError, match="factor pass"):  # altered on disk: never read, recomputed
+        GradientIndex(tmp_path / "pca", proj_dim=60, storage="float64", factor_rows=None).fit(m)
+    monkeypatch.undo()
+    with caplog.at_level("WARNING"):
+        third = GradientIndex(tmp_path / "pca", proj_dim=60, storage="float64", factor_rows=None).fit(m)
+    assert "recomputed" in caplog.text
+    np.testing.assert_allclose(third.influence_matrix(m.X_train_np_[:3], m.y_train_np_[:3]), scores,
+                               rtol=1e-9, atol=1e-12 * np.abs(scores).max())
+    # a seeded sample of the rows estimates the factors: another projection, so no old row is served
+    sampled = GradientIndex(tmp_path / "pca", proj_dim=60, storage="float64", factor_rows=12).fit(m)
+    assert sampled.build_info_["rows_computed"] == m.n_train_
+    assert sampled.manifest_["projection"]["digest"] != third.manifest_["projection"]["digest"]
