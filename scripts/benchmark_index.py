@@ -7,7 +7,8 @@ parameters; one epoch of Adam (batches of 128) on all 60,000 MNIST training imag
 as it is (``KerasModel``, every weight in theta, no weight decay).
 
 Index: ``GradientIndex(proj_dim=4096, fisher="mc")``: the Kronecker (LoGra) projection of the
-four layers (metrics: each layer's k_in x k_out), the projected Fisher from one sampled label
+four layers on the top eigenvectors of their K-FAC factors (estimated on 10,000 images; metrics:
+each layer's k_in x k_out), the projected Fisher from one sampled label
 per image, damping 0.1 x its mean eigenvalue. Timed: the build (one pass over the 60,000
 images, then the curvature and its eigendecomposition), scoring ``--n-test`` test images
 against every training image, the peak resident memory of the run. In the same run the
@@ -18,7 +19,8 @@ above ``--baseline-memory`` GB (what they take, or how far they got, is reported
 Quality (``--quality``): a Keras MLP (784-128-64-10 relu, 109,386 parameters, Adam) on 5,000
 MNIST images, where CG on the Gauss-Newton matrix is affordable: the index at k = 4096
 against CG on G at the same damping, as the mean Spearman correlation of the two rows of
-influence over 20 test images.
+influence over 20 test images (the PCA projection and the random one, each with the exact and
+the sampled-label curvature).
 
 Demo (the figure): for three test images, the 10 most helpful and most harmful training
 images by the index; and the training images with the largest self-influence, the index's
@@ -103,6 +105,7 @@ def main(exp):
     metrics["index_build_seconds"] = time.perf_counter() - t0
     metrics["index_rows_computed"] = index.build_info_["rows_computed"]
     metrics["k"] = index.projection_.k
+    metrics["projection"] = index.projection_.kind
     metrics["layers"] = index.projection_.describe().get("layers")
     metrics["damping"] = index.damping_value()
     metrics["index_bytes"] = int(sum(p.stat().st_size for p in index_dir.glob("*.h5")))
@@ -158,7 +161,9 @@ def print_table(metrics, rows, timeout):
         print(f"  {name:9s} 10 test images: {res['status']}, {res['seconds']:.1f} s, peak {res['peak_rss_gb']:.1f} GB")
     if "quality_spearman_expectation" in metrics:
         print(f"  quality (MLP, k = {metrics['quality_k']}): Spearman vs CG on G "
-              f"{metrics['quality_spearman_expectation']:.3f} (projected G), {metrics['quality_spearman_mc']:.3f} (MC)")
+              f"{metrics['quality_spearman_expectation']:.3f} (projected G), {metrics['quality_spearman_mc']:.3f} (MC); "
+              f"random projection {metrics['quality_spearman_expectation_random']:.3f} / "
+              f"{metrics['quality_spearman_mc_random']:.3f}")
 
 
 

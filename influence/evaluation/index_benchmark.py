@@ -132,16 +132,18 @@ def quality(args, X, y, Xt, yt, quick):
     t_cg = time.perf_counter() - t0
     out = {"quality_n_train": n, "quality_k": k, "quality_damping": damping, "quality_cg_seconds": t_cg,
            "quality_params": int(model.n_params)}
-    for fisher in ("expectation", "mc"):
-        t0 = time.perf_counter()
-        index = GradientIndex(Path(args.out) / f"quality-index-{fisher}", proj_dim=k, fisher=fisher,
-                              damping=damping).fit(model)
-        got = index.influence_matrix(Xtf, yt[:20])
-        rhos = [scipy.stats.spearmanr(a, b)[0] for a, b in zip(got, cg)]
-        out[f"quality_spearman_{fisher}"] = float(np.mean(rhos))
-        out[f"quality_index_seconds_{fisher}"] = time.perf_counter() - t0
-        logger.info("quality: index (%s, k = %d) vs CG on G: mean Spearman %.3f over 20 test images", fisher, k,
-                    np.mean(rhos))
+    for projection in ("auto", "random"):
+        for fisher in ("expectation", "mc"):
+            name = fisher if projection == "auto" else f"{fisher}_random"
+            t0 = time.perf_counter()
+            index = GradientIndex(Path(args.out) / f"quality-index-{name}", proj_dim=k, fisher=fisher,
+                                  damping=damping, projection=projection).fit(model)
+            got = index.influence_matrix(Xtf, yt[:20])
+            rhos = [scipy.stats.spearmanr(a, b)[0] for a, b in zip(got, cg)]
+            out[f"quality_spearman_{name}"] = float(np.mean(rhos))
+            out[f"quality_index_seconds_{name}"] = time.perf_counter() - t0
+            logger.info("quality: index (%s projection, %s, k = %d) vs CG on G: mean Spearman %.3f over 20 test "
+                        "images", index.projection_.kind, fisher, k, np.mean(rhos))
     return out
 
 
