@@ -7,7 +7,7 @@ parameters; one epoch of Adam (batches of 128) on all 60,000 MNIST training imag
 as it is (``KerasModel``, every weight in theta, no weight decay).
 
 Index: ``GradientIndex(proj_dim=4096, fisher="mc")``: the Kronecker (LoGra) projection of the
-four layers on the top eigenvectors of their K-FAC factors (estimated on 10,000 images; metrics:
+four layers on the top eigenvectors of their K-FAC factors (estimated on 2,500 images; metrics:
 each layer's k_in x k_out), the projected Fisher from one sampled label
 per image, damping 0.1 x its mean eigenvalue. Timed: the build (one pass over the 60,000
 images, then the curvature and its eigendecomposition), scoring ``--n-test`` test images

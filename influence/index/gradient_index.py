@@ -77,7 +77,8 @@ class GradientIndex(Estimator):
         map (Gaussian Kronecker, else sparse sign), as grad_dot / TracIn / TRAK need.
     factor_rows : int or None
         ``projection="pca"``: training rows (a seeded sample) that estimate the K-FAC factors
-        whose eigenvectors project; None: all.
+        whose eigenvectors project (default 2,500: on dattri's MNIST MLP as good as all 5,000,
+        LDS 0.338 vs 0.335; 1,000: 0.326); None: all.
     seed : int
         Seed of the projection and of the Monte Carlo labels.
     damping : float or "auto"
@@ -99,7 +100,7 @@ class GradientIndex(Estimator):
     name = "index"
 
     def __init__(self, path=None, proj_dim: int | None = 4096, projection: str = "auto", seed: int = 0,
-                 factor_rows: int | None = 10000,
+                 factor_rows: int | None = 2500,
                  damping: float | str = "auto", damping_factor: float = 0.1, fisher: str = "expectation",
                  storage: str = "float32", chunk_rows: int = 1024, shard_rows: int | None = None,
                  batch_size: int = 128, include_regularizer: bool = True, on_mismatch: str = "rebuild",

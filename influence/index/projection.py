@@ -35,9 +35,14 @@ so that the projected curvature is exactly ``P^T (G + wd D) P``.
 """
 from __future__ import annotations
 
+import logging
+import time
+
 import numpy as np
 
 from ..validation import check_number
+
+logger = logging.getLogger(__name__)
 
 #: largest p for which ``proj_dim=None`` (no projection) is accepted without ``exact=True``
 EXACT_MAX_PARAMS = 20000
@@ -294,7 +299,7 @@ class PCAProjection(KroneckerProjection):
     kind = "pca"
     MIN_OUT = 8  # output directions kept per layer at least (module docstring)
 
-    def __init__(self, model, k: int, seed: int = 0, fisher: str = "expectation", factor_rows: int | None = 10000,
+    def __init__(self, model, k: int, seed: int = 0, fisher: str = "expectation", factor_rows: int | None = 2500,
                  state: dict | None = None):
         self.fisher = fisher
         self.factor_rows = check_number("factor_rows", factor_rows, low=1, integer=True, allow_none=True)
@@ -325,11 +330,21 @@ class PCAProjection(KroneckerProjection):
         if self.rows_used < n:
             idx = np.sort(np.random.default_rng([self.seed, 11]).choice(n, self.rows_used, replace=False))
             sample = model.on_training_subset(idx)
+        t0 = time.perf_counter()
         factors = compute_factors(sample, self.fisher, seed=self.seed, decompose=False)
+        logger.info("PCA projection: K-FAC factors of %d layers from %d training rows in %.1fs", len(factors),
+                    self.rows_used, time.perf_counter() - t0)
 
         def basis(j):
             mats = (factors[j].A, factors[j].S)
-            return lambda side, size, k: top_eigenvectors(mats[side], k)
+
+            def top(side, size, k):
+                t1 = time.perf_counter()
+                V = top_eigenvectors(mats[side], k)
+                logger.info("PCA projection: %s's top %d of %d %s directions in %.1fs", factors[j].name, k, size,
+                            ("input", "output")[side], time.perf_counter() - t1)
+                return V
+            return top
 
         return [basis(j) for j in range(len(taps))]
 
@@ -344,12 +359,20 @@ class PCAProjection(KroneckerProjection):
 
 def top_eigenvectors(M: np.ndarray, k: int) -> np.ndarray:
     """The ``k`` leading eigenvectors of the symmetric ``M`` (largest eigenvalue first), each
-    signed so that its largest-magnitude entry is positive."""
+    signed so that its largest-magnitude entry is positive. Lanczos (ARPACK, fixed start
+    vector) where ``d > 2000`` and ``k < d / 4`` (a 9,217-wide factor: 12 s instead of 71 s for
+    LAPACK's partial solver), else LAPACK."""
     import scipy.linalg
+    import scipy.sparse.linalg
 
     M = np.asarray(M, dtype=np.float64)
+    M = 0.5 * (M + M.T)
     d = M.shape[0]
-    _, V = scipy.linalg.eigh(0.5 * (M + M.T), subset_by_index=[d - k, d - 1])
+    if d > 2000 and 4 * k < d:
+        w, V = scipy.sparse.linalg.eigsh(M, k=k, which="LA", v0=np.ones(d))
+        V = V[:, np.argsort(w)]
+    else:
+        _, V = scipy.linalg.eigh(M, subset_by_index=[d - k, d - 1])
     V = V[:, ::-1]
     top = np.abs(V).argmax(axis=0)
     return V * np.where(V[top, np.arange(k)] < 0, -1.0, 1.0)

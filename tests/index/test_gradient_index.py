@@ -323,3 +323,20 @@ def test_pca_projection_keeps_each_layers_top_kfac_eigenvectors_and_is_stored(tm
     sampled = GradientIndex(tmp_path / "pca", proj_dim=60, storage="float64", factor_rows=12).fit(m)
     assert sampled.build_info_["rows_computed"] == m.n_train_
     assert sampled.manifest_["projection"]["digest"] != third.manifest_["projection"]["digest"]
+
+
+def test_top_eigenvectors_by_lanczos_span_the_leading_eigenspace():
+    """Wide factors take ARPACK's Lanczos (d > 2000, k < d / 4): the same leading eigenspace as
+    LAPACK's dense solver, orthonormal, largest first, signed deterministically."""
+    from influence.index.projection import top_eigenvectors
+
+    rng = np.random.default_rng(0)
+    d, k = 2100, 12
+    Q = np.linalg.qr(rng.standard_normal((d, d)))[0]
+    w = np.r_[np.linspace(50.0, 20.0, k), rng.uniform(0.0, 1.0, d - k)]
+    M = (Q * w) @ Q.T
+    V = top_eigenvectors(M, k)
+    np.testing.assert_allclose(V.T @ V, np.eye(k), atol=1e-10)
+    np.testing.assert_allclose(V.T @ M @ V, np.diag(w[:k]), atol=1e-8)
+    assert np.all(V[np.abs(V).argmax(axis=0), np.arange(k)] > 0)
+    np.testing.assert_array_equal(top_eigenvectors(M, k), V)
