@@ -346,7 +346,9 @@ def _named(name, **opts):
 
 def _index(proj_dim, workdir=None, projection="auto"):
     """The gradient index of each member, kept under ``workdir/index-<member>`` (built once, then
-    reopened for every damping: its manifest matches; the damping only enters the solve).
+    reopened for every damping: its manifest matches; the damping only enters the solve); an
+    ensemble's members (one damping, taken from the one-model row) use temporary indexes, removed
+    once scored (each holds ~1.4 GB on the MLP).
     ``projection``: the index's ("auto": PCA of the K-FAC factors; "random": Gaussian Kronecker)."""
     from pathlib import Path
 
@@ -355,7 +357,7 @@ def _index(proj_dim, workdir=None, projection="auto"):
     def score(models, X, y, value):
         total = 0.0
         for k, m in enumerate(models):
-            path = None if workdir is None else Path(workdir) / f"index-{proj_dim}-{projection}-{k}"
+            path = None if workdir is None or len(models) > 1 else Path(workdir) / f"index-{proj_dim}-{projection}-{k}"
             total = total + GradientIndex(path, proj_dim=proj_dim, damping=value, seed=0,
                                           projection=projection).fit(m).influence_matrix(X, y)
         return total / len(models)

@@ -67,7 +67,7 @@ class GradientIndex(Estimator):
     ----------
     path : str or Path or None
         The index directory (created; reopened when its manifest matches). None: a new
-        temporary directory.
+        temporary directory, deleted when this object is garbage-collected.
     proj_dim : int or None
         The projected dimension k (default 4096); None: no projection (exact; refused above
         ``EXACT_MAX_PARAMS`` parameters unless ``exact=True``).
@@ -106,10 +106,12 @@ class GradientIndex(Estimator):
                  batch_size: int = 128, include_regularizer: bool = True, on_mismatch: str = "rebuild",
                  exact: bool = False):
         super().__init__()
-        if path is None:  # a fresh temporary directory (never reopened by a later index)
+        self._tmp = None
+        if path is None:  # a fresh temporary directory (never reopened by a later index), removed with the object
             import tempfile
 
-            path = tempfile.mkdtemp(prefix="influence-index-")
+            self._tmp = tempfile.TemporaryDirectory(prefix="influence-index-")
+            path = self._tmp.name
         self.path = Path(path)
         self.proj_dim = check_number("proj_dim", proj_dim, low=1, integer=True, allow_none=True)
         self.projection = check_choice("projection", projection, PROJECTIONS)

@@ -340,3 +340,17 @@ def test_top_eigenvectors_by_lanczos_span_the_leading_eigenspace():
     np.testing.assert_allclose(V.T @ M @ V, np.diag(w[:k]), atol=1e-8)
     assert np.all(V[np.abs(V).argmax(axis=0), np.arange(k)] > 0)
     np.testing.assert_array_equal(top_eigenvectors(M, k), V)
+
+
+def test_a_temporary_index_directory_goes_with_its_index(lr):
+    """path=None (TracIn's per-checkpoint indexes, quick looks): the directory is removed when the
+    index is garbage-collected, so repeated use does not fill the disk."""
+    import gc
+
+    m, xt, yt = lr
+    index = GradientIndex(proj_dim=32, projection="random").fit(m)
+    where = index.path
+    assert where.is_dir() and list(where.glob("shard-*.h5"))
+    del index
+    gc.collect()
+    assert not where.exists()
