@@ -158,6 +158,8 @@ class GradientIndex(Estimator):
             logger.warning("%s: rebuilding", msg)
             S.remove_index_files(self.path)
         S.write_manifest(self.path, self.manifest_)
+        if self._new_projection is not None:  # written only once the old index may be replaced
+            S._write_h5(*self._new_projection)
         self.shards_ = [S.Shard(self.path, j, lo, hi, self.chunk_rows, key)
                         for j, (lo, hi) in enumerate(self.manifest_["shards"])]
         todo = [s for s in self.shards_ if not s.finished()]
@@ -190,7 +192,9 @@ class GradientIndex(Estimator):
     def _make_projection(self, model, base: dict):
         """The projection; a PCA one is reused from ``projection.h5`` when it was made for the same
         model, data and settings (``base``: the manifest without the projection) and its checksum
-        holds, else computed (a factor pass) and stored atomically."""
+        holds, else computed (a factor pass) and stored atomically by :meth:`fit` once the old
+        index may be replaced (``on_mismatch="raise"`` leaves it untouched)."""
+        self._new_projection = None
         kind = self.projection
         if kind == "auto":
             kind = "pca" if kronecker_layers(model) is not None else "sparse-sign"
@@ -215,8 +219,7 @@ class GradientIndex(Estimator):
                            "checksum: recomputed", path)
         proj = PCAProjection(model, self.proj_dim, self.seed, **opts)
         state = proj.arrays()
-        self.path.mkdir(parents=True, exist_ok=True)
-        S._write_h5(path, state, {"key": key, "checksum": S.checksum(*[state[n] for n in sorted(state)])})
+        self._new_projection = (path, state, {"key": key, "checksum": S.checksum(*[state[n] for n in sorted(state)])})
         return proj
 
     def _manifest(self, model) -> dict:

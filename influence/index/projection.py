@@ -212,8 +212,9 @@ class KroneckerProjection(Projection):
         bases = self._bases(model, taps)
         self.layers = []
         for j, ((tap, rows, d_out), (k_in, k_out)) in enumerate(zip(shapes, self._split(budget, shapes))):
-            self.layers.append(LayerPlan(tap.name, tap.kernel_block, tap.bias_block, rows - (tap.bias_block is not None),
-                                         d_out, k_in, k_out, [self.seed, j], dtype, bases[j]))
+            d_in = rows - (tap.bias_block is not None)
+            self.layers.append(LayerPlan(tap.name, tap.kernel_block, tap.bias_block, d_in, d_out, k_in, k_out,
+                                         [self.seed, j], dtype, bases[j]))
         self.k = int(sum(layer.k for layer in self.layers))
         bounds = np.cumsum([0] + [b.size for b in model.blocks_])
         self._block_ranges = [(int(bounds[i]), int(bounds[i + 1])) for i in range(len(model.blocks_))]

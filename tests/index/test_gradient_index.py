@@ -139,8 +139,10 @@ def test_an_index_is_never_served_for_another_model_data_or_seed(lr, tmp_path, c
         other = m.on_training_subset(np.arange(1, m.n_train_ + 0) [::-1])  # same size, other order
     else:
         seed = 1
+    stored = (path / "projection.h5").read_bytes()  # the lr's default projection: PCA, stored
     with pytest.raises(IndexMismatchError, match="built for another"):
         GradientIndex(path, proj_dim=32, seed=seed, on_mismatch="raise").fit(other)
+    assert (path / "projection.h5").read_bytes() == stored  # refused: the old index is left as it was
     rebuilt = GradientIndex(path, proj_dim=32, seed=seed).fit(other)
     assert rebuilt.build_info_["rows_computed"] == other.n_train_
     fresh = GradientIndex(tmp_path / "fresh", proj_dim=32, seed=seed).fit(other)
