@@ -125,7 +125,8 @@ class TracIn(Estimator):
 
         hit = self._indexes.get(k)
         if hit is None or hit[0] is not model or not np.array_equal(hit[1], theta):
-            idx = GradientIndex(proj_dim=self.proj_dim, projection="random", include_regularizer=False, seed=k).fit(model.at_theta(theta))
+            idx = GradientIndex(proj_dim=self.proj_dim, projection="random", include_regularizer=False,
+                                seed=k).fit(model.at_theta(theta))
             hit = self._indexes[k] = (model, np.array(theta), idx)
         return hit[2]
 

@@ -146,7 +146,7 @@ class GradientIndex(Estimator):
                              f"parameters: give proj_dim (e.g. 4096), or exact=True")
         t0 = time.perf_counter()
         base = self._manifest(model)
-        self.projection_ = self._make_projection(model, base)
+        self.projection_, new_projection = self._make_projection(model, base)
         self.manifest_ = {**base, "projection": self.projection_.describe()}
         key = S.manifest_hash(self.manifest_)
         old = S.read_manifest(self.path)
@@ -158,8 +158,8 @@ class GradientIndex(Estimator):
             logger.warning("%s: rebuilding", msg)
             S.remove_index_files(self.path)
         S.write_manifest(self.path, self.manifest_)
-        if self._new_projection is not None:  # written only once the old index may be replaced
-            S._write_h5(*self._new_projection)
+        if new_projection is not None:  # written only once the old index may be replaced
+            S.write_keyed(*new_projection)
         self.shards_ = [S.Shard(self.path, j, lo, hi, self.chunk_rows, key)
                         for j, (lo, hi) in enumerate(self.manifest_["shards"])]
         todo = [s for s in self.shards_ if not s.finished()]
@@ -190,37 +190,27 @@ class GradientIndex(Estimator):
                 "batch_size": self.batch_size}
 
     def _make_projection(self, model, base: dict):
-        """The projection; a PCA one is reused from ``projection.h5`` when it was made for the same
-        model, data and settings (``base``: the manifest without the projection) and its checksum
-        holds, else computed (a factor pass) and stored atomically by :meth:`fit` once the old
-        index may be replaced (``on_mismatch="raise"`` leaves it untouched)."""
-        self._new_projection = None
+        """``(projection, to_store)``: a PCA projection is reused from ``projection.h5`` when it was
+        made for the same model, data and settings (``base``: the manifest without the
+        projection) and its checksum holds, else computed (a factor pass) and returned with
+        ``(path, arrays, key)`` for :meth:`fit` to store once the old index may be replaced
+        (``on_mismatch="raise"`` leaves it untouched); other projections: ``to_store`` None."""
         kind = self.projection
         if kind == "auto":
             kind = "pca" if kronecker_layers(model) is not None else "sparse-sign"
         if kind != "pca" or self.proj_dim is None or self.proj_dim >= model.n_params:
-            return make_projection(model, self.proj_dim, "auto" if kind == "random" else kind, self.seed)
-        import h5py
-
+            return make_projection(model, self.proj_dim, kind, self.seed), None
         request = {**base, "projection": ["pca", self.proj_dim, self.seed, self.fisher, self.factor_rows]}
         key, path = S.manifest_hash(request), self.path / "projection.h5"
         opts = dict(fisher=self.fisher, factor_rows=self.factor_rows)
+        state = S.read_keyed(path, key)
+        if state is not None:
+            return PCAProjection(model, self.proj_dim, self.seed, state=state, **opts), None
         if path.exists():
-            try:
-                with h5py.File(path, "r") as f:
-                    state = {name: f[name][()] for name in f}
-                    ok = f.attrs.get("key") == key and f.attrs.get("checksum") == S.checksum(
-                        *[state[n] for n in sorted(state)])
-            except (OSError, KeyError):
-                ok = False
-            if ok:
-                return PCAProjection(model, self.proj_dim, self.seed, state=state, **opts)
             logger.warning("index projection %s was made for another model, data or setting, or fails its "
                            "checksum: recomputed", path)
         proj = PCAProjection(model, self.proj_dim, self.seed, **opts)
-        state = proj.arrays()
-        self._new_projection = (path, state, {"key": key, "checksum": S.checksum(*[state[n] for n in sorted(state)])})
-        return proj
+        return proj, (path, proj.arrays(), key)
 
     def _manifest(self, model) -> dict:
         from .. import __version__
@@ -256,19 +246,13 @@ class GradientIndex(Estimator):
         return float(self.damping)
 
     def _load_or_compute_curvature(self):
-        import h5py
-
         path = self.path / "curvature.h5"
         key = hash_arrays(S.manifest_hash(self.manifest_), [_shard_sums(s) for s in self.shards_])
+        names = ("C", "lam", "U", "B")
+        stored = S.read_keyed(path, key, names)
+        if stored is not None:
+            return tuple(stored[n] for n in names)
         if path.exists():
-            try:
-                with h5py.File(path, "r") as f:
-                    if f.attrs.get("key") == key:
-                        C, lam, U, B = f["C"][()], f["lam"][()], f["U"][()], f["B"][()]
-                        if f.attrs.get("checksum") == S.checksum(C, lam, U, B):
-                            return C, lam, U, B
-            except (OSError, KeyError):
-                pass
             logger.warning("index curvature %s does not match the shards: recomputed", path)
         model = self.model_
         k, n = self.projection_.k, model.n_train_
@@ -286,7 +270,7 @@ class GradientIndex(Estimator):
         import scipy.linalg
 
         lam, U = scipy.linalg.eigh(C, B)  # U^T C U = diag(lam), U^T B U = I
-        S._write_h5(path, {"C": C, "lam": lam, "U": U, "B": B}, {"key": key, "checksum": S.checksum(C, lam, U, B)})
+        S.write_keyed(path, {"C": C, "lam": lam, "U": U, "B": B}, key, names)
         return C, lam, U, B
 
     def solve(self, Phi: np.ndarray) -> np.ndarray:

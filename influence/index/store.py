@@ -66,6 +66,33 @@ def _write_h5(path: Path, arrays: dict, attrs: dict) -> None:
                 f.attrs[k] = v
 
 
+def write_keyed(path: Path, arrays: dict, key: str, names=None) -> None:
+    """``arrays`` into a new HDF5 file at ``path`` (atomically) with ``key`` and a checksum over
+    the arrays in ``names`` order (default: sorted by name), for :func:`read_keyed`."""
+    names = list(names or sorted(arrays))
+    _write_h5(path, arrays, {"key": key, "checksum": checksum(*[arrays[n] for n in names])})
+
+
+def read_keyed(path: Path, key: str, names=None) -> dict | None:
+    """The arrays written by :func:`write_keyed` when the file exists, was written under ``key``
+    and its content matches its checksum; None otherwise (never a partly checked result)."""
+    import h5py
+
+    if not Path(path).exists():
+        return None
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("key") != key:
+                return None
+            names = list(names or sorted(f))
+            arrays = {n: f[n][()] for n in names}
+            if f.attrs.get("checksum") != checksum(*[arrays[n] for n in names]):
+                return None
+    except (OSError, KeyError):
+        return None
+    return arrays
+
+
 class Shard:
     """Rows ``[start, stop)`` of the training set, built chunk by chunk (module docstring)."""
 
